@@ -1,0 +1,34 @@
+# `make test` and `make demo` are the README's two commands; both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONSTRAINTS := requirements/constraints.txt
+
+.PHONY: install test lint demo bench ablate clean
+
+$(STAMP): pyproject.toml setup.cfg $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check timm_dropres scripts tests benchmarks
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+ablate: $(STAMP)
+	$(PY) scripts/ablate.py --config configs/ablation_fmnist.yaml
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,202 @@
+"""Residual blocks with one dropout in the residual branch.
+
+Each class subclasses the timm or torchvision block it extends and re-states only ``forward``,
+with one extra call to ``self.res_drop``. They add no parameters or buffers, so state dicts are
+those of the base block. ``convert`` turns an existing block into one of these in place by
+re-typing it (same object, same tensors), which is how retrofitting keeps pretrained weights.
+
+Positions (see ``docs/placement.md``):
+
+* Pre-activation (``PreActBasic``/``PreActBottleneck``): after the last norm + act, right before
+  the last conv. This is the paper's guideline exactly; there is no other candidate.
+* Post-activation (timm ``BasicBlock``/``Bottleneck``, torchvision's): ``after_last_bn`` (after the
+  last BN and SE/attention, before the residual addition) or ``before_last_conv`` (after the
+  BN + act that precede the last conv).
+"""
+from __future__ import annotations
+
+from typing import Dict, Type
+
+import torch
+import torch.nn as nn
+from timm.layers import BatchNormAct2d
+from timm.models import resnet as timm_resnet
+from timm.models import resnetv2 as timm_resnetv2
+from torchvision.models import resnet as tv_resnet
+
+from .layers import AFTER_LAST_BN, BEFORE_LAST_CONV, ResidualDropout
+
+__all__ = [
+    'DropResBasicBlock', 'DropResBottleneck', 'DropResPreActBasic', 'DropResPreActBottleneck',
+    'DropResTvBasicBlock', 'DropResTvBottleneck', 'BLOCK_TYPES', 'PRE_ACT_BLOCKS', 'block_norms',
+]
+
+
+class DropResBasicBlock(timm_resnet.BasicBlock):
+    """timm post-activation basic block (ResNet-18/34) with residual dropout."""
+
+    res_drop_pos: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.drop_block(x)
+        x = self.act1(x)
+        x = self.aa(x)
+        if self.res_drop_pos == BEFORE_LAST_CONV:
+            x = self.res_drop(x)
+        x = self.conv2(x)
+        x = self.bn2(x)
+        if self.se is not None:
+            x = self.se(x)
+        if self.res_drop_pos == AFTER_LAST_BN:
+            x = self.res_drop(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act2(x)
+
+
+class DropResBottleneck(timm_resnet.Bottleneck):
+    """timm post-activation bottleneck (ResNet-50+, ResNeXt, Wide-ResNet, SE/ECA) with residual dropout."""
+
+    res_drop_pos: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.act1(x)
+        x = self.conv2(x)
+        x = self.bn2(x)
+        x = self.drop_block(x)
+        x = self.act2(x)
+        x = self.aa(x)
+        if self.res_drop_pos == BEFORE_LAST_CONV:
+            x = self.res_drop(x)
+        x = self.conv3(x)
+        x = self.bn3(x)
+        if self.se is not None:
+            x = self.se(x)
+        if self.res_drop_pos == AFTER_LAST_BN:
+            x = self.res_drop(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act3(x)
+
+
+class DropResPreActBasic(timm_resnetv2.PreActBasic):
+    """timm pre-activation basic block (resnetv2_18/34) with the paper's dropout before the last conv."""
+
+    res_drop_pos: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_preact = self.norm1(x)
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(x_preact)
+        x = self.conv1(x_preact)
+        x = self.res_drop(self.norm2(x))
+        x = self.conv2(x)
+        x = self.drop_path(x)
+        return x + shortcut
+
+
+class DropResPreActBottleneck(timm_resnetv2.PreActBottleneck):
+    """timm pre-activation bottleneck (resnetv2_50+) with the paper's dropout before the last conv."""
+
+    res_drop_pos: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_preact = self.norm1(x)
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(x_preact)
+        x = self.conv1(x_preact)
+        x = self.conv2(self.norm2(x))
+        x = self.res_drop(self.norm3(x))
+        x = self.conv3(x)
+        x = self.drop_path(x)
+        return x + shortcut
+
+
+class DropResTvBasicBlock(tv_resnet.BasicBlock):
+    """torchvision basic block with residual dropout (for ``convert``)."""
+
+    res_drop_pos: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        if self.res_drop_pos == BEFORE_LAST_CONV:
+            out = self.res_drop(out)
+        out = self.bn2(self.conv2(out))
+        if self.res_drop_pos == AFTER_LAST_BN:
+            out = self.res_drop(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class DropResTvBottleneck(tv_resnet.Bottleneck):
+    """torchvision bottleneck (ResNet-50+, ResNeXt, Wide-ResNet) with residual dropout (for ``convert``)."""
+
+    res_drop_pos: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        if self.res_drop_pos == BEFORE_LAST_CONV:
+            out = self.res_drop(out)
+        out = self.bn3(self.conv3(out))
+        if self.res_drop_pos == AFTER_LAST_BN:
+            out = self.res_drop(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+#: base block class -> dropres block class. Anything not listed here is refused by ``convert``.
+BLOCK_TYPES: Dict[Type[nn.Module], Type[nn.Module]] = {
+    timm_resnet.BasicBlock: DropResBasicBlock,
+    timm_resnet.Bottleneck: DropResBottleneck,
+    timm_resnetv2.PreActBasic: DropResPreActBasic,
+    timm_resnetv2.PreActBottleneck: DropResPreActBottleneck,
+    tv_resnet.BasicBlock: DropResTvBasicBlock,
+    tv_resnet.Bottleneck: DropResTvBottleneck,
+}
+
+#: dropres block classes whose branch is pre-activation (a single candidate position).
+PRE_ACT_BLOCKS = (DropResPreActBasic, DropResPreActBottleneck)
+
+_NORM_ATTRS = {
+    timm_resnet.BasicBlock: ('bn1', 'bn2'),
+    timm_resnet.Bottleneck: ('bn1', 'bn2', 'bn3'),
+    timm_resnetv2.PreActBasic: ('norm1', 'norm2'),
+    timm_resnetv2.PreActBottleneck: ('norm1', 'norm2', 'norm3'),
+    tv_resnet.BasicBlock: ('bn1', 'bn2'),
+    tv_resnet.Bottleneck: ('bn1', 'bn2', 'bn3'),
+}
+
+
+def block_norms(block: nn.Module) -> Dict[str, nn.Module]:
+    """The branch's norm layers by attribute name, for checking that they are BatchNorm."""
+    base = next(b for b, d in BLOCK_TYPES.items() if type(block) in (b, d))
+    return {name: getattr(block, name) for name in _NORM_ATTRS[base]}
+
+
+def is_supported_norm(block: nn.Module, norm: nn.Module) -> bool:
+    """The guideline rests on BN's running statistics: pre-act blocks need timm's BatchNormAct2d
+    (norm + act in one module), post-act blocks plain BatchNorm."""
+    if isinstance(block, (timm_resnetv2.PreActBasic, timm_resnetv2.PreActBottleneck)):
+        return type(norm) is BatchNormAct2d
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and not isinstance(norm, BatchNormAct2d)

@@ -1,0 +1,133 @@
+"""Retrofit dropout into an existing ResNet-family model, in place, keeping its weights.
+
+``convert`` is the single code path for placing dropout: the registered ``*_dropres`` models are
+built as their base architecture and then converted, so ``create_model('resnet50_dropres')`` and
+``convert(create_model('resnet50'))`` are the same network by construction.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Tuple
+
+import torch.nn as nn
+from timm.models.resnet import ResNet
+from timm.models.resnetv2 import ResNetV2
+
+from .blocks import BLOCK_TYPES, PRE_ACT_BLOCKS, block_norms, is_supported_norm
+from .heads import MODEL_TYPES
+from .layers import (
+    AUTO, BEFORE_LAST_CONV, DEFAULT_HEAD_DROP_RATE, DEFAULT_POST_ACT_POS,
+    DEFAULT_RES_DROP_RATE, HEAD_BEFORE_POOL, ResidualDropout, check_position, check_rate,
+)
+
+__all__ = ['convert', 'resolve_position', 'dropout_args', 'residual_blocks']
+
+
+def resolve_position(block_cls: type, res_drop_pos: str) -> str:
+    """Map ``res_drop_pos`` to the concrete position for one block class.
+
+    Pre-activation branches end in norm + act -> conv, so "after the last BN" and "before the last
+    conv" are the same point; every value resolves to ``before_last_conv`` there.
+    """
+    check_position(res_drop_pos)
+    if block_cls in PRE_ACT_BLOCKS or BLOCK_TYPES.get(block_cls) in PRE_ACT_BLOCKS:
+        return BEFORE_LAST_CONV
+    return DEFAULT_POST_ACT_POS if res_drop_pos == AUTO else res_drop_pos
+
+
+def _model_kind(model: nn.Module) -> type[nn.Module]:
+    for base, dropres in MODEL_TYPES.items():
+        if type(model) in (base, dropres):
+            return base
+    supported = ', '.join(f'{c.__module__}.{c.__name__}' for c in MODEL_TYPES)
+    raise TypeError(
+        f'convert() does not support model type {type(model).__module__}.{type(model).__name__}; '
+        f'supported: {supported}')
+
+
+def residual_blocks(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """Yield ``(qualified_name, block)`` for every residual block of a supported model, in forward order."""
+    kind = _model_kind(model)
+    if kind is ResNetV2:
+        containers = [(f'stages.{i}.blocks', stage.blocks) for i, stage in enumerate(model.stages)]
+    else:
+        containers = [(n, getattr(model, n)) for n in ('layer1', 'layer2', 'layer3', 'layer4')]
+    for prefix, container in containers:
+        for idx, block in enumerate(container):
+            yield f'{prefix}.{idx}', block
+
+
+def _check_block(model: nn.Module, name: str, block: nn.Module) -> type[nn.Module]:
+    cls = type(block)
+    target = BLOCK_TYPES.get(cls) or (cls if cls in BLOCK_TYPES.values() else None)
+    if target is None:
+        raise TypeError(
+            f'convert() cannot place dropout in {type(model).__name__} block {name!r} of type '
+            f'{cls.__module__}.{cls.__name__}; supported blocks: {sorted(c.__name__ for c in BLOCK_TYPES)}')
+    for norm_name, norm in block_norms(block).items():
+        if not is_supported_norm(block, norm):
+            raise TypeError(
+                f'convert() cannot place dropout in {type(model).__name__} block {name!r}: its {norm_name} is '
+                f'{type(norm).__name__}, not BatchNorm. The guideline is about BatchNorm running statistics, '
+                'so GroupNorm/FRN/EvoNorm (e.g. BiT) models are not supported')
+    return target
+
+
+def convert(
+        model: nn.Module,
+        *,
+        res_drop_rate: float = DEFAULT_RES_DROP_RATE,
+        drop_rate: float = DEFAULT_HEAD_DROP_RATE,
+        res_drop_pos: str = AUTO,
+) -> nn.Module:
+    """Place dropout in a timm ``ResNet``/``ResNetV2`` or torchvision ``ResNet``, in place, and return it.
+
+    One ``ResidualDropout`` per residual block at ``res_drop_pos`` (see ``resolve_position``) and one
+    on the final feature map before global pooling; any after-pool dropout is removed. Weights, state
+    dict keys and eval outputs are unchanged. Converting again replaces the rates and position, so
+    the model never holds more than one dropout per block.
+
+    Raises:
+        TypeError: the model or one of its blocks is not a supported ResNet-family type. Nothing is
+            modified in that case.
+        ValueError: a rate outside [0, 1) or an unknown position.
+    """
+    res_drop_rate = check_rate('res_drop_rate', res_drop_rate)
+    drop_rate = check_rate('drop_rate', drop_rate)
+    check_position(res_drop_pos)
+    kind = _model_kind(model)
+    # validate every block before touching anything, so a refusal leaves the model as it was
+    plan = [(name, block, _check_block(model, name, block)) for name, block in residual_blocks(model)]
+    for name, block, target in plan:
+        pos = resolve_position(target, res_drop_pos)
+        block.__class__ = target
+        block.res_drop_pos = pos
+        block.res_drop = ResidualDropout(res_drop_rate, where=pos)
+        block.res_drop.train(block.training)
+
+    model.__class__ = MODEL_TYPES[kind]
+    model.head_drop = ResidualDropout(drop_rate, where=HEAD_BEFORE_POOL)
+    model.head_drop.train(model.training)
+    if kind is ResNet:
+        model.drop_rate = drop_rate  # informational; DropResNet.forward_head never drops after the pool
+    elif kind is ResNetV2:
+        model.drop_rate = drop_rate
+        model.head.drop = nn.Identity()  # the ClassifierHead's after-pool dropout
+    return model
+
+
+def dropout_args(model: nn.Module) -> dict:
+    """``model_args`` that rebuild this model's dropout: pass to ``timm.models.save_for_hf(model_args=...)``.
+
+    timm drops ``*drop_rate`` keys from saved ``model_args`` by default, so exporters must pass these
+    explicitly for ``config.json`` to rebuild the same placement.
+    """
+    _model_kind(model)
+    if not hasattr(model, 'head_drop'):
+        raise ValueError(f'{type(model).__name__} carries no dropres dropout; call convert() first')
+    positions = {block.res_drop_pos for _, block in residual_blocks(model)}
+    rates = {block.res_drop.p for _, block in residual_blocks(model)}
+    if len(rates) != 1 or len(positions) != 1:
+        raise ValueError(f'model has mixed residual dropout settings (rates {rates}, positions {positions})')
+    pos = positions.pop()
+    return dict(drop_rate=model.head_drop.p, res_drop_rate=rates.pop(), res_drop_pos=pos)
+

@@ -1,0 +1,122 @@
+"""Registration of the ``<arch>_dropres`` models with timm.
+
+Every supported architecture of timm's ``resnet`` and ``resnetv2`` modules gets a ``_dropres``
+twin whose pretrained tags mirror the base's (same ``hf_hub_id``/url, mean/std, sizes, license),
+so ``pretrained=True`` loads the base weights strictly. The entrypoint builds the base architecture
+through timm's own entrypoint, converts it, and lets ``build_model_with_cfg`` do the rest
+(pretrained loading, classifier reset, ``features_only``), exactly as for a native timm model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import Any, Callable, Dict, List
+
+import torch.nn as nn
+from timm.models import build_model_with_cfg, register_model
+from timm.models import _registry
+from timm.models._pretrained import DefaultCfg
+
+from .convert import convert
+from .layers import AUTO, DEFAULT_HEAD_DROP_RATE, DEFAULT_RES_DROP_RATE, check_position, check_rate
+
+__all__ = ['SUFFIX', 'SKIPPED', 'supported_base_models', 'registered_models']
+
+SUFFIX = '_dropres'
+_BASE_MODULES = ('resnet', 'resnetv2')
+
+#: Architectures of timm's resnet/resnetv2 modules left out, with the reason (also in the README).
+SKIPPED: Dict[str, str] = {
+    'resnet50_gn': 'GroupNorm: no BN running statistics, the guideline does not apply',
+    'resnetv2_50d_gn': 'GroupNorm: no BN running statistics, the guideline does not apply',
+    'resnetv2_50d_frn': 'FilterResponseNorm: no BN running statistics, the guideline does not apply',
+    'resnetv2_50d_evos': 'EvoNorm: no BN running statistics, the guideline does not apply',
+}
+_SKIP_BIT = 'BiT: GroupNorm + weight-standardized convs, the guideline does not apply'
+
+# pretrained-cfg fields that register_model() fills in for the new name
+_RENAMED_FIELDS = ('architecture', 'tag')
+
+default_cfgs: Dict[str, DefaultCfg] = {}
+
+
+def _skip_reason(name: str) -> str | None:
+    if name in SKIPPED:
+        return SKIPPED[name]
+    if '_bit' in name:
+        return _SKIP_BIT
+    return None
+
+
+def supported_base_models() -> List[str]:
+    """Names of the timm architectures that get a ``_dropres`` twin (deprecated aliases excluded)."""
+    names = []
+    for module in _BASE_MODULES:
+        for name in sorted(_registry._module_to_models[module]):
+            if name in _registry._deprecated_models or name.endswith(SUFFIX) or _skip_reason(name):
+                continue
+            names.append(name)
+    return names
+
+
+def registered_models() -> List[str]:
+    """The ``*_dropres`` names this package registers."""
+    return [n + SUFFIX for n in supported_base_models()]
+
+
+def _mirror_cfgs(base: str) -> DefaultCfg | None:
+    """The base's tags and pretrained cfgs with hub ids already resolved to the base weights."""
+    base_default = _registry._model_default_cfgs.get(base)
+    if base_default is None:
+        return None
+    cfgs = {}
+    for tag in base_default.tags:
+        full = f'{base}.{tag}' if tag else base
+        cfg = _registry._model_pretrained_cfgs.get(full, base_default.cfgs[tag])
+        cfgs[tag] = dataclasses.replace(cfg, **{f: None for f in _RENAMED_FIELDS})
+    return DefaultCfg(tags=deque(base_default.tags), cfgs=cfgs, is_pretrained=base_default.is_pretrained)
+
+
+def _make_entrypoint(base: str, module: str) -> Callable[..., nn.Module]:
+    base_fn = _registry._model_entrypoints[base]
+    variant = base + SUFFIX
+    feature_cfg = dict(flatten_sequential=True) if module == 'resnetv2' else None
+
+    def _build(
+            drop_rate: float = DEFAULT_HEAD_DROP_RATE,
+            res_drop_rate: float = DEFAULT_RES_DROP_RATE,
+            res_drop_pos: str = AUTO,
+            **kwargs: Any,
+    ) -> nn.Module:
+        # validate first so bad input fails before any weights are built
+        drop_rate = check_rate('drop_rate', drop_rate)
+        res_drop_rate = check_rate('res_drop_rate', res_drop_rate)
+        check_position(res_drop_pos)
+        model = base_fn(pretrained=False, drop_rate=0.0, **kwargs)
+        convert(model, res_drop_rate=res_drop_rate, drop_rate=drop_rate, res_drop_pos=res_drop_pos)
+        model._model_args = dict(drop_rate=drop_rate, res_drop_rate=res_drop_rate, res_drop_pos=res_drop_pos)
+        return model
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return build_model_with_cfg(_build, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = variant
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = (
+        f'timm ``{base}`` with dropout placed by Kim et al. (UAI 2023): one per residual block '
+        f'(``res_drop_rate``, ``res_drop_pos``) and one before global pooling (``drop_rate``).')
+    return entrypoint
+
+
+def _register_all() -> None:
+    for base in supported_base_models():
+        variant = base + SUFFIX
+        mirrored = _mirror_cfgs(base)
+        if mirrored is not None:
+            default_cfgs[variant] = mirrored
+        fn = _make_entrypoint(base, _registry._model_to_module[base])
+        globals()[variant] = fn
+        register_model(fn)
+
+
+_register_all()

@@ -1,0 +1,78 @@
+"""The dropout module, the placement vocabulary, and argument validation.
+
+Everything that names a position or checks a rate lives here, so the blocks, the factory,
+``convert`` and the CLIs all speak the same words and raise the same errors.
+"""
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    'ResidualDropout',
+    'AFTER_LAST_BN', 'BEFORE_LAST_CONV', 'AUTO', 'HEAD_BEFORE_POOL',
+    'RES_DROP_POSITIONS', 'DEFAULT_RES_DROP_RATE', 'DEFAULT_HEAD_DROP_RATE', 'DEFAULT_POST_ACT_POS',
+    'check_rate', 'check_position',
+]
+
+AFTER_LAST_BN: Final[str] = 'after_last_bn'
+BEFORE_LAST_CONV: Final[str] = 'before_last_conv'
+AUTO: Final[str] = 'auto'
+HEAD_BEFORE_POOL: Final[str] = 'head_before_pool'
+
+#: Values accepted for ``res_drop_pos``.
+RES_DROP_POSITIONS: Final[tuple[str, ...]] = (AUTO, AFTER_LAST_BN, BEFORE_LAST_CONV)
+
+#: Defaults, set from the Fashion-MNIST ablation (docs/results/ablation.md, README "Defaults").
+DEFAULT_RES_DROP_RATE: Final[float] = 0.1
+DEFAULT_HEAD_DROP_RATE: Final[float] = 0.1
+#: What ``auto`` means for post-activation blocks (pre-activation blocks have a single position).
+DEFAULT_POST_ACT_POS: Final[str] = AFTER_LAST_BN
+
+
+def check_rate(name: str, value: object) -> float:
+    """Return ``value`` as a float in [0, 1), or raise ``ValueError`` naming it.
+
+    p == 1 is rejected: inverted dropout would divide by zero and the branch would carry nothing.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f'{name} must be a float in [0, 1), got {value!r} ({type(value).__name__})')
+    rate = float(value)
+    if math.isnan(rate) or not 0.0 <= rate < 1.0:
+        raise ValueError(f'{name} must be in [0, 1), got {value!r}')
+    return rate
+
+
+def check_position(value: object) -> str:
+    """Return ``value`` if it is a known ``res_drop_pos``, else raise ``ValueError`` listing the choices."""
+    if value not in RES_DROP_POSITIONS:
+        raise ValueError(f'res_drop_pos must be one of {list(RES_DROP_POSITIONS)}, got {value!r}')
+    return str(value)
+
+
+class ResidualDropout(nn.Dropout):
+    """Element-wise inverted dropout that knows where it sits.
+
+    A subclass of ``nn.Dropout`` so every tool that looks for dropout finds it. It adds ``where``
+    (the placement, shown by ``print(model)``) and skips the kernel entirely when it cannot act
+    (eval mode or p == 0): the output is then the input tensor itself, so eval-mode outputs are
+    bit-identical to the base model and no RNG state is consumed.
+    """
+
+    where: str
+
+    def __init__(self, p: float = 0.0, where: str = AFTER_LAST_BN) -> None:
+        super().__init__(p=check_rate('p', p), inplace=False)
+        self.where = where
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return F.dropout(x, self.p, True, False)
+
+    def extra_repr(self) -> str:
+        return f'p={self.p}, where={self.where}'
