@@ -3,6 +3,7 @@
 ``import timm_dropres`` registers ``<arch>_dropres`` models with timm; ``convert`` retrofits an
 existing model in place.
 """
+from . import cifar  # noqa: F401  (registers the paper's CIFAR networks)
 from .convert import convert, dropout_args, residual_blocks, resolve_position
 from .dropres import SKIPPED, SUFFIX, registered_models, supported_base_models
 from .layers import (

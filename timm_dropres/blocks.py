@@ -13,7 +13,6 @@ Positions (see ``docs/placement.md``):
   last BN and SE/attention, before the residual addition) or ``before_last_conv`` (after the
   BN + act that precede the last conv).
 """
-from __future__ import annotations
 
 from typing import Dict, Type
 
@@ -24,7 +23,7 @@ from timm.models import resnet as timm_resnet
 from timm.models import resnetv2 as timm_resnetv2
 from torchvision.models import resnet as tv_resnet
 
-from .layers import AFTER_LAST_BN, BEFORE_LAST_CONV, ResidualDropout
+from .layers import ResidualDropout
 
 __all__ = [
     'DropResBasicBlock', 'DropResBottleneck', 'DropResPreActBasic', 'DropResPreActBottleneck',
@@ -44,13 +43,13 @@ class DropResBasicBlock(timm_resnet.BasicBlock):
         x = self.drop_block(x)
         x = self.act1(x)
         x = self.aa(x)
-        if self.res_drop_pos == BEFORE_LAST_CONV:
+        if self.res_drop_pos == 'before_last_conv':
             x = self.res_drop(x)
         x = self.conv2(x)
         x = self.bn2(x)
         if self.se is not None:
             x = self.se(x)
-        if self.res_drop_pos == AFTER_LAST_BN:
+        if self.res_drop_pos == 'after_last_bn':
             x = self.res_drop(x)
         if self.drop_path is not None:
             x = self.drop_path(x)
@@ -75,13 +74,13 @@ class DropResBottleneck(timm_resnet.Bottleneck):
         x = self.drop_block(x)
         x = self.act2(x)
         x = self.aa(x)
-        if self.res_drop_pos == BEFORE_LAST_CONV:
+        if self.res_drop_pos == 'before_last_conv':
             x = self.res_drop(x)
         x = self.conv3(x)
         x = self.bn3(x)
         if self.se is not None:
             x = self.se(x)
-        if self.res_drop_pos == AFTER_LAST_BN:
+        if self.res_drop_pos == 'after_last_bn':
             x = self.res_drop(x)
         if self.drop_path is not None:
             x = self.drop_path(x)
@@ -134,10 +133,10 @@ class DropResTvBasicBlock(tv_resnet.BasicBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
-        if self.res_drop_pos == BEFORE_LAST_CONV:
+        if self.res_drop_pos == 'before_last_conv':
             out = self.res_drop(out)
         out = self.bn2(self.conv2(out))
-        if self.res_drop_pos == AFTER_LAST_BN:
+        if self.res_drop_pos == 'after_last_bn':
             out = self.res_drop(out)
         if self.downsample is not None:
             identity = self.downsample(x)
@@ -154,10 +153,10 @@ class DropResTvBottleneck(tv_resnet.Bottleneck):
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        if self.res_drop_pos == BEFORE_LAST_CONV:
+        if self.res_drop_pos == 'before_last_conv':
             out = self.res_drop(out)
         out = self.bn3(self.conv3(out))
-        if self.res_drop_pos == AFTER_LAST_BN:
+        if self.res_drop_pos == 'after_last_bn':
             out = self.res_drop(out)
         if self.downsample is not None:
             identity = self.downsample(x)

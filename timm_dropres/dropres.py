@@ -19,6 +19,7 @@ from timm.models._pretrained import DefaultCfg
 
 from .convert import convert
 from .layers import AUTO, DEFAULT_HEAD_DROP_RATE, DEFAULT_RES_DROP_RATE, check_position, check_rate
+from .published import load_published, with_published_tags
 
 __all__ = ['SUFFIX', 'SKIPPED', 'supported_base_models', 'registered_models']
 
@@ -109,9 +110,10 @@ def _make_entrypoint(base: str, module: str) -> Callable[..., nn.Module]:
 
 
 def _register_all() -> None:
+    published = load_published(known=registered_models())  # weights this project published, see published.py
     for base in supported_base_models():
         variant = base + SUFFIX
-        mirrored = _mirror_cfgs(base)
+        mirrored = with_published_tags(variant, _mirror_cfgs(base), published)
         if mirrored is not None:
             default_cfgs[variant] = mirrored
         fn = _make_entrypoint(base, _registry._model_to_module[base])

@@ -4,7 +4,6 @@ timm's ``drop_rate`` drops pooled features; the paper shows dropout before pooli
 (the pool averages H*W independently dropped positions). These subclasses re-state only the head
 forward; they add no parameters, so state dicts match the base model's.
 """
-from __future__ import annotations
 
 import torch
 import torch.nn as nn

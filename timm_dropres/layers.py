@@ -3,7 +3,6 @@
 Everything that names a position or checks a rate lives here, so the blocks, the factory,
 ``convert`` and the CLIs all speak the same words and raise the same errors.
 """
-from __future__ import annotations
 
 import math
 from typing import Final

@@ -1,0 +1,259 @@
+"""Shared harness for the benchmark scripts: interleaved timing, peak memory, tables, environment.
+
+Every figure is a ratio of two things measured side by side in one process. Shared machines drift
+(other jobs, thermal, frequency), so the cases are interleaved (A B, B A, A B, ...: the order flips
+each repetition to cancel linear drift) after a warm-up, and each ratio is the median of the ratios of
+*adjacent* repetitions, with their min-max. A drift that hits both sides of a pair cancels.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# the benchmark scripts run as files (`python benchmarks/x.py`) from a checkout; make the package importable
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+__all__ = [
+    'DTYPES', 'Stat', 'base_parser', 'resolve_device', 'resolve_dtype', 'sync', 'interleaved', 'throughput',
+    'paired_ratio', 'peak_step_memory', 'markdown_table', 'environment', 'autocast', 'make_batch', 'prepare',
+    'fmt_stat', 'verdict', 'count_aten_ops', 'ratio_verdict', 'check_args', 'layouts', 'device_name',
+]
+
+DTYPES: dict[str, torch.dtype] = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Median with the min-max range of a set of repetitions."""
+
+    median: float
+    lo: float
+    hi: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        if not values:
+            raise ValueError('Stat.of() needs at least one value')
+        return cls(statistics.median(values), min(values), max(values))
+
+
+def base_parser(description: str, *, archs: Sequence[str], batch_sizes: Sequence[int], img_size: int,
+                reps: int, smoke_help: str, channels_last: str = 'both') -> argparse.ArgumentParser:
+    """The flags every benchmark script shares, so run_all and gpu_check.sh can drive them alike."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument('--smoke', action='store_true', help=smoke_help)
+    p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='where to run (default: cpu)')
+    p.add_argument('--dtype', default='float32', choices=tuple(DTYPES),
+                   help='float32, or bfloat16/float16 (autocast for training, weights cast for inference)')
+    p.add_argument('--channels-last', default=channels_last, choices=('no', 'yes', 'both'),
+                   help=f"contiguous ('no'), channels_last ('yes') or each in turn ('both'; default: {channels_last})")
+    p.add_argument('--compile', action='store_true', help='torch.compile both models (compile time is excluded)')
+    p.add_argument('--archs', nargs='+', default=list(archs), help=f'base timm archs (default: {" ".join(archs)})')
+    p.add_argument('--batch-sizes', nargs='+', type=int, default=list(batch_sizes),
+                   help=f'batch sizes (default: {" ".join(map(str, batch_sizes))})')
+    p.add_argument('--img-size', type=int, default=img_size, help=f'square input size (default: {img_size})')
+    p.add_argument('--reps', type=int, default=reps, help=f'interleaved repetitions per case (default: {reps})')
+    p.add_argument('--warmup', type=int, default=2, help='untimed iterations per case before timing (default: 2)')
+    p.add_argument('--iters', type=int, default=2, help='iterations per timed repetition (default: 2)')
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default: leave torch to decide)')
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject values argparse's types cannot: non-positive counts and sizes."""
+    for name in ('reps', 'iters', 'img_size'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    if args.warmup < 0:
+        p.error(f'--warmup must be >= 0, got {args.warmup}')
+    bad = [b for b in args.batch_sizes if b < 1]
+    if bad:
+        p.error(f'--batch-sizes must all be >= 1, got {bad}')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def layouts(choice: str) -> list[bool]:
+    """``--channels-last`` value -> list of channels_last flags to run."""
+    return {'no': [False], 'yes': [True], 'both': [False, True]}[choice]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda requested but torch.cuda.is_available() is False; use --device cpu')
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f'dtype must be one of {list(DTYPES)}, got {name!r}')
+    return DTYPES[name]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued kernels so a wall-clock interval covers the work it launched."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision the way the trainer (accelerate) does it: autocast, fp32 master weights."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def prepare(model: torch.nn.Module, device: torch.device, channels_last: bool,
+            dtype: torch.dtype | None = None) -> torch.nn.Module:
+    model = model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_batch(batch_size: int, img_size: int, num_classes: int, device: torch.device, channels_last: bool,
+               dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=g).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
+    return x, y
+
+
+def interleaved(cases: dict[str, Callable[[], object]], *, device: torch.device, reps: int, warmup: int,
+                iters: int) -> dict[str, list[float]]:
+    """Seconds per iteration of each case, ``reps`` times, with the cases interleaved.
+
+    Repetition ``i`` runs the cases in order when ``i`` is even and reversed when odd (A B, B A, ...),
+    so a steady drift in machine speed biases neither side. The garbage collector is paused while timing.
+    """
+    names = list(cases)
+    for name in names:
+        for _ in range(warmup):
+            cases[name]()
+        sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(reps):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                fn = cases[name]
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                sync(device)
+                times[name].append((time.perf_counter() - t0) / iters)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+def throughput(seconds: Sequence[float], items: int) -> Stat:
+    """Items per second per repetition -> median and range."""
+    return Stat.of([items / s for s in seconds])
+
+
+def paired_ratio(num_seconds: Sequence[float], den_seconds: Sequence[float]) -> Stat:
+    """Throughput ratio num/den from adjacent repetitions (den_time / num_time), median and range."""
+    if len(num_seconds) != len(den_seconds):
+        raise ValueError(f'paired_ratio needs equal repetition counts, got {len(num_seconds)} and {len(den_seconds)}')
+    return Stat.of([d / n for n, d in zip(num_seconds, den_seconds, strict=True)])
+
+
+def peak_step_memory(step: Callable[[], object], device: torch.device, *track: object) -> int:
+    """Peak bytes of tensor memory while ``step()`` runs (params, grads, optimizer state and activations).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak. CPU: torch's ``MemTracker``
+    (a dispatch mode that counts every tensor storage alive at each op, including the ones passed in
+    ``track``) -- the CPU analogue of ``max_memory_allocated``; RSS would mix in the allocator's caching
+    and the Python heap, and the profiler's CPU memory events miss oneDNN's allocations.
+    Call it after one warm step so optimizer state exists, as in steady-state training.
+    """
+    gc.collect()
+    if device.type == 'cuda':
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError as e:  # pragma: no cover - torch builds without torch.distributed
+        raise SystemExit(f'CPU peak memory needs torch.distributed._tools.mem_tracker ({e})') from e
+    tracker = MemTracker()
+    tracker.track_external(*track)
+    with tracker:
+        step()
+    peaks = tracker.get_tracker_snapshot('peak')
+    return int(sum(stats['Total'] for dev, stats in peaks.items() if torch.device(dev).type == device.type))
+
+
+def fmt_stat(s: Stat, digits: int = 1) -> str:
+    return f'{s.median:.{digits}f} ({s.lo:.{digits}f}–{s.hi:.{digits}f})'
+
+
+def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
+    ok = value >= target if higher_is_better else value <= target
+    return 'yes' if ok else 'NO'
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '|'.join('---' for _ in headers) + '|']
+    lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> str:
+    """One line naming the machine and versions, printed above every table."""
+    import timm
+    load = ', '.join(f'{v:.1f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else 'n/a'
+    cpu = f'{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, load average {load}'
+    return (f'device: {device.type} ({device_name(device)}); {cpu}; torch {torch.__version__}, '
+            f'timm {timm.__version__}, python {platform.python_version()}')
+
+
+def count_aten_ops(fn: Callable[[], object]) -> int:
+    """Number of ATen ops ``fn`` dispatches: a noise-free measure of the work a forward does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return _Count.n
+
+
+def ratio_verdict(ratio: Stat, target: float, higher_is_better: bool = True) -> str:
+    """'yes' when the median meets the target, 'NO' when it does not and the range excludes parity,
+    'noise' when it misses but the min-max range of paired ratios spans 1.0 (no measurable difference)."""
+    if (ratio.median >= target) if higher_is_better else (ratio.median <= target):
+        return 'yes'
+    return 'noise' if ratio.lo <= 1.0 <= ratio.hi else 'NO'

@@ -1,0 +1,146 @@
+"""Figures 2 and 3: training overhead and training memory of ``<arch>_dropres`` vs ``<arch>``.
+
+The baseline is what a timm user would otherwise train: ``<arch>`` with timm's own head dropout at the
+same rate (``drop_rate=0.1``). The dropres model adds one dropout per residual block at the default
+``res_drop_rate`` and moves the head dropout before pooling. Both start from the same weights and take
+full training steps (forward, backward, AdamW step from timm's ``create_optimizer_v2``).
+
+* Figure 2: train-step img/s ratio, dropres / base. Target >= 0.95.
+* Figure 3: peak tensor memory of one train step (after a warm step, so optimizer state exists),
+  dropres / base. Target <= 1.10.
+
+    python benchmarks/training.py
+    python benchmarks/training.py --device cuda --dtype bfloat16 --img-size 224 --batch-sizes 128
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+
+try:
+    from benchmarks import common as C
+except ImportError:  # run as a file: benchmarks/ is on sys.path
+    import common as C  # type: ignore[no-redef]
+
+import timm_dropres
+
+SPEED_TARGET = 0.95
+MEMORY_TARGET = 1.10
+ARCHS = ('resnet18', 'resnet50', 'resnetv2_50')
+SMOKE = ['--archs', 'test_resnet', '--batch-sizes', '2', '--img-size', '32', '--reps', '2', '--warmup', '1',
+         '--iters', '1', '--memory-batch-size', '2']
+NUM_CLASSES = 1000
+
+
+def build_pair(arch: str, device: torch.device, channels_last: bool,
+               compile_: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``<arch>`` with timm's head dropout and ``<arch>_dropres`` at the default rates, same weights."""
+    rate = timm_dropres.DEFAULT_HEAD_DROP_RATE
+    base = timm.create_model(arch, drop_rate=rate, num_classes=NUM_CLASSES)
+    dropres = timm.create_model(arch + timm_dropres.SUFFIX, num_classes=NUM_CLASSES)
+    dropres.load_state_dict(base.state_dict(), strict=True)
+    base = C.prepare(base.train(), device, channels_last)
+    dropres = C.prepare(dropres.train(), device, channels_last)
+    if compile_:
+        base, dropres = torch.compile(base), torch.compile(dropres)
+    return base, dropres
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+              dtype: torch.dtype) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+    """One full training step: forward (autocast when dtype is not float32), loss, backward, AdamW step."""
+    opt = create_optimizer_v2(model, 'adamw', lr=1e-4, weight_decay=0.05)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with C.autocast(device, dtype):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return step, opt
+
+
+def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
+    device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
+    speed_rows, mem_rows, records = [], [], []
+    mem_bs = args.memory_batch_size or max(args.batch_sizes)
+    for arch in args.archs:
+        for li, cl in enumerate(C.layouts(args.channels_last)):
+            layout = 'channels_last' if cl else 'contiguous'
+            base, dropres = build_pair(arch, device, cl, args.compile)
+            for bs in args.batch_sizes:
+                x, y = C.make_batch(bs, args.img_size, NUM_CLASSES, device, cl)
+                (sb, _), (sd, _) = make_step(base, x, y, device, dtype), make_step(dropres, x, y, device, dtype)
+                t = C.interleaved({'base': sb, 'dropres': sd}, device=device, reps=args.reps,
+                                  warmup=args.warmup, iters=args.iters)
+                tb, td = C.throughput(t['base'], bs), C.throughput(t['dropres'], bs)
+                ratio = C.paired_ratio(t['dropres'], t['base'])
+                speed_rows.append([arch, layout, bs, C.fmt_stat(tb), C.fmt_stat(td), C.fmt_stat(ratio, 3),
+                                   C.ratio_verdict(ratio, SPEED_TARGET)])
+                records.append(dict(figure=2, arch=arch, layout=layout, batch=bs, base=tb, dropres=td, ratio=ratio))
+            # Tensor byte counts do not depend on layout on CPU, and the tracker is slow there: one layout.
+            if args.memory == 'yes' and (device.type == 'cuda' or li == 0):
+                del sb, sd  # the timing steps' optimizer state must not count on CUDA
+                x, y = C.make_batch(mem_bs, args.img_size, NUM_CLASSES, device, cl)
+                peaks = []
+                for model in (base, dropres):
+                    step, opt = make_step(model, x, y, device, dtype)
+                    step()  # warm step: optimizer state and grads exist, as in steady-state training
+                    peaks.append(C.peak_step_memory(step, device, model, opt, x, y))
+                    del step, opt
+                    model.zero_grad(set_to_none=True)
+                ratio = peaks[1] / peaks[0]
+                mib = 2 ** 20
+                mem_rows.append([arch, layout, mem_bs, f'{peaks[0] / mib:.1f}', f'{peaks[1] / mib:.1f}',
+                                 f'{(peaks[1] - peaks[0]) / mib:.1f}', f'{ratio:.3f}',
+                                 C.verdict(ratio, MEMORY_TARGET, higher_is_better=False)])
+                records.append(dict(figure=3, arch=arch, layout=layout, batch=mem_bs, base=peaks[0],
+                                    dropres=peaks[1], ratio=ratio))
+            del base, dropres
+    env = C.environment(device)
+    what = f'{args.dtype}{" autocast" if args.dtype != "float32" else ""}, {args.img_size}px' + (
+        ', torch.compile' if args.compile else '')
+    out = [f'### Figure 2: training overhead (train-step img/s, {what}; median (min–max) of {args.reps} '
+           'interleaved reps)', '', env, '',
+           C.markdown_table(['arch', 'layout', 'batch', 'base img/s (head drop 0.1)', 'dropres img/s',
+                             f'ratio (target >= {SPEED_TARGET})', 'met'], speed_rows)]
+    if mem_rows:
+        how = 'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'torch MemTracker, tensor bytes'
+        out += ['', f'### Figure 3: training memory (peak of one train step incl. params, grads and AdamW '
+                f'state; {what}; {how})', '',
+                C.markdown_table(['arch', 'layout', 'batch', 'base MiB', 'dropres MiB', 'extra MiB',
+                                  f'ratio (target <= {MEMORY_TARGET})', 'met'], mem_rows)]
+    return '\n'.join(out), records
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = C.base_parser(__doc__.splitlines()[0], archs=ARCHS, batch_sizes=(16,), img_size=112, reps=5,
+                      smoke_help='tiny run (test_resnet, 32 px, 2 reps) so tests keep the script alive')
+    p.add_argument('--memory', default='yes', choices=('yes', 'no'), help='measure figure 3 (default: yes)')
+    p.add_argument('--memory-batch-size', type=int, default=0,
+                   help='batch size for figure 3 (default: the largest of --batch-sizes)')
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if '--smoke' in argv:
+        argv = SMOKE + argv
+    args = p.parse_args(argv)
+    C.check_args(p, args)
+    if args.memory_batch_size < 0:
+        p.error(f'--memory-batch-size must be >= 0, got {args.memory_batch_size}')
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    table, _ = run(parse_args(argv))
+    print(table, flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""Shared fixtures. Tests never reach the Hub: HF_HUB_OFFLINE is forced for the whole session."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import timm_dropres  # noqa: E402,F401  (registers the models)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import timm
+    return f'torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}'

@@ -1,0 +1,63 @@
+"""Argument validation and the dropout module itself."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+import timm_dropres
+from timm_dropres.layers import ResidualDropout, check_position, check_rate
+
+
+@pytest.mark.parametrize('bad', [-0.1, 1.0, 1.5, math.nan, '0.1', None, True])
+def test_bad_rates_name_the_value(bad):
+    with pytest.raises(ValueError, match=r'res_drop_rate must be') as e:
+        check_rate('res_drop_rate', bad)
+    assert repr(bad) in str(e.value)
+
+
+@pytest.mark.parametrize('kwarg', ['drop_rate', 'res_drop_rate'])
+@pytest.mark.parametrize('bad', [-0.5, 1.0])
+def test_create_model_rejects_bad_rates(kwarg, bad):
+    with pytest.raises(ValueError, match=rf'{kwarg} must be in \[0, 1\), got {bad}'):
+        timm.create_model('resnet18_dropres', **{kwarg: bad})
+
+
+def test_unknown_position_lists_choices():
+    with pytest.raises(ValueError) as e:
+        timm.create_model('resnet18_dropres', res_drop_pos='before_bn')
+    msg = str(e.value)
+    assert "'before_bn'" in msg and all(p in msg for p in timm_dropres.RES_DROP_POSITIONS)
+    with pytest.raises(ValueError, match='res_drop_pos must be one of'):
+        timm_dropres.convert(timm.create_model('resnet18'), res_drop_pos='after_add')
+    assert check_position('auto') == 'auto'
+
+
+def test_defaults_are_nonzero_and_documented():
+    model = timm.create_model('resnet18_dropres')
+    assert timm_dropres.dropout_args(model) == dict(
+        drop_rate=timm_dropres.DEFAULT_HEAD_DROP_RATE, res_drop_rate=timm_dropres.DEFAULT_RES_DROP_RATE,
+        res_drop_pos=timm_dropres.DEFAULT_POST_ACT_POS)
+    assert timm_dropres.DEFAULT_HEAD_DROP_RATE > 0 and timm_dropres.DEFAULT_RES_DROP_RATE > 0
+
+
+def test_module_is_identity_in_eval_and_at_zero():
+    x = torch.randn(4, 8, 5, 5)
+    drop = ResidualDropout(0.5)
+    assert drop.eval()(x) is x
+    state = torch.get_rng_state()
+    assert ResidualDropout(0.0).train()(x) is x
+    assert torch.equal(torch.get_rng_state(), state)  # p == 0 consumes no randomness
+    y = drop.train()(x)
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] * 2)
+    assert 0.35 < (~kept).float().mean() < 0.65
+    assert isinstance(drop, torch.nn.Dropout) and 'where=after_last_bn' in repr(drop)
+
+
+def test_channels_last_preserved():
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    y = ResidualDropout(0.3).train()(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)

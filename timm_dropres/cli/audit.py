@@ -1,0 +1,69 @@
+"""``dropres-audit MODEL``: where every dropout of a model sits and whether a BatchNorm consumes it.
+
+    dropres-audit resnet50 --drop-rate 0.2        # timm's head dropout: after pooling
+    dropres-audit resnet50_dropres                # every dropout at a guideline position
+    dropres-audit local-dir:runs/x/best --strict  # exit 1 when a BatchNorm consumes dropped activations (CI gate)
+Thin over :func:`timm_dropres.audit.audit`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, Sequence
+
+import yaml
+
+__all__ = ['main']
+
+
+def _kwarg(text: str) -> tuple[str, Any]:
+    if '=' not in text:
+        raise argparse.ArgumentTypeError(f'--kwarg takes KEY=VALUE, got {text!r}')
+    key, value = text.split('=', 1)
+    return key.replace('-', '_'), yaml.safe_load(value)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='dropres-audit', description=__doc__.split('\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument('model', help='timm model name, or local-dir:<folder> with config.json + weights')
+    p.add_argument('--drop-rate', type=float, help='timm drop_rate (head dropout)')
+    p.add_argument('--res-drop-rate', type=float, help='*_dropres models: residual dropout rate')
+    p.add_argument('--res-drop-pos', help='*_dropres models: auto, after_last_bn or before_last_conv')
+    p.add_argument('--drop-path-rate', type=float, help='timm stochastic depth rate')
+    p.add_argument('--drop-block-rate', type=float, help='timm DropBlock rate')
+    p.add_argument('--kwarg', type=_kwarg, action='append', default=[], metavar='KEY=VALUE',
+                   help='any other timm.create_model keyword (repeatable; VALUE parsed as YAML)')
+    p.add_argument('--input-size', type=int, nargs=3, metavar=('C', 'H', 'W'),
+                   help="trace input size (default: the model's pretrained input size)")
+    p.add_argument('--strict', action='store_true', help='exit 1 when an active dropout is a variance-shift hazard')
+    p.add_argument('--verbose', action='store_true', help='show the downstream path of hazards')
+    p.add_argument('--json', metavar='FILE', help='also write the audit as JSON')
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from ..audit import AuditError, audit, format_report
+    kwargs: Dict[str, Any] = dict(args.kwarg)
+    for key in ('drop_rate', 'res_drop_rate', 'res_drop_pos', 'drop_path_rate', 'drop_block_rate'):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    try:
+        report = audit(args.model, input_size=args.input_size, **kwargs)
+    except AuditError as e:
+        print(f'dropres-audit: error: {e}', file=sys.stderr)
+        return 2
+    print(format_report(report, verbose=args.verbose))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=1))
+    if args.strict and report.hazards:
+        print(f'dropres-audit: --strict: {len(report.hazards)} variance-shift hazard(s)', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

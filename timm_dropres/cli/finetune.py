@@ -1,0 +1,32 @@
+"""``dropres-finetune``: flags (or a YAML ``--config``) -> :func:`timm_dropres.train.finetune`.
+
+Run directly for one process, or under ``accelerate launch`` for many.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Sequence
+
+from ..data import DataError
+from ..train import CheckpointError, FinetuneConfig, finetune
+from ._config_args import parse_config
+
+__all__ = ['main']
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(FinetuneConfig, argv, 'Fine-tune a timm (dropres) model with accelerate.', 'dropres-finetune')
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
+    logging.getLogger('accelerate').setLevel(logging.WARNING)  # per-file checkpoint chatter
+    import timm_dropres  # noqa: F401  (registers the *_dropres models)
+    try:
+        summary = finetune(cfg)
+    except (DataError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f'dropres-finetune: error: {e}', file=sys.stderr)
+        return 2
+    return 0 if summary is not None else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""``dropres-validate``: top-1/top-5, loss and per-class accuracy of a model on a dataset split."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Sequence
+
+from ..data import DataError
+from ..evaluate import ValidateConfig, validate
+from ._config_args import parse_config
+
+__all__ = ['main']
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(ValidateConfig, argv, 'Evaluate a timm (dropres) model on a dataset split.', 'dropres-validate')
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
+    logging.getLogger('accelerate').setLevel(logging.WARNING)  # per-file checkpoint chatter
+    import timm_dropres  # noqa: F401  (registers the *_dropres models)
+    try:
+        validate(cfg)
+    except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f'dropres-validate: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Weights this project has published on the Hub, as extra pretrained tags of the ``*_dropres`` models.
+
+The registry is data, not code: ``published.json`` beside this module maps a dropres model name to
+its published tags, each a timm ``PretrainedCfg`` (``hf_hub_id`` plus the preprocessing and class
+fields copied from the published ``config.json``)::
+
+    {"resnet18_dropres": {"fmnist_ft": {"hf_hub_id": "<org>/resnet18_dropres.fmnist_ft",
+                                         "num_classes": 10, "input_size": [1, 28, 28], ...}}}
+
+At import, ``dropres._register_all`` passes each model's mirrored base cfgs through
+``with_published_tags`` so ``timm.list_pretrained()`` shows ``resnet18_dropres.fmnist_ft`` and
+``create_model('resnet18_dropres.fmnist_ft', pretrained=True)`` downloads from its ``hf_hub_id``.
+A published tag is appended after the base tags, so it never becomes the model's default tag
+unless its entry says ``"default": true``.
+
+The environment variable ``TIMM_DROPRES_PUBLISHED`` names one more JSON file in the same format,
+read after the shipped one (its entries win, with a warning): maintainers try an entry before it
+ships, and tests exercise the mechanism without touching the shipped data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping
+
+from timm.models import _registry
+from timm.models._pretrained import DefaultCfg, PretrainedCfg
+
+__all__ = [
+    'REGISTRY_PATH', 'ENV_VAR', 'DEFAULT_KEY', 'load_published', 'published_tags', 'with_published_tags',
+    'registry_entry',
+]
+
+_logger = logging.getLogger(__name__)
+
+REGISTRY_PATH = Path(__file__).with_name('published.json')
+ENV_VAR = 'TIMM_DROPRES_PUBLISHED'
+#: entry key (not a PretrainedCfg field) that makes a published tag the model's default tag
+DEFAULT_KEY = 'default'
+_SUFFIX = '_dropres'  # same as dropres.SUFFIX; not imported to keep this module free of the registration import
+# filled in by timm's register_model for the dropres name, so an entry must not set them
+_RESERVED = ('architecture', 'tag', 'source', 'file', 'state_dict')
+_FIELDS = tuple(f.name for f in dataclasses.fields(PretrainedCfg) if f.name not in _RESERVED)
+_TUPLE_FIELDS = ('input_size', 'test_input_size', 'min_input_size', 'mean', 'std', 'pool_size', 'test_pool_size')
+
+Registry = Dict[str, Dict[str, Dict[str, Any]]]
+
+
+def _check_entry(source: str, model: str, tag: str, entry: Any) -> Dict[str, Any]:
+    where = f'{source}: {model}.{tag}'
+    if not isinstance(entry, dict):
+        raise ValueError(f'{where} must be a JSON object of PretrainedCfg fields, got {type(entry).__name__}')
+    unknown = sorted(set(entry) - set(_FIELDS) - {DEFAULT_KEY})
+    if unknown:
+        raise ValueError(f'{where} has unknown keys {unknown}; valid keys: {sorted(_FIELDS + (DEFAULT_KEY,))}')
+    hub_id = entry.get('hf_hub_id')
+    if not isinstance(hub_id, str) or hub_id.count('/') != 1 or hub_id.startswith('/') or hub_id.endswith('/'):
+        raise ValueError(f'{where} needs "hf_hub_id": "<namespace>/<repo>" (the published repo), got {hub_id!r}')
+    if not isinstance(entry.get(DEFAULT_KEY, False), bool):
+        raise ValueError(f'{where}: "{DEFAULT_KEY}" must be true or false, got {entry[DEFAULT_KEY]!r}')
+    if 'input_size' in entry and (not isinstance(entry['input_size'], list) or len(entry['input_size']) != 3):
+        raise ValueError(f'{where}: "input_size" must be [channels, height, width], got {entry["input_size"]!r}')
+    return entry
+
+
+def _read(path: Path, known: Iterable[str] | None) -> Registry:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f'published-tags registry {path} does not exist (set by {ENV_VAR}?)') from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f'published-tags registry {path} is not valid JSON: {e}') from e
+    if not isinstance(data, dict):
+        raise ValueError(f'{path} must hold a JSON object {{"<arch>_dropres": {{"<tag>": {{...}}}}}}')
+    known = set(known) if known is not None else None
+    for model, tags in data.items():
+        base_ok = model.endswith(_SUFFIX) and model[:-len(_SUFFIX)] in _registry._model_entrypoints
+        if not base_ok or (known is not None and model not in known):
+            raise ValueError(
+                f'{path}: {model!r} is not a dropres model name; keys are "<timm resnet/resnetv2 arch>{_SUFFIX}" '
+                'as listed by timm_dropres.registered_models()')
+        if not isinstance(tags, dict) or not tags:
+            raise ValueError(f'{path}: {model!r} must map tag names to entries, got {tags!r}')
+        for tag, entry in tags.items():
+            if not tag or '.' in tag:
+                raise ValueError(f'{path}: {model}: tag {tag!r} must be non-empty and contain no "."')
+            _check_entry(str(path), model, tag, entry)
+    return data
+
+
+def load_published(path: str | os.PathLike | None = None, *, known: Iterable[str] | None = None) -> Registry:
+    """The registry: the shipped ``published.json`` (or ``path``), then ``$TIMM_DROPRES_PUBLISHED`` if set.
+
+    ``known``: the registered dropres names; a model outside it is an error, not an ignored entry.
+    """
+    known = list(known) if known is not None else None
+    merged: Registry = {m: dict(t) for m, t in _read(Path(path) if path else REGISTRY_PATH, known).items()}
+    extra = os.environ.get(ENV_VAR)
+    if extra:
+        for model, tags in _read(Path(extra), known).items():
+            for tag, entry in tags.items():
+                if tag in merged.get(model, {}):
+                    _logger.warning('%s overrides the shipped published tag %s.%s', ENV_VAR, model, tag)
+                merged.setdefault(model, {})[tag] = entry
+    return merged
+
+
+def published_tags(path: str | os.PathLike | None = None) -> Dict[str, str]:
+    """``{'<model>.<tag>': hf_hub_id}`` for every published tag."""
+    return {f'{m}.{t}': e['hf_hub_id'] for m, tags in load_published(path).items() for t, e in tags.items()}
+
+
+def _to_cfg(entry: Mapping[str, Any]) -> PretrainedCfg:
+    fields = {k: (tuple(v) if k in _TUPLE_FIELDS and isinstance(v, list) else v)
+              for k, v in entry.items() if k != DEFAULT_KEY}
+    # published folders hold model.safetensors; timm's default filename would try pytorch_model.bin first
+    fields.setdefault('hf_hub_filename', 'model.safetensors')
+    fields.setdefault('custom_load', False)
+    return PretrainedCfg(**fields)
+
+
+def with_published_tags(
+        model: str,
+        cfgs: DefaultCfg | None,
+        registry: Registry | None = None,
+) -> DefaultCfg | None:
+    """``cfgs`` (the mirrored base tags of ``model``) plus the published tags of ``model``.
+
+    Published tags go after the base tags, or first when marked ``"default": true``. A published tag
+    that has the name of a base tag is refused: it would silently shadow the base weights.
+    """
+    entries = (load_published() if registry is None else registry).get(model)
+    if not entries:
+        return cfgs
+    if cfgs is None:
+        # no base tags: keep an untagged, weightless default so pretrained=True does not pick a published tag
+        cfgs = DefaultCfg(tags=deque(['']), cfgs={'': PretrainedCfg()}, is_pretrained=False)
+    tags, out = deque(cfgs.tags), dict(cfgs.cfgs)
+    for tag, entry in entries.items():
+        if tag in out:
+            raise ValueError(
+                f'published tag {model}.{tag} has the name of a base pretrained tag of {model}; choose another tag')
+        out[tag] = _to_cfg(entry)
+        if entry.get(DEFAULT_KEY, False):
+            tags.appendleft(tag)
+        else:
+            tags.append(tag)
+    return DefaultCfg(tags=tags, cfgs=out, is_pretrained=True)
+
+
+def registry_entry(config: Mapping[str, Any], hf_hub_id: str, *, default: bool = False) -> Dict[str, Any]:
+    """The ``published.json`` entry for a folder's ``config.json`` once pushed to ``hf_hub_id``.
+
+    Copies the preprocessing and class fields so ``create_model('<arch>.<tag>', pretrained=True)``
+    builds the published head (``num_classes``) and input channels (``input_size[0]``) by default.
+    """
+    pcfg = dict(config.get('pretrained_cfg') or {})
+    pcfg['num_classes'] = config.get('num_classes', pcfg.get('num_classes'))
+    if config.get('label_names') is not None:
+        pcfg['label_names'] = list(config['label_names'])
+    entry: Dict[str, Any] = {'hf_hub_id': hf_hub_id, 'hf_hub_filename': 'model.safetensors'}
+    entry.update({k: v for k, v in pcfg.items() if k in _FIELDS and k not in ('hf_hub_id', 'url', 'hf_hub_filename')})
+    if default:
+        entry[DEFAULT_KEY] = True
+    _check_entry('registry_entry', str(config.get('architecture')), 'new', entry)
+    return entry
