@@ -71,7 +71,9 @@ def test_list_pretrained_mirrors_every_base_tag():
 
 
 def test_default_tag_is_base_default():
-    assert _registry._model_default_cfgs['resnet50_dropres'].tags[0] == _registry._model_default_cfgs['resnet50'].tags[0]
+    defaults = _registry._model_default_cfgs
+    assert defaults['resnet50_dropres'].tags[0] == defaults['resnet50'].tags[0]
+    assert timm.get_pretrained_cfg('resnet50_dropres').hf_hub_id == timm.get_pretrained_cfg('resnet50').hf_hub_id
 
 
 @pytest.mark.parametrize('variant', REGISTERED)

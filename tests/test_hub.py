@@ -282,6 +282,20 @@ def _bad_folders(root: Path, folder: Path) -> dict:
     return cases
 
 
+def test_valid_safetensors_starting_like_a_pickle_is_accepted(run, tmp_path):
+    """The header length is the first 8 bytes, so a real safetensors file can start with 0x80 or b'PK'."""
+    folder = tmp_path / 'run' / 'best'
+    folder.mkdir(parents=True)
+    (folder / 'config.json').write_bytes((run['folder'] / 'config.json').read_bytes())
+    tensors = load_file(run['folder'] / 'model.safetensors')
+    for pad in range(300):
+        save_file(tensors, folder / 'model.safetensors', metadata={'pad': 'x' * pad})
+        if (folder / 'model.safetensors').read_bytes()[:1] == b'\x80':
+            break
+    assert (folder / 'model.safetensors').read_bytes()[:1] == b'\x80'
+    assert push(folder, REPO, dry_run=True, out_dir=tmp_path / 'out').files[-1] == 'model.safetensors'
+
+
 @pytest.mark.parametrize('repo_id', ['no-namespace', 'a/b/c', 'alice/bad name', 'alice/-x-', 'alice/x..y', ''])
 def test_invalid_repo_id_fails_before_upload(run, repo_id):
     api = RecordingApi()

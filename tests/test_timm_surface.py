@@ -15,7 +15,7 @@ def test_features_only(arch):
     base = timm.create_model(arch, features_only=True, out_indices=(1, 2, 3, 4)).eval()
     base.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 64, 64)
-    for a, b in zip(ours(x), base(x)):
+    for a, b in zip(ours(x), base(x), strict=True):
         assert torch.equal(a, b)
     assert ours.feature_info.channels() == base.feature_info.channels()
     assert sum(isinstance(m, timm_dropres.ResidualDropout) for m in ours.modules()) > 0

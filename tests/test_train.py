@@ -24,6 +24,15 @@ from timm_dropres.train import CheckpointError, build_model, finetune, list_chec
 HAS_FMNIST = fmnist.find_fashion_mnist() is not None
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one intra-op thread, and a busy 2-core CI box makes 2 threads spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory) -> Path:
     # 15 val images: odd, and not a multiple of the eval batch or of 2 processes

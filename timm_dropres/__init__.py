@@ -7,8 +7,15 @@ from . import cifar  # noqa: F401  (registers the paper's CIFAR networks)
 from .convert import convert, dropout_args, residual_blocks, resolve_position
 from .dropres import SKIPPED, SUFFIX, registered_models, supported_base_models
 from .layers import (
-    AFTER_LAST_BN, AUTO, BEFORE_LAST_CONV, DEFAULT_HEAD_DROP_RATE, DEFAULT_POST_ACT_POS,
-    DEFAULT_RES_DROP_RATE, HEAD_BEFORE_POOL, RES_DROP_POSITIONS, ResidualDropout,
+    AFTER_LAST_BN,
+    AUTO,
+    BEFORE_LAST_CONV,
+    DEFAULT_HEAD_DROP_RATE,
+    DEFAULT_POST_ACT_POS,
+    DEFAULT_RES_DROP_RATE,
+    HEAD_BEFORE_POOL,
+    RES_DROP_POSITIONS,
+    ResidualDropout,
 )
 from .summary import DropoutSite, describe, dropout_sites
 

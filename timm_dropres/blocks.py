@@ -23,8 +23,6 @@ from timm.models import resnet as timm_resnet
 from timm.models import resnetv2 as timm_resnetv2
 from torchvision.models import resnet as tv_resnet
 
-from .layers import ResidualDropout
-
 __all__ = [
     'DropResBasicBlock', 'DropResBottleneck', 'DropResPreActBasic', 'DropResPreActBottleneck',
     'DropResTvBasicBlock', 'DropResTvBottleneck', 'BLOCK_TYPES', 'PRE_ACT_BLOCKS', 'block_norms',

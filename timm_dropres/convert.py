@@ -15,8 +15,15 @@ from timm.models.resnetv2 import ResNetV2
 from .blocks import BLOCK_TYPES, PRE_ACT_BLOCKS, block_norms, is_supported_norm
 from .heads import MODEL_TYPES
 from .layers import (
-    AUTO, BEFORE_LAST_CONV, DEFAULT_HEAD_DROP_RATE, DEFAULT_POST_ACT_POS,
-    DEFAULT_RES_DROP_RATE, HEAD_BEFORE_POOL, ResidualDropout, check_position, check_rate,
+    AUTO,
+    BEFORE_LAST_CONV,
+    DEFAULT_HEAD_DROP_RATE,
+    DEFAULT_POST_ACT_POS,
+    DEFAULT_RES_DROP_RATE,
+    HEAD_BEFORE_POOL,
+    ResidualDropout,
+    check_position,
+    check_rate,
 )
 
 __all__ = ['convert', 'resolve_position', 'dropout_args', 'residual_blocks']
@@ -96,8 +103,8 @@ def convert(
     check_position(res_drop_pos)
     kind = _model_kind(model)
     # validate every block before touching anything, so a refusal leaves the model as it was
-    plan = [(name, block, _check_block(model, name, block)) for name, block in residual_blocks(model)]
-    for name, block, target in plan:
+    plan = [(block, _check_block(model, name, block)) for name, block in residual_blocks(model)]
+    for block, target in plan:
         pos = resolve_position(target, res_drop_pos)
         block.__class__ = target
         block.res_drop_pos = pos

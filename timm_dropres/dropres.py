@@ -13,8 +13,7 @@ from collections import deque
 from typing import Any, Callable, Dict, List
 
 import torch.nn as nn
-from timm.models import build_model_with_cfg, register_model
-from timm.models import _registry
+from timm.models import _registry, build_model_with_cfg, register_model
 from timm.models._pretrained import DefaultCfg
 
 from .convert import convert
