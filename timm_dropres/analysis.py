@@ -768,7 +768,7 @@ def plot_block(results: Sequence[BlockResult], path: str) -> str:
         ax.axhline(1.0, color='grey', lw=0.8)
         ax.set_title(f'{form}-activation block, p = {max(r.p for r in rs):g} (* = guideline)')
         ax.set_ylabel('variance shift')
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc='upper left')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -71,7 +71,8 @@ def _read(path: Path, known: Iterable[str] | None) -> Registry:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f'published-tags registry {path} does not exist (set by {ENV_VAR}?)') from None
+        where = 'the package data is missing from this install' if path == REGISTRY_PATH else f'check {ENV_VAR}'
+        raise FileNotFoundError(f'published-tags registry {path} does not exist ({where})') from None
     except json.JSONDecodeError as e:
         raise ValueError(f'published-tags registry {path} is not valid JSON: {e}') from e
     if not isinstance(data, dict):
