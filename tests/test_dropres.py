@@ -9,7 +9,7 @@ from timm.models import _registry
 import timm_dropres
 from timm_dropres.dropres import SKIPPED, SUFFIX
 
-REGISTERED = timm_dropres.registered_models()
+REGISTERED = timm_dropres.dropres.mirrored_models()
 REQUIRED = [
     'resnet18', 'resnet26', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet18d', 'resnet26d', 'resnet26t',
     'resnet34d', 'resnet50d', 'resnet50t', 'resnet101d', 'resnet152d', 'resnext50_32x4d', 'resnext101_32x4d',
@@ -24,6 +24,8 @@ def test_required_variants_registered():
     missing = [a for a in REQUIRED if a + SUFFIX not in listed]
     assert not missing
     assert {n for n in listed if _registry._model_to_module[n] == 'dropres'} == set(REGISTERED)
+    cifar = {n for n in timm_dropres.cifar.cifar_model_names() if n.endswith(SUFFIX)}
+    assert set(timm_dropres.registered_models()) == set(REGISTERED) | cifar
 
 
 def test_every_non_deprecated_arch_is_registered_or_skipped_with_reason():

@@ -20,7 +20,7 @@ from .convert import convert
 from .layers import AUTO, DEFAULT_HEAD_DROP_RATE, DEFAULT_RES_DROP_RATE, check_position, check_rate
 from .published import load_published, with_published_tags
 
-__all__ = ['SUFFIX', 'SKIPPED', 'supported_base_models', 'registered_models']
+__all__ = ['SUFFIX', 'SKIPPED', 'supported_base_models', 'mirrored_models', 'registered_models']
 
 SUFFIX = '_dropres'
 _BASE_MODULES = ('resnet', 'resnetv2')
@@ -59,9 +59,15 @@ def supported_base_models() -> List[str]:
     return names
 
 
-def registered_models() -> List[str]:
-    """The ``*_dropres`` names this package registers."""
+def mirrored_models() -> List[str]:
+    """The ``*_dropres`` twins of timm's resnet/resnetv2 architectures (what this module registers)."""
     return [n + SUFFIX for n in supported_base_models()]
+
+
+def registered_models() -> List[str]:
+    """Every ``*_dropres`` model this package registers: the timm mirrors and the paper's CIFAR networks."""
+    return sorted(n for n, fn in _registry._model_entrypoints.items()
+                  if n.endswith(SUFFIX) and fn.__module__.startswith('timm_dropres.'))
 
 
 def _mirror_cfgs(base: str) -> DefaultCfg | None:
@@ -109,7 +115,7 @@ def _make_entrypoint(base: str, module: str) -> Callable[..., nn.Module]:
 
 
 def _register_all() -> None:
-    published = load_published(known=registered_models())  # weights this project published, see published.py
+    published = load_published(known=mirrored_models())  # weights this project published, see published.py
     for base in supported_base_models():
         variant = base + SUFFIX
         mirrored = with_published_tags(variant, _mirror_cfgs(base), published)
