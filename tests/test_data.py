@@ -11,7 +11,13 @@ from helpers_train import CLASSES, make_image_folder
 import timm_dropres  # noqa: F401
 from timm_dropres import fmnist
 from timm_dropres.data import (
-    DataError, EpochSeededDataset, EpochSeededSampler, TensorImageDataset, resolve_data, resolve_transforms, subset,
+    DataError,
+    EpochSeededDataset,
+    EpochSeededSampler,
+    TensorImageDataset,
+    resolve_data,
+    resolve_transforms,
+    subset,
 )
 
 HAS_FMNIST = fmnist.find_fashion_mnist() is not None

@@ -42,7 +42,12 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope='module')
 def trained_run(dataset, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp('runs') / 'e2e'
-    summary = finetune(tiny_config(dataset, out, res_drop_rate=0.2, eval_batch_size=4, checkpoint_every=4))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped: runs before the autouse one-thread fixture
+    try:
+        summary = finetune(tiny_config(dataset, out, res_drop_rate=0.2, eval_batch_size=4, checkpoint_every=4))
+    finally:
+        torch.set_num_threads(n)
     return out, summary
 
 
@@ -108,6 +113,8 @@ _AUDIT = textwrap.dedent('''
                 with _open(f'{_log}.{_rank}', 'a') as f:
                     f.write(f'{op} {os.path.relpath(p, _root)}\\n')
         _open = builtins.open
+        with _open(f'{_log}.{_rank}', 'a') as f:
+            f.write('hook active\\n')
         def _patched_open(file, mode='r', *a, **k):
             if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in 'wax+'):
                 _note('open', file)
@@ -116,8 +123,11 @@ _AUDIT = textwrap.dedent('''
         for _name in ('replace', 'rename', 'mkdir', 'remove', 'unlink', 'rmdir'):
             def _wrap(fn, name=_name):
                 def inner(path, *a, **k):
-                    _note(name, path)
-                    return fn(path, *a, **k)
+                    existed = os.path.exists(path)
+                    out = fn(path, *a, **k)
+                    if not (name == 'mkdir' and existed):  # makedirs(exist_ok=True) probes are not writes
+                        _note(name, path)
+                    return out
                 return inner
             setattr(os, _name, _wrap(getattr(os, _name)))
         _rmtree = shutil.rmtree
@@ -147,19 +157,16 @@ def test_two_processes_on_cpu(dataset, tmp_path):
     s = json.loads((out / 'summary.json').read_text())
     assert s['num_processes'] == 2 and s['distributed_type'] == 'DistributedType.MULTI_CPU'
     assert s['last']['num_samples'] == s['val_size'] == 15  # gather_for_metrics drops the padding
-    # 36 images, 4 per process per step, drop_last: 9 global batches -> 5 steps per process (even batches)
-    assert s['global_steps'] == 5
-    writes = (tmp_path / 'writes.1').read_text().splitlines() if (tmp_path / 'writes.1').exists() else []
-    assert writes, 'the audit hook saw nothing: rank 1 should at least write its own RNG state'
-    # rank 1 writes only its own RNG state inside checkpoint folders (accelerate: one file per process)
-    assert all(w.split()[1].endswith('random_states_1.pkl') for w in writes), writes
+    assert s['global_steps'] == 36 // (4 * 2)  # drop_last: only full global batches
+    writes = (tmp_path / 'writes.1').read_text().splitlines()
+    assert writes[0] == 'hook active'
+    # rank 1 may write only its own RNG state into checkpoint folders (accelerate: one file per process)
+    assert all(w.split()[-1].endswith('random_states_1.pkl') for w in writes[1:]), writes
     assert all(len(list(c.glob('random_states_*.pkl'))) == 2 for c in list_checkpoints(out))
 
 
 def test_bf16_mixed_precision_on_cpu(dataset, tmp_path):
-    from accelerate import Accelerator
-    acc = Accelerator(mixed_precision='bf16', cpu=True)
-    with acc.autocast():
+    with torch.autocast('cpu', dtype=torch.bfloat16):
         y = torch.nn.Conv2d(3, 4, 3)(torch.randn(1, 3, 8, 8))
     if y.dtype != torch.bfloat16:
         pytest.skip('this CPU build does not autocast convolutions to bf16')
@@ -173,8 +180,8 @@ def test_bf16_mixed_precision_on_cpu(dataset, tmp_path):
 @pytest.mark.skipif(not HAS_FMNIST, reason='Debian dataset-fashion-mnist is not installed '
                                            '(apt-get install dataset-fashion-mnist)')
 def test_fashion_mnist_subset_learns(tmp_path):
-    s = finetune(tiny_config('fashion_mnist', tmp_path / 'fm', train_subset=400, val_subset=200, epochs=2,
-                             batch_size=32, scale=[0.7, 1.0], color_jitter=0.0, lr=5e-3))
+    s = finetune(tiny_config('fashion_mnist', tmp_path / 'fm', train_subset=400, val_subset=200, epochs=3,
+                             batch_size=16, scale=[0.7, 1.0], color_jitter=0.0, lr=2e-3))
     assert s['in_chans'] == 1 and s['num_classes'] == 10 and s['last']['num_samples'] == 200
     assert s['label_names'] == fmnist.CLASSES
     assert s['best']['top1'] > 35.0, s['history']  # chance is 10 %
@@ -208,7 +215,7 @@ def test_pretrained_from_a_local_hub_cache(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     n, wsum = proc.stdout.split()
-    assert int(n) == 5 and float(wsum) == pytest.approx(float(src.conv1[0].weight.sum()), rel=1e-5)
+    assert int(n) == 5 and float(wsum) == pytest.approx(float(src.conv1[0].weight.detach().sum()), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -286,9 +293,9 @@ def test_corrupt_checkpoint_is_reported(dataset, trained_run, tmp_path):
     weights = latest / 'model.safetensors'
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=r'step_000000009 is corrupt.*older checkpoints to try'):
-        finetune(tiny_config(dataset, run, resume=str(run), epochs=2))
+        finetune(tiny_config(dataset, run, resume=str(run), epochs=2, res_drop_rate=0.2))
     (latest / 'trainer_state.json').write_text('{not json')
     with pytest.raises(CheckpointError, match='cannot read trainer_state.json'):
-        finetune(tiny_config(dataset, run, resume=str(latest), epochs=2))
+        finetune(tiny_config(dataset, run, resume=str(latest), epochs=2, res_drop_rate=0.2))
     with pytest.raises(CheckpointError, match='no checkpoints found'):
         finetune(tiny_config(dataset, tmp_path / 'o', resume=str(tmp_path)))

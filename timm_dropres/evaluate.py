@@ -136,6 +136,7 @@ def validate(cfg: ValidateConfig) -> Dict[str, Any]:
     """Build the model and the data split named by ``cfg`` and evaluate; returns the metrics dict."""
     import timm
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
     from .data import TransformedDataset, eval_loader, resolve_data, resolve_transforms
     from .export import read_folder_config
@@ -152,6 +153,8 @@ def validate(cfg: ValidateConfig) -> Dict[str, Any]:
     if is_folder:
         folder_cfg = read_folder_config(cfg.model[len('local-dir:'):])
         label_names = folder_cfg.get('label_names')
+    AcceleratorState._reset_state(reset_partial_state=False)  # see train.py: singletons across calls
+    GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     data = resolve_data(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, split=cfg.split,
                         val_subset=cfg.val_subset, seed=cfg.seed, class_names=label_names)

@@ -27,6 +27,7 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator, DistributedType
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -292,6 +293,10 @@ class _Trainer:
         self.resume_state = _read_state(self.resume_ckpt) if self.resume_ckpt else None
         self._check_output_dir()
 
+        # accelerate keeps its state in process-wide singletons; a second finetune() in one process (tests,
+        # notebooks, benchmarks) may use other settings. The distributed PartialState is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         log_dir = self.out / 'logs'
         self.acc = Accelerator(
             mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, gradient_accumulation_steps=cfg.grad_accum_steps,
@@ -321,6 +326,13 @@ class _Trainer:
 
     def setup(self) -> None:
         cfg, acc, data = self.cfg, self.acc, self.data
+        model, self.model_kwargs = build_model(cfg, data.num_classes, data.in_chans)
+        if _in_chans(model) != data.in_chans:
+            raise ValueError(f'{cfg.model} takes {_in_chans(model)}-channel input; the data has {data.in_chans}')
+        self.identity = _model_identity(model, cfg, data.num_classes, data.in_chans)
+        if self.resume_state is not None:
+            self._check_resume_identity()
+        # everything is validated: only now touch the output folder
         if acc.is_main_process:
             if cfg.overwrite and self.resume_ckpt is None:
                 for name in OUTPUT_ARTIFACTS:
@@ -331,13 +343,6 @@ class _Trainer:
                         p.unlink()
             (self.out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
-
-        model, self.model_kwargs = build_model(cfg, data.num_classes, data.in_chans)
-        if _in_chans(model) != data.in_chans:
-            raise ValueError(f'{cfg.model} takes {_in_chans(model)}-channel input; the data has {data.in_chans}')
-        self.identity = _model_identity(model, cfg, data.num_classes, data.in_chans)
-        if self.resume_state is not None:
-            self._check_resume_identity()
         train_tf, eval_tf, self.data_cfg = resolve_transforms(
             model, data.in_chans, img_size=cfg.img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
             auto_augment=cfg.aa, hflip=cfg.hflip, color_jitter=cfg.color_jitter, re_prob=cfg.reprob,
@@ -550,7 +555,7 @@ class _Trainer:
             self.scheduler.step_update(num_updates=self.global_step)
             if self.ema is not None:
                 self.ema.update(acc.unwrap_model(self.model), step=self.global_step)
-            if bar is not None:
+            if bar is not None and (self.global_step % 10 == 0 or self.batches_done >= total):  # .item() syncs
                 elapsed = time.perf_counter() - t0 - ckpt_time
                 bar.set_postfix(loss=f'{loss.item():.3f}', img_s=f'{imgs / max(elapsed, 1e-9):.0f}',
                                 lr=f'{self.optimizer.param_groups[0]["lr"]:.2e}')
@@ -680,6 +685,8 @@ def _validate_config(cfg: FinetuneConfig) -> None:
         raise ValueError(f'--ema-decay must be in (0, 1), got {cfg.ema_decay}')
     if not cfg.model:
         raise ValueError('no model given: pass --model')
+    check_model_name(cfg.model)
+    _model_kwargs(cfg)
 
 
 def _trackers(log_with: str | None) -> Any:
