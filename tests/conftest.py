@@ -17,6 +17,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one intra-op thread, and on a busy 2-core box two threads spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     import timm
     return f'torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}'

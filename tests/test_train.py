@@ -24,13 +24,7 @@ from timm_dropres.train import CheckpointError, build_model, finetune, list_chec
 HAS_FMNIST = fmnist.find_fashion_mnist() is not None
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one intra-op thread, and a busy 2-core CI box makes 2 threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 @pytest.fixture(scope='module')

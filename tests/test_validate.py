@@ -12,13 +12,7 @@ from timm_dropres.cli.finetune import main as finetune_main
 from timm_dropres.cli.validate import main as validate_main
 from timm_dropres.train import finetune
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 @pytest.fixture(scope='module')
