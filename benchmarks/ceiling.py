@@ -24,7 +24,8 @@ except ImportError:  # run as a file: benchmarks/ is on sys.path
     import training as T  # type: ignore[no-redef]
 
 ARCHS = ('resnet50',)
-SMOKE = ['--archs', 'test_resnet', '--batch-sizes', '2', '--img-size', '32', '--reps', '2', '--warmup', '1',
+SMOKE = ['--threads', '1',
+         '--archs', 'test_resnet', '--batch-sizes', '2', '--img-size', '32', '--reps', '2', '--warmup', '1',
          '--iters', '1', '--matmul-size', '256']
 
 
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
                 flops = {k: count_step_flops(T.make_step(getattr(m, '_orig_mod', m), x, y, device, dtype)[0])
                          for k, m in (('base', base), ('dropres', dropres))}
                 cases = dict(steps, matmul=lambda: torch.mm(a, b))
-                t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters)
+                t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
+                                  clock=args.clock)
                 peak = C.Stat.of([mm_flops / s for s in t['matmul']])
                 for name in ('base', 'dropres'):
                     achieved = C.Stat.of([flops[name] / s for s in t[name]])
@@ -72,14 +74,14 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
     what = f'{args.dtype}{" autocast" if args.dtype != "float32" else ""}, {args.img_size}px' + (
         ', torch.compile' if args.compile else '')
     title = (f'### Figure 5: compute ceiling (train-step FLOP/s vs a {n}x{n} {args.dtype} matmul; {what}; '
-             f'median (min–max) of {args.reps} interleaved reps)')
+             f'median (min–max) of {args.reps} interleaved reps, {args.clock} clock)')
     headers = ['model', 'layout', 'batch', 'train GFLOP/img', 'achieved GFLOP/s', 'matmul GFLOP/s',
                'fraction of matmul']
     return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = C.base_parser(__doc__.splitlines()[0], archs=ARCHS, batch_sizes=(16,), img_size=112, reps=4,
+    p = C.base_parser(__doc__.splitlines()[0], archs=ARCHS, batch_sizes=(8,), img_size=112, reps=4,
                       smoke_help='tiny run (test_resnet, 32 px, 256x256 matmul) so tests keep the script alive',
                       channels_last='no')
     p.add_argument('--matmul-size', type=int, default=0,

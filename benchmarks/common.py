@@ -31,6 +31,9 @@ __all__ = [
     'fmt_stat', 'verdict', 'count_aten_ops', 'ratio_verdict', 'check_args', 'layouts', 'device_name',
 ]
 
+#: ``--clock`` choices: wall-clock time, or this process's CPU time (see ``interleaved``).
+CLOCKS: dict[str, Callable[[], float]] = {'wall': time.perf_counter, 'cpu': time.process_time}
+
 DTYPES: dict[str, torch.dtype] = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
@@ -65,9 +68,11 @@ def base_parser(description: str, *, archs: Sequence[str], batch_sizes: Sequence
                    help=f'batch sizes (default: {" ".join(map(str, batch_sizes))})')
     p.add_argument('--img-size', type=int, default=img_size, help=f'square input size (default: {img_size})')
     p.add_argument('--reps', type=int, default=reps, help=f'interleaved repetitions per case (default: {reps})')
-    p.add_argument('--warmup', type=int, default=2, help='untimed iterations per case before timing (default: 2)')
-    p.add_argument('--iters', type=int, default=2, help='iterations per timed repetition (default: 2)')
+    p.add_argument('--warmup', type=int, default=1, help='untimed iterations per case before timing (default: 1)')
+    p.add_argument('--iters', type=int, default=1, help='iterations per timed repetition (default: 1)')
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default: leave torch to decide)')
+    p.add_argument('--clock', default='wall', choices=tuple(CLOCKS),
+                   help="'wall' (default) or 'cpu': process CPU time, for a shared CPU; use with --threads 1")
     return p
 
 
@@ -83,6 +88,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f'--batch-sizes must all be >= 1, got {bad}')
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == 'cpu' and args.device != 'cpu':
+        p.error(f"--clock cpu times host CPU work and cannot time --device {args.device}; use --clock wall")
 
 
 def layouts(choice: str) -> list[bool]:
@@ -134,12 +141,19 @@ def make_batch(batch_size: int, img_size: int, num_classes: int, device: torch.d
 
 
 def interleaved(cases: dict[str, Callable[[], object]], *, device: torch.device, reps: int, warmup: int,
-                iters: int) -> dict[str, list[float]]:
+                iters: int, clock: str = 'wall') -> dict[str, list[float]]:
     """Seconds per iteration of each case, ``reps`` times, with the cases interleaved.
 
     Repetition ``i`` runs the cases in order when ``i`` is even and reversed when odd (A B, B A, ...),
     so a steady drift in machine speed biases neither side. The garbage collector is paused while timing.
+    ``clock='cpu'`` times with this process's CPU time instead of the wall clock: on a shared CPU with one
+    torch thread it counts the work done and not the time spent waiting for a core.
     """
+    if clock not in CLOCKS:
+        raise ValueError(f'clock must be one of {list(CLOCKS)}, got {clock!r}')
+    if clock == 'cpu' and device.type != 'cpu':
+        raise ValueError(f"clock='cpu' measures host CPU time and cannot time work on {device.type}; use 'wall'")
+    timer = CLOCKS[clock]
     names = list(cases)
     for name in names:
         for _ in range(warmup):
@@ -154,11 +168,11 @@ def interleaved(cases: dict[str, Callable[[], object]], *, device: torch.device,
             for name in (names if i % 2 == 0 else names[::-1]):
                 fn = cases[name]
                 sync(device)
-                t0 = time.perf_counter()
+                t0 = timer()
                 for _ in range(iters):
                     fn()
                 sync(device)
-                times[name].append((time.perf_counter() - t0) / iters)
+                times[name].append((timer() - t0) / iters)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -183,7 +197,7 @@ def peak_step_memory(step: Callable[[], object], device: torch.device, *track: o
     CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak. CPU: torch's ``MemTracker``
     (a dispatch mode that counts every tensor storage alive at each op, including the ones passed in
     ``track``) -- the CPU analogue of ``max_memory_allocated``; RSS would mix in the allocator's caching
-    and the Python heap, and the profiler's CPU memory events miss oneDNN's allocations.
+    and the Python heap, and summing the profiler's CPU memory events gave an implausible peak here.
     Call it after one warm step so optimizer state exists, as in steady-state training.
     """
     gc.collect()

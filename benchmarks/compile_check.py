@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
     rows, records = [], []
     x = torch.randn(2, 3, args.img_size, args.img_size)
     for arch in args.archs:
-        for pos in ('after_last_bn', 'before_last_conv'):
+        for pos in args.positions:
             name = arch + timm_dropres.SUFFIX
             model = timm.create_model(name, res_drop_pos=pos)
+            pos = timm_dropres.dropout_args(model)['res_drop_pos']  # what the blocks resolved it to
             result: dict = dict(model=name, res_drop_pos=pos)
             for mode in ('train', 'eval'):
                 model.train(mode == 'train')
@@ -76,12 +77,18 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--smoke', action='store_true', help='tiny run (test_resnet) so tests keep the script alive')
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default: torch decides)')
     p.add_argument('--archs', nargs='+', default=list(ARCHS), help=f'base archs (default: {" ".join(ARCHS)})')
+    p.add_argument('--positions', nargs='+', default=['after_last_bn', 'before_last_conv'],
+                   choices=('after_last_bn', 'before_last_conv'), help='res_drop_pos values to check (default: both)')
     p.add_argument('--img-size', type=int, default=64, help='input size for tracing (default: 64)')
     argv = list(sys.argv[1:] if argv is None else argv)
     if '--smoke' in argv:
-        argv = ['--archs', 'test_resnet', '--img-size', '32'] + argv
+        argv = ['--threads', '1', '--archs', 'test_resnet', '--img-size', '32',
+                '--positions', 'after_last_bn'] + argv
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.img_size < 1:
         p.error(f'--img-size must be >= 1, got {args.img_size}')
     return args

@@ -61,3 +61,28 @@ def test_channels_last_preserved():
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
     y = ResidualDropout(0.3).train()(x)
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize('p', [0.05, 0.1, 0.3, 0.9])
+@pytest.mark.parametrize('fmt', [torch.contiguous_format, torch.channels_last])
+def test_cpu_dropout_rate_scale_and_gradient(p, fmt):
+    """The CPU fast path drops ~p (binomial 5 sigma), keeps E[y] = x, and backprops through the same mask."""
+    x = torch.ones(4, 64, 32, 32).contiguous(memory_format=fmt).requires_grad_()
+    y = ResidualDropout(p).train()(x)
+    n = y.numel()
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n)
+    assert abs(y.mean().item() - 1.0) < 5 * math.sqrt(p / (1 - p) / n)
+    assert y.is_contiguous(memory_format=fmt)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(sum y)/dx = mask * scale = y for x == 1
+
+
+def test_cpu_dropout_other_layouts_and_seeding():
+    x = torch.randn(6, 8, 5, 5).transpose(0, 1)  # neither contiguous nor channels_last
+    drop = ResidualDropout(0.5).train()
+    assert (drop(x) == 0).any()
+    torch.manual_seed(7)
+    a = drop(torch.ones(1000))
+    torch.manual_seed(7)
+    assert torch.equal(a, drop(torch.ones(1000)))

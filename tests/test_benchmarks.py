@@ -1,0 +1,161 @@
+"""The benchmark harness measures what it claims, and every benchmark script still runs (--smoke)."""
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import timm_dropres  # noqa: F401
+from benchmarks import ceiling, compile_check, dropout_impl, inference, run_all, trainer, training
+from benchmarks import common as C
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The --smoke runs use one torch thread (steadier on a loaded machine); later tests get theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_stat_and_paired_ratio():
+    s = C.Stat.of([3.0, 1.0, 2.0])
+    assert (s.median, s.lo, s.hi) == (2.0, 1.0, 3.0)
+    # throughput ratio num/den from times: den 2 s vs num 1 s -> num is twice as fast
+    r = C.paired_ratio([1.0, 2.0], [2.0, 2.0])
+    assert (r.lo, r.hi) == (1.0, 2.0)
+    with pytest.raises(ValueError, match='equal repetition counts'):
+        C.paired_ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        C.Stat.of([])
+
+
+def test_interleaved_alternates_order_and_counts_calls():
+    calls: list[str] = []
+    cases = {'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}
+    times = C.interleaved(cases, device=torch.device('cpu'), reps=3, warmup=1, iters=2)
+    assert calls[:2] == ['a', 'b']  # warm-up, one call each
+    assert calls[2:] == ['a', 'a', 'b', 'b', 'b', 'b', 'a', 'a', 'a', 'a', 'b', 'b']  # A B, B A, A B
+    assert {k: len(v) for k, v in times.items()} == {'a': 3, 'b': 3}
+    assert all(t > 0 for v in times.values() for t in v)
+
+
+def test_ratio_verdict():
+    assert C.ratio_verdict(C.Stat(1.0, 0.98, 1.02), 0.99) == 'yes'
+    assert C.ratio_verdict(C.Stat(0.97, 0.9, 1.01), 0.99) == 'noise'
+    assert C.ratio_verdict(C.Stat(0.9, 0.85, 0.95), 0.99) == 'NO'
+    assert C.ratio_verdict(C.Stat(1.05, 1.0, 1.2), 1.10, higher_is_better=False) == 'yes'
+
+
+def test_peak_step_memory_counts_transient_and_tracked_tensors():
+    held = torch.zeros(1 << 18)  # 1 MiB, alive throughout
+
+    def step():
+        tmp = torch.ones(1 << 20)  # 4 MiB, freed at the end of the step
+        return float(tmp.sum())
+
+    peak = C.peak_step_memory(step, torch.device('cpu'), held)
+    assert 5 * 2 ** 20 <= peak < 5.5 * 2 ** 20
+
+
+def test_dropres_eval_dispatches_no_extra_ops_and_train_adds_dropout():
+    base = timm.create_model('test_resnet')
+    dropres = timm.create_model('test_resnet_dropres')
+    x = torch.randn(2, 3, 32, 32)
+    for m in (base, dropres):
+        m.eval()
+    assert C.count_aten_ops(lambda: dropres(x)) <= C.count_aten_ops(lambda: base(x))
+    base.train()
+    dropres.train()
+    assert C.count_aten_ops(lambda: dropres(x)) > C.count_aten_ops(lambda: base(x))
+
+
+@pytest.mark.parametrize('module', [inference, training, ceiling, trainer, compile_check, dropout_impl],
+                         ids=lambda m: m.__name__.rsplit('.', 1)[-1])
+def test_smoke(module, capsys):
+    assert module.main(['--smoke']) == 0
+    out = capsys.readouterr().out
+    assert out.count('| test_resnet') >= 1, out
+    assert 'Figure' in out or 'Graph breaks' in out or 'what-if' in out
+
+
+def test_inference_smoke_checks_same_output_and_ops():
+    _, records = inference.run(inference.parse_args(['--smoke', '--channels-last', 'no']))
+    assert len(records) == 1
+    rec = records[0]
+    assert rec['same_output'] is True
+    base_ops, dropres_ops = rec['ops']
+    assert 0 < dropres_ops <= base_ops
+    assert rec['base'].median > 0 and rec['dropres'].median > 0
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit):
+        inference.parse_args(['--batch-sizes', '0'])
+    with pytest.raises(SystemExit):
+        training.parse_args(['--reps', '0'])
+    with pytest.raises(SystemExit):
+        trainer.parse_args(['--compile'])
+    with pytest.raises(SystemExit):
+        run_all.parse_args(['--only', '9'])
+
+
+def test_gpu_check_script_is_valid_and_its_flags_parse():
+    """gpu_check.sh cannot run here (no GPU), so check its syntax and every figure command's flags."""
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_check.sh'
+    subprocess.run(['bash', '-n', str(script)], check=True)
+    text = script.read_text().replace('\\\n', ' ')
+    commands = re.findall(r'^\s*run \d+ benchmarks/(\w+)\.py(.*)$', text, flags=re.M)
+    modules = {m.__name__.rsplit('.', 1)[-1]: m for m in (inference, training, ceiling, trainer, compile_check)}
+    assert {name for name, _ in commands} == set(modules)
+    for name, rest in commands:
+        args = modules[name].parse_args(shlex.split(rest))
+        if name != 'compile_check':
+            assert args.device == 'cuda' and args.dtype == 'bfloat16', (name, rest)
+
+
+def test_run_all_smoke_prints_the_command_and_a_figure(capsys):
+    assert run_all.main(['--smoke', '--only', '1']) == 0
+    out = capsys.readouterr().out
+    assert '`python benchmarks/run_all.py --smoke --only 1`' in out
+    assert '### Figure 1' in out and '_total:' in out
+
+
+def test_dropout_variants_are_the_same_inverted_dropout():
+    """The what-if kernels must be dropout: zeros or x / (1 - p), unbiased, grads through the same mask."""
+    x = torch.randn(64, 32, 8, 8, dtype=torch.float64, requires_grad=True)
+    for name, cls in dropout_impl.VARIANTS.items():
+        m = cls(0.25).train()
+        torch.manual_seed(0)
+        y = m(x)
+        y.sum().backward()
+        keep = y != 0
+        assert torch.allclose(y[keep], x[keep].detach() / 0.75), name
+        assert torch.allclose(x.grad, keep.to(x.dtype) / 0.75), name
+        assert abs(1 - keep.double().mean().item() - 0.25) < 0.02, name
+        x.grad = None
+        assert m.eval()(x) is x, name
+
+
+def test_cpu_clock_counts_work_not_waiting():
+    import time
+
+    def busy():
+        t = time.process_time()
+        while time.process_time() - t < 0.02:
+            pass
+
+    cases = {'sleep': lambda: time.sleep(0.05), 'busy': busy}
+    cpu = C.interleaved(cases, device=torch.device('cpu'), reps=2, warmup=0, iters=1, clock='cpu')
+    wall = C.interleaved(cases, device=torch.device('cpu'), reps=2, warmup=0, iters=1, clock='wall')
+    assert max(cpu['sleep']) < 0.01 <= min(cpu['busy'])
+    assert min(wall['sleep']) >= 0.05
+    with pytest.raises(ValueError, match='cannot time work on cuda'):
+        C.interleaved(cases, device=torch.device('cuda'), reps=1, warmup=0, iters=1, clock='cpu')
+    with pytest.raises(ValueError, match='clock must be one of'):
+        C.interleaved(cases, device=torch.device('cpu'), reps=1, warmup=0, iters=1, clock='gpu')
