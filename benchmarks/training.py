@@ -1,7 +1,7 @@
 """Figures 2 and 3: training overhead and training memory of ``<arch>_dropres`` vs ``<arch>``.
 
 The baseline is what a timm user would otherwise train: ``<arch>`` with timm's own head dropout at the
-same rate (``drop_rate=0.1``). The dropres model adds one dropout per residual block at the default
+same rate (``drop_rate=DEFAULT_HEAD_DROP_RATE``). The dropres model adds one dropout per residual block at the default
 ``res_drop_rate`` and moves the head dropout before pooling. Both start from the same weights and take
 full training steps (forward, backward, AdamW step from timm's ``create_optimizer_v2``).
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
         ', torch.compile' if args.compile else '')
     out = [f'### Figure 2: training overhead (train-step img/s, {what}; median (min–max) of {args.reps} '
            f'interleaved reps, {args.clock} clock)', '', env, '',
-           C.markdown_table(['arch', 'layout', 'batch', 'base img/s (head drop 0.1)', 'dropres img/s',
+           C.markdown_table(['arch', 'layout', 'batch', f'base img/s (head drop {timm_dropres.DEFAULT_HEAD_DROP_RATE})', 'dropres img/s',
                              f'ratio (target >= {SPEED_TARGET})', 'met'], speed_rows)]
     if mem_rows:
         how = 'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'torch MemTracker, tensor bytes'
