@@ -22,16 +22,18 @@ from timm_dropres import ablation
 def _header(spec: ablation.AblationSpec, config: str, records: list, skipped: dict, argv: List[str]) -> str:
     sch, data = spec.schedule, spec.data
     train_total = sum(r['wall_s'] for r in records)
+    shown = shlex.join(a for a in argv if a != '--report-only')
     lines = [
         '# Dropout-placement ablation on Fashion-MNIST (generated)', '',
-        f'Command: `python scripts/ablate.py {shlex.join(a for a in argv if a != "--report-only")}` (spec: `{config}`).', '',
+        f'Command: `python scripts/ablate.py {shown}` (spec: `{config}`).', '',
         f'- rates: residual p = {spec.res_drop_rate}, head p = {spec.head_drop_rate}; seeds {list(spec.seeds)}',
         f'- data: Fashion-MNIST, {data.train_subset or 60000} training images (subset seed {data.data_seed}), '
         f'{data.test_subset or 10000} test images; variance shift on {data.vs_images} unaugmented training images',
         f'- schedule: {sch.epochs} epochs, batch {sch.batch_size}, {sch.opt} lr {sch.lr} wd {sch.weight_decay} '
         f'momentum {sch.momentum}, {sch.sched} (warmup {sch.warmup_epochs}), augment={sch.augment}',
-        f'- runs: {len(records)}, sum of per-run wall time {train_total / 60:.1f} min '
-        f'({records[0].get("threads", "?")} threads each; torch {torch.__version__}, {platform.machine()} CPU)',
+        f'- runs: {len(records)}, sum of per-run wall times {train_total / 60:.1f} min '
+        f'(torch threads per run: {records[0].get("threads", "?")}; torch {torch.__version__}, '
+        f'{platform.machine()} CPU, no GPU)',
         f'- significance: a difference is marked `*` when |diff| >= {spec.significance_k} x pooled seed std, '
         'else `(n.s.)`',
     ]

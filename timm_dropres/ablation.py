@@ -44,7 +44,7 @@ from .convert import residual_blocks
 from .layers import AFTER_LAST_BN, AUTO, BEFORE_LAST_CONV, check_rate
 
 __all__ = [
-    'AblationConfig', 'CONFIGS', 'AblationDropout', 'place_before_every_bn', 'place_after_add',
+    'AblationConfig', 'CONFIGS', 'get_config', 'AblationDropout', 'place_before_every_bn', 'place_after_add',
     'place_head_after_pool', 'small_input_stem', 'ArchSpec', 'Schedule', 'DataSpec', 'AblationSpec',
     'load_spec', 'AblationData', 'load_fmnist_data', 'build_model', 'configs_for', 'run_one', 'run_ablation',
     'Comparison', 'compare', 'summarize', 'pair_comparisons', 'markdown_tables', 'write_report', 'read_records',
@@ -69,6 +69,8 @@ class AblationConfig:
     residual: Optional[str]
     head: Optional[str]
     label: str
+    #: overrides the spec's residual and head rates (set by ``get_config('<name>@<p>')``)
+    rate: Optional[float] = None
 
 
 #: Every configuration, in report order. ``residual`` is a public ``res_drop_pos`` or one of the two
@@ -83,6 +85,27 @@ CONFIGS: Dict[str, AblationConfig] = {c.name: c for c in (
     AblationConfig('head_after_pool', None, HEAD_AFTER, "head dropout after pooling (timm's drop_rate)"),
     AblationConfig('head_before_pool', None, HEAD_BEFORE, 'head dropout before pooling (paper)'),
 )}
+
+
+def get_config(name: str) -> AblationConfig:
+    """A configuration by name; ``'<name>@<p>'`` is that configuration with both its rates set to ``p``
+    (a rate sweep inside one ablation, e.g. ``default@0.1``)."""
+    base, sep, rate = name.partition('@')
+    if base not in CONFIGS:
+        raise ValueError(f'unknown configuration {name!r}; valid: {list(CONFIGS)}, optionally suffixed @<rate>')
+    if not sep:
+        return CONFIGS[base]
+    try:
+        p = float(rate)
+    except ValueError:
+        raise ValueError(f'configuration {name!r}: the rate after @ must be a number, got {rate!r}') from None
+    p = check_rate(f'rate of {name!r}', p)
+    return dataclasses.replace(CONFIGS[base], name=name, rate=p, label=f'{CONFIGS[base].label}, p = {p:g}')
+
+
+def _config_order(name: str) -> Tuple[int, float]:
+    base, _, rate = name.partition('@')
+    return list(CONFIGS).index(base), float(rate) if rate else -1.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,9 +253,11 @@ class AblationSpec:
     def __post_init__(self) -> None:
         if not self.architectures:
             raise ValueError('architectures is empty: name at least one')
-        unknown = [c for c in self.configs if c not in CONFIGS]
+        unknown = [c for c in self.configs if c.partition('@')[0] not in CONFIGS]
         if unknown:
-            raise ValueError(f'unknown configurations {unknown}; valid: {list(CONFIGS)}')
+            raise ValueError(f'unknown configurations {unknown}; valid: {list(CONFIGS)}, optionally suffixed @<rate>')
+        for c in self.configs:
+            get_config(c)
         if not self.seeds:
             raise ValueError('seeds is empty: name at least one')
         check_rate('res_drop_rate', self.res_drop_rate)
@@ -259,7 +284,8 @@ def load_spec(path: str | os.PathLike) -> AblationSpec:
     if not isinstance(raw, dict):
         raise ValueError(f'{path}: expected a mapping at the top level, got {type(raw).__name__}')
     raw = dict(raw)
-    archs = tuple(_build(ArchSpec, a, f'{path}: architectures[{i}]') for i, a in enumerate(raw.pop('architectures', [])))
+    archs = tuple(_build(ArchSpec, a, f'{path}: architectures[{i}]')
+                  for i, a in enumerate(raw.pop('architectures', []) or []))
     schedule = _build(Schedule, raw.pop('schedule', {}) or {}, f'{path}: schedule')
     data = _build(DataSpec, raw.pop('data', {}) or {}, f'{path}: data')
     for key in ('configs', 'seeds'):
@@ -364,14 +390,25 @@ def configs_for(arch: ArchSpec, names: Sequence[str]) -> Tuple[List[str], Dict[s
     """
     probe = build_model(arch, CONFIGS['after_last_bn'], res_drop_rate=0.1, head_drop_rate=0.0)
     skipped: Dict[str, str] = {}
-    if _resolved_position(probe) == BEFORE_LAST_CONV and 'before_last_conv' in names and 'after_last_bn' in names:
-        skipped['after_last_bn'] = "resolves to 'before_last_conv' in this architecture (one candidate position)"
+    if _resolved_position(probe) == BEFORE_LAST_CONV:
+        for name in names:
+            base, sep, rate = name.partition('@')
+            if base == 'after_last_bn' and 'before_last_conv' + sep + rate in names:
+                skipped[name] = ("resolves to 'before_last_conv' in this architecture (one candidate position)")
     return [n for n in names if n not in skipped], skipped
 
 
+def _rates(spec: AblationSpec, config: AblationConfig) -> Tuple[float, float]:
+    if config.rate is not None:
+        return config.rate, config.rate
+    return spec.res_drop_rate, spec.head_drop_rate
+
+
 def _fingerprint(spec: AblationSpec, arch: ArchSpec, config: AblationConfig) -> str:
-    payload = dict(arch=asdict(arch), config=asdict(config), schedule=asdict(spec.schedule), data=asdict(spec.data),
-                   res_drop_rate=spec.res_drop_rate, head_drop_rate=spec.head_drop_rate)
+    cfg = {k: v for k, v in asdict(config).items() if k != 'rate' or v is not None}
+    res_rate, head_rate = _rates(spec, config)
+    payload = dict(arch=asdict(arch), config=cfg, schedule=asdict(spec.schedule), data=asdict(spec.data),
+                   res_drop_rate=res_rate, head_drop_rate=head_rate)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -400,7 +437,8 @@ def run_one(
     t0 = time.time()
     sch = spec.schedule
     torch.manual_seed(seed)
-    model = build_model(arch, config, res_drop_rate=spec.res_drop_rate, head_drop_rate=spec.head_drop_rate,
+    res_rate, head_rate = _rates(spec, config)
+    model = build_model(arch, config, res_drop_rate=res_rate, head_drop_rate=head_rate,
                         num_classes=data.num_classes, in_chans=data.train_x.shape[1])
     torch.manual_seed(seed + 10_000)
     data_gen = torch.Generator().manual_seed(seed)
@@ -480,7 +518,7 @@ def run_ablation(
             continue
         names, skipped[arch.name] = configs_for(arch, spec.configs)
         for name in names:
-            plan.append((arch, CONFIGS[name]))
+            plan.append((arch, get_config(name)))
     records = []
     for seed in spec.seeds:
         for arch, config in plan:
@@ -558,9 +596,8 @@ def summarize(records: Iterable[Mapping[str, Any]], k: float = 2.0) -> List[Dict
     groups: Dict[Tuple[str, str], List[Mapping[str, Any]]] = {}
     for r in records:
         groups.setdefault((r['arch'], r['config']), []).append(r)
-    order = list(CONFIGS)
     rows = []
-    for (arch, config), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))):
+    for (arch, config), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], _config_order(kv[0][1]))):
         row: Dict[str, Any] = dict(arch=arch, config=config, n=len(recs), seeds=sorted(r['seed'] for r in recs),
                                    resolved_res_pos=recs[0].get('resolved_res_pos'))
         for m in METRICS:
@@ -620,7 +657,7 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]], k: float = 2.0) -> str:
                   '| configuration | n | top-1 % | Δ top-1 vs none | NLL | Δ NLL vs none | VS mean | VS max |',
                   '| --- | --- | --- | --- | --- | --- | --- | --- |']
         for r in (r for r in rows if r['arch'] == arch):
-            name = r['config'] + (f" (→ {r['resolved_res_pos']})" if r['config'] == 'default' else '')
+            name = r['config'] + (f" (→ {r['resolved_res_pos']})" if r['config'].partition('@')[0] == 'default' else '')
             cells = [name, str(r['n'])]
             for m in METRICS:
                 cells.append(_fmt(r[f'{m}_mean'], r[f'{m}_std'], _DIGITS[m]))
@@ -663,7 +700,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
             means = [r[f'{m}_mean'] for r in rs]
             errs = [r[f'{m}_std'] if math.isfinite(r[f'{m}_std']) else 0.0 for r in rs]
             ax.barh(ys, means, xerr=errs, color=colors, capsize=3)
-            for y, r in zip(ys, rs):
+            for y, r in zip(ys, rs, strict=True):
                 ax.plot(r[f'{m}_values'], [y] * len(r[f'{m}_values']), 'k.', ms=4)
             base = next((r for r in rs if r['config'] == 'none'), None)
             if base is not None:
