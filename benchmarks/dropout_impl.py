@@ -138,8 +138,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
                                  f'{mem:.3f}', C.verdict(mem, T.MEMORY_TARGET, higher_is_better=False), f'{act:.3f}'])
                     records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, speed=speed, memory=mem,
                                         activation_memory=act))
-                rows.append([arch, layout, bs, f'base (head drop {T.timm_dropres.DEFAULT_HEAD_DROP_RATE})', C.fmt_stat(C.throughput(t['base'], bs)),
-                             '1', '', '1', '', '1'])
+                rows.append([arch, layout, bs, f'base (head drop {T.HEAD_RATE})',
+                             C.fmt_stat(C.throughput(t['base'], bs)), '1', '', '1', '', '1'])
     title = (f'### Dropout kernel what-if (train step vs base, {args.dtype}, {args.img_size}px; median (min–max) '
              f'of {args.reps} interleaved reps, {args.clock} clock)')
     headers = ['arch', 'layout', 'batch', 'ResidualDropout kernel', 'img/s', f'speed ratio (>= {T.SPEED_TARGET})',
