@@ -271,3 +271,9 @@ def ratio_verdict(ratio: Stat, target: float, higher_is_better: bool = True) -> 
     if (ratio.median >= target) if higher_is_better else (ratio.median <= target):
         return 'yes'
     return 'noise' if ratio.lo <= 1.0 <= ratio.hi else 'NO'
+
+
+def print_table(table: str) -> int:
+    """What every script's ``main`` does with its markdown: print it, flushed, and report success."""
+    print(table, flush=True)
+    return 0

@@ -193,9 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    table, _ = run(parse_args(argv))
-    print(table, flush=True)
-    return 0
+    return C.print_table(run(parse_args(argv))[0])
 
 
 if __name__ == '__main__':
