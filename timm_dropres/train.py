@@ -30,7 +30,7 @@ from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -385,12 +385,10 @@ class _Trainer:
             if acc.distributed_type == DistributedType.FSDP:
                 raise ValueError('--ema is not supported with FSDP (ModelEmaV3 needs unsharded weights)')
             self.ema = ModelEmaV3(acc.unwrap_model(model), decay=cfg.ema_decay)
-        if self.mixup is not None:
+        if self.mixup is not None:  # mixup's soft targets carry the smoothing
             self.criterion: nn.Module = SoftTargetCrossEntropy()
-        elif cfg.smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-        else:
-            self.criterion = nn.CrossEntropyLoss()
+        else:  # torch's fused label smoothing: the same loss as timm's LabelSmoothingCrossEntropy, one kernel
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
 
         self.epoch, self.batches_done, self.global_step = 0, 0, 0
         self._resumed_loss: Tuple[float, int] = (0.0, 0)
