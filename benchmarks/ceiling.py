@@ -11,7 +11,6 @@ timed interleaved with the train steps, so both see the same machine state.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -86,11 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       channels_last='no')
     p.add_argument('--matmul-size', type=int, default=0,
                    help='side of the square ceiling matmul (default: 2048 on CPU, 8192 on CUDA)')
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if '--smoke' in argv:
-        argv = SMOKE + argv
-    args = p.parse_args(argv)
-    C.check_args(p, args)
+    args = C.parse_args(p, argv, SMOKE)
     if args.matmul_size < 0:
         p.error(f'--matmul-size must be >= 1, got {args.matmul_size}')
     if args.matmul_size == 0:

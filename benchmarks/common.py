@@ -76,6 +76,16 @@ def base_parser(description: str, *, archs: Sequence[str], batch_sizes: Sequence
     return p
 
 
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None, smoke: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` (default: the command line); ``--smoke`` prepends ``smoke``, so explicit flags still win."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if '--smoke' in argv:
+        argv = smoke + argv
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject values argparse's types cannot: non-positive counts and sizes."""
     for name in ('reps', 'iters', 'img_size'):

@@ -22,7 +22,6 @@ Target ratios as figures 2 and 3 (>= 0.95 speed, <= 1.10 memory).
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
@@ -150,11 +149,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = C.base_parser(__doc__.splitlines()[0], archs=('resnet50',), batch_sizes=(16,), img_size=112, reps=4,
                       smoke_help='tiny run (test_resnet, 32 px) so tests keep the script alive', channels_last='no')
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if '--smoke' in argv:
-        argv = SMOKE + argv
-    args = p.parse_args(argv)
-    C.check_args(p, args)
+    args = C.parse_args(p, argv, SMOKE)
     if args.compile:
         p.error('--compile is not supported here: compiled graphs replace the eager dropout kernel being compared')
     return args

@@ -12,7 +12,6 @@ skips the kernel in Python).
 from __future__ import annotations
 
 import argparse
-import sys
 
 import timm
 import torch
@@ -87,11 +86,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = C.base_parser(__doc__.splitlines()[0], archs=ARCHS, batch_sizes=(1, 8), img_size=128, reps=5,
                       smoke_help='tiny run (test_resnet, 32 px, 2 reps) so tests keep the script alive')
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if '--smoke' in argv:
-        argv = SMOKE + argv  # explicit flags after --smoke still win
-    args = p.parse_args(argv)
-    C.check_args(p, args)
+    args = C.parse_args(p, argv, SMOKE)
     return args
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -176,11 +175,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--num-workers', type=int, default=0,
                    help='DataLoader workers for the trainer and the accelerate loop (default: 0; tensors are '
                         'already in memory)')
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if '--smoke' in argv:
-        argv = SMOKE + argv
-    args = p.parse_args(argv)
-    C.check_args(p, args)
+    args = C.parse_args(p, argv, SMOKE)
     if args.steps < 1:
         p.error(f'--steps must be >= 1, got {args.steps}')
     if args.num_workers < 0:

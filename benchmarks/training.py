@@ -15,7 +15,6 @@ full training steps (forward, backward, AdamW step from timm's ``create_optimize
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 
 import timm
@@ -139,11 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--memory', default='yes', choices=('yes', 'no'), help='measure figure 3 (default: yes)')
     p.add_argument('--memory-batch-size', type=int, default=0,
                    help='batch size for figure 3 (default: the largest of --batch-sizes)')
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if '--smoke' in argv:
-        argv = SMOKE + argv
-    args = p.parse_args(argv)
-    C.check_args(p, args)
+    args = C.parse_args(p, argv, SMOKE)
     if args.memory_batch_size < 0:
         p.error(f'--memory-batch-size must be >= 0, got {args.memory_batch_size}')
     return args

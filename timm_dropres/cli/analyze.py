@@ -147,7 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    import timm_dropres  # noqa: F401  (registers the models)
     torch.manual_seed(args.seed)  # fresh models get reproducible weights
     try:
         out = {'shift': _shift, 'block': _block, 'head': _head}[args.cmd](args)

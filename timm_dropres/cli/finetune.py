@@ -19,7 +19,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(FinetuneConfig, argv, 'Fine-tune a timm (dropres) model with accelerate.', 'dropres-finetune')
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
     logging.getLogger('accelerate').setLevel(logging.WARNING)  # per-file checkpoint chatter
-    import timm_dropres  # noqa: F401  (registers the *_dropres models)
     try:
         summary = finetune(cfg)
     except (DataError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:

@@ -16,7 +16,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(ValidateConfig, argv, 'Evaluate a timm (dropres) model on a dataset split.', 'dropres-validate')
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
     logging.getLogger('accelerate').setLevel(logging.WARNING)  # per-file checkpoint chatter
-    import timm_dropres  # noqa: F401  (registers the *_dropres models)
     try:
         validate(cfg)
     except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
