@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: install test lint demo bench ablate clean
+.PHONY: install test lint demo bench ablate study-overfit study-transfer clean
 
 $(STAMP): pyproject.toml setup.cfg $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,12 @@ ablate: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+
+# Issue 9's studies: each resumes (finished runs are skipped); two workers share the over-fitting study.
+study-overfit: $(STAMP)
+	$(PY) scripts/ablate.py --config configs/study_overfit.yaml --out-dir docs/results/overfit \
+	    --runs-dir docs/results/overfit/runs --stem overfit --threads 1 \
+	    --title 'Study 1: over-fitting from scratch on Fashion-MNIST'
+
+study-transfer: $(STAMP)
+	$(PY) scripts/transfer.py --config configs/study_transfer.yaml --out-dir docs/results/transfer --threads 1

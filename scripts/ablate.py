@@ -16,31 +16,43 @@ from typing import List, Optional
 
 import torch
 
-from timm_dropres import ablation
+from timm_dropres import ablation, report
 
 
-def _header(spec: ablation.AblationSpec, config: str, records: list, skipped: dict, argv: List[str]) -> str:
+def _train_size(data: ablation.DataSpec) -> str:
+    k = len(data.classes) if data.classes else 10
+    if data.train_per_class:
+        return f'{data.train_per_class} per class x {k} classes = {data.train_per_class * k}'
+    return str(data.train_subset or 6000 * k)
+
+
+def _header(spec: ablation.AblationSpec, config: str, records: list, skipped: dict, argv: List[str],
+            title: str) -> str:
     sch, data = spec.schedule, spec.data
     train_total = sum(r['wall_s'] for r in records)
     shown = shlex.join(a for a in argv if a != '--report-only')
     lines = [
-        '# Dropout-placement ablation on Fashion-MNIST (generated)', '',
+        f'# {title} (generated)', '',
         f'Command: `python scripts/ablate.py {shown}` (spec: `{config}`).', '',
         f'- rates: residual p = {spec.res_drop_rate}, head p = {spec.head_drop_rate}; seeds {list(spec.seeds)}',
-        f'- data: Fashion-MNIST, {data.train_subset or 60000} training images (subset seed {data.data_seed}), '
+        f'- data: Fashion-MNIST, {_train_size(data)} training images (subset seed {data.data_seed}), '
         f'{data.test_subset or 10000} test images; variance shift on {data.vs_images} unaugmented training images',
         f'- schedule: {sch.epochs} epochs, batch {sch.batch_size}, {sch.opt} lr {sch.lr} wd {sch.weight_decay} '
-        f'momentum {sch.momentum}, {sch.sched} (warmup {sch.warmup_epochs}), augment={sch.augment}',
+        f'momentum {sch.momentum}, {sch.sched} (warmup {sch.warmup_epochs}), augment={sch.augment}'
+        + (f'; test NLL curve every {sch.curve_every} epochs on {sch.curve_images} test images' if sch.curve_every
+           else ''),
         f'- runs: {len(records)}, sum of per-run wall times {train_total / 60:.1f} min '
         f'(torch threads per run: {records[0].get("threads", "?")}; torch {torch.__version__}, '
         f'{platform.machine()} CPU, no GPU)',
-        f'- significance: a difference is marked `*` when |diff| >= {spec.significance_k} x pooled seed std, '
-        'else `(n.s.)`',
+        '- statistics: every configuration runs the same seeds (same initial weights, data order and '
+        'augmentation), so comparisons are paired over seeds: mean difference, 95 % t interval, paired t-test, '
+        f'Holm-corrected within each table column; `*` = significant at {spec.alpha:g} after correction',
     ]
     for arch in spec.architectures:
         kw = ', '.join(f'{k}={v!r}' for k, v in arch.model_kwargs.items())
-        lines.append(f'- `{arch.name}`: `timm.create_model({arch.model!r}, {kw})`, stem stride {arch.stem_stride}, '
-                     f'no max-pool. {arch.label}')
+        stem = f', stem stride {arch.stem_stride}, no max-pool' if arch.stem_stride else ''
+        lines.append(f'- `{arch.name}`: `timm.create_model({arch.model!r}{", " + kw if kw else ""})`{stem}. '
+                     f'{arch.label}')
         for name, why in skipped.get(arch.name, {}).items():
             lines.append(f'  - `{name}` not run: {why}')
     return '\n'.join(lines)
@@ -51,7 +63,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--config', required=True, help='ablation YAML, e.g. configs/ablation_fmnist.yaml')
     p.add_argument('--out-dir', default='docs/results', help='where ablation.{csv,md,png} go')
-    p.add_argument('--runs-dir', default=None, help='per-run JSONs (default: <out-dir>/ablation_runs)')
+    p.add_argument('--runs-dir', default=None, help='per-run JSONs (default: <out-dir>/<stem>_runs)')
+    p.add_argument('--title', default='Dropout-placement ablation on Fashion-MNIST', help='report title')
+    p.add_argument('--stem', default='ablation', help='report file names: <out-dir>/<stem>.{csv,md,png}')
     p.add_argument('--threads', type=int, default=2, help='torch intra-op threads')
     p.add_argument('--only-arch', nargs='+', default=None, help='run only these architecture names')
     p.add_argument('--report-only', action='store_true', help='rewrite the report from existing run JSONs')
@@ -60,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     spec = ablation.load_spec(args.config)
     out_dir = Path(args.out_dir)
-    runs_dir = Path(args.runs_dir) if args.runs_dir else out_dir / 'ablation_runs'
+    runs_dir = Path(args.runs_dir) if args.runs_dir else out_dir / f'{args.stem}_runs'
     torch.set_num_threads(args.threads)
     skipped = {a.name: ablation.configs_for(a, spec.configs)[1] for a in spec.architectures}
     if args.report_only:
@@ -75,8 +89,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                  log=lambda s: print(s, flush=True))
         print(f'ablation pass done in {(time.time() - t0) / 60:.1f} min', flush=True)
         records = ablation.read_records(runs_dir)
-    paths = ablation.write_report(records, out_dir, k=spec.significance_k,
-                                  header=_header(spec, args.config, records, skipped, argv))
+    names = {(a.name, c) for a in spec.architectures for c in spec.configs}
+    records = [r for r in records if (r['arch'], r['config']) in names]
+    paths = report.write_report(records, out_dir, stem=args.stem, order=ablation.CONFIG_ORDER, alpha=spec.alpha,
+                                header=_header(spec, args.config, records, skipped, argv, args.title))
     print('wrote ' + ', '.join(str(v) for v in paths.values()))
     return 0
 

@@ -17,7 +17,6 @@ pipeline would cost more than the network, and the ablation needs dozens of runs
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -27,7 +26,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -47,8 +46,7 @@ __all__ = [
     'AblationConfig', 'CONFIGS', 'get_config', 'AblationDropout', 'place_before_every_bn', 'place_after_add',
     'place_head_after_pool', 'small_input_stem', 'ArchSpec', 'Schedule', 'DataSpec', 'AblationSpec',
     'load_spec', 'AblationData', 'load_fmnist_data', 'build_model', 'configs_for', 'run_one', 'run_ablation',
-    'Comparison', 'compare', 'summarize', 'pair_comparisons', 'markdown_tables', 'write_report', 'read_records',
-    'KEEP_MARKER',
+    'read_records', 'select_classes', 'per_class_subset', 'CONFIG_ORDER',
 ]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -77,7 +75,8 @@ class AblationConfig:
 #: ablation-only hazards; the head configs switch residual dropout off to isolate the head.
 CONFIGS: Dict[str, AblationConfig] = {c.name: c for c in (
     AblationConfig('none', None, None, 'no dropout'),
-    AblationConfig('default', AUTO, HEAD_BEFORE, "dropres default: residual at 'auto' + head before pool"),
+    AblationConfig('default', AUTO, HEAD_BEFORE, "guideline: residual at 'auto' + head before pool"),
+    AblationConfig('residual', AUTO, None, "residual only, at the guideline position ('auto')"),
     AblationConfig('after_last_bn', AFTER_LAST_BN, None, 'residual after the last BN (before the addition)'),
     AblationConfig('before_last_conv', BEFORE_LAST_CONV, None, 'residual before the last conv'),
     AblationConfig(BEFORE_EVERY_BN, BEFORE_EVERY_BN, None, 'hazard: dropout before every BN of the branch'),
@@ -85,6 +84,10 @@ CONFIGS: Dict[str, AblationConfig] = {c.name: c for c in (
     AblationConfig('head_after_pool', None, HEAD_AFTER, "head dropout after pooling (timm's drop_rate)"),
     AblationConfig('head_before_pool', None, HEAD_BEFORE, 'head dropout before pooling (paper)'),
 )}
+
+
+#: report order of the configurations
+CONFIG_ORDER: Tuple[str, ...] = tuple(CONFIGS)
 
 
 def get_config(name: str) -> AblationConfig:
@@ -101,11 +104,6 @@ def get_config(name: str) -> AblationConfig:
         raise ValueError(f'configuration {name!r}: the rate after @ must be a number, got {rate!r}') from None
     p = check_rate(f'rate of {name!r}', p)
     return dataclasses.replace(CONFIGS[base], name=name, rate=p, label=f'{CONFIGS[base].label}, p = {p:g}')
-
-
-def _config_order(name: str) -> Tuple[int, float]:
-    base, _, rate = name.partition('@')
-    return list(CONFIGS).index(base), float(rate) if rate else -1.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -221,6 +219,10 @@ class Schedule:
     warmup_lr: float = 1e-3
     min_lr: float = 0.0
     augment: bool = True
+    #: every this many epochs, record test NLL/top-1 on ``curve_images`` test images and the train loss (0: off);
+    #: the over-fitting study uses it to show the test NLL of the no-dropout model rising
+    curve_every: int = 0
+    curve_images: int = 2000
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,20 @@ class DataSpec:
     test_subset: Optional[int] = None
     data_seed: int = 0
     vs_images: int = 2000
+    #: a class-balanced training subset: this many images of every class (instead of ``train_subset``)
+    train_per_class: Optional[int] = None
+    #: train and test on these classes only (labels renumbered 0..k-1 in this order); None = all ten
+    classes: Optional[Tuple[int, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.train_subset is not None and self.train_per_class is not None:
+            raise ValueError(f'give train_subset ({self.train_subset}) or train_per_class ({self.train_per_class}), '
+                             'not both')
+        if self.classes is not None:
+            object.__setattr__(self, 'classes', tuple(self.classes))
+            bad = [c for c in self.classes if not (isinstance(c, int) and 0 <= c < 10)]
+            if bad or len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
+                raise ValueError(f'classes must be at least two distinct integers in 0..9, got {list(self.classes)}')
 
 
 @dataclass(frozen=True)
@@ -248,7 +264,8 @@ class AblationSpec:
     head_drop_rate: float = 0.2
     schedule: Schedule = Schedule()
     data: DataSpec = DataSpec()
-    significance_k: float = 2.0
+    #: family-wise error rate of the Holm-corrected paired t-tests in the report
+    alpha: float = 0.05
 
     def __post_init__(self) -> None:
         if not self.architectures:
@@ -291,6 +308,9 @@ def load_spec(path: str | os.PathLike) -> AblationSpec:
     for key in ('configs', 'seeds'):
         if key in raw:
             raw[key] = tuple(raw[key])
+    if 'significance_k' in raw:
+        raise ValueError(f'{path}: significance_k is gone; comparisons are paired t-tests with Holm correction '
+                         '(set alpha instead)')
     return _build(AblationSpec, dict(raw, architectures=archs, schedule=schedule, data=data), str(path))
 
 
@@ -327,13 +347,45 @@ def load_fmnist_data(spec: DataSpec, root: Optional[str | os.PathLike] = None) -
         idx = torch.randperm(len(x), generator=g)[:n]
         return x[idx], y[idx]
 
+    num_classes = 10
+    if spec.classes is not None:
+        tr_x, tr_y = select_classes(tr_x, tr_y, spec.classes)
+        te_x, te_y = select_classes(te_x, te_y, spec.classes)
+        num_classes = len(spec.classes)
+    if spec.train_per_class is not None:
+        idx = per_class_subset(tr_y, spec.train_per_class, g)
+        tr_x, tr_y = tr_x[idx], tr_y[idx]
     tr_x, tr_y = subset(tr_x, tr_y, spec.train_subset, 'train')
     te_x, te_y = subset(te_x, te_y, spec.test_subset, 'test')
 
     def norm(x: torch.Tensor) -> torch.Tensor:
         return ((x.float() / 255.0 - mean) / std).unsqueeze(1).contiguous()
 
-    return AblationData(norm(tr_x), tr_y, norm(te_x), te_y, pad_value=-mean / std, num_classes=10)
+    return AblationData(norm(tr_x), tr_y, norm(te_x), te_y, pad_value=-mean / std, num_classes=num_classes)
+
+
+def select_classes(x: torch.Tensor, y: torch.Tensor, classes: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The samples of ``classes`` only, relabelled ``0..len(classes)-1`` in the order given."""
+    table = torch.full((int(y.max()) + 1,), -1, dtype=torch.long)
+    table[torch.tensor(list(classes))] = torch.arange(len(classes))
+    new = table[y]
+    keep = new >= 0
+    return x[keep], new[keep]
+
+
+def per_class_subset(y: torch.Tensor, per_class: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of ``per_class`` randomly drawn samples of every class present in ``y``, in class order.
+
+    Raises:
+        ValueError: if a class has fewer than ``per_class`` samples.
+    """
+    out = []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        if len(idx) < per_class:
+            raise ValueError(f'class {c} has {len(idx)} samples, fewer than per_class={per_class}')
+        out.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
+    return torch.cat(out)
 
 
 def _augment(x: torch.Tensor, pad_value: float, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -385,16 +437,30 @@ def build_model(
 def configs_for(arch: ArchSpec, names: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
     """The configurations that are distinct networks for ``arch``, and why any others were left out.
 
-    A pre-activation branch has one candidate position, so 'after_last_bn' resolves to 'before_last_conv'
-    and would train the same network twice.
+    A pre-activation branch has one candidate position, so 'after_last_bn', 'before_last_conv' and 'residual'
+    (the 'auto' position) are the same network there, and training it twice would only waste compute. Of such
+    duplicates, 'residual' is kept, else the one named after the position it resolves to, else the first.
     """
-    probe = build_model(arch, CONFIGS['after_last_bn'], res_drop_rate=0.1, head_drop_rate=0.0)
+    probe_pos = {}
+    for pos in (AUTO, AFTER_LAST_BN, BEFORE_LAST_CONV):
+        probe = build_model(arch, AblationConfig('probe', pos, None, ''), res_drop_rate=0.1, head_drop_rate=0.0)
+        probe_pos[pos] = _resolved_position(probe)
+    groups: Dict[Tuple[Any, ...], List[str]] = {}
+    for name in names:
+        c = get_config(name)
+        if c.residual in probe_pos:
+            groups.setdefault((probe_pos[c.residual], c.head, c.rate), []).append(name)
+
+    def priority(name: str) -> int:
+        base = name.partition('@')[0]
+        return 0 if base == 'residual' else 1 if base == probe_pos[get_config(name).residual] else 2
+
     skipped: Dict[str, str] = {}
-    if _resolved_position(probe) == BEFORE_LAST_CONV:
-        for name in names:
-            base, sep, rate = name.partition('@')
-            if base == 'after_last_bn' and 'before_last_conv' + sep + rate in names:
-                skipped[name] = ("resolves to 'before_last_conv' in this architecture (one candidate position)")
+    for (pos, _, _), members in groups.items():
+        keep = min(members, key=lambda n: (priority(n), members.index(n)))
+        for name in members:
+            if name != keep:
+                skipped[name] = f"same network as '{keep}' here: both resolve to '{pos}'"
     return [n for n in names if n not in skipped], skipped
 
 
@@ -404,16 +470,24 @@ def _rates(spec: AblationSpec, config: AblationConfig) -> Tuple[float, float]:
     return spec.res_drop_rate, spec.head_drop_rate
 
 
+#: keys added after the first ablation ran; left out of the fingerprint while unset, so its runs still match
+_NEW_DATA_KEYS = ('train_per_class', 'classes')
+_NEW_SCHEDULE_KEYS = ('curve_every', 'curve_images')
+
+
 def _fingerprint(spec: AblationSpec, arch: ArchSpec, config: AblationConfig) -> str:
     cfg = {k: v for k, v in asdict(config).items() if k != 'rate' or v is not None}
     res_rate, head_rate = _rates(spec, config)
-    payload = dict(arch=asdict(arch), config=cfg, schedule=asdict(spec.schedule), data=asdict(spec.data),
+    schedule = {k: v for k, v in asdict(spec.schedule).items()
+                if k not in _NEW_SCHEDULE_KEYS or spec.schedule.curve_every}
+    data = {k: v for k, v in asdict(spec.data).items() if k not in _NEW_DATA_KEYS or v is not None}
+    payload = dict(arch=asdict(arch), config=cfg, schedule=schedule, data=data,
                    res_drop_rate=res_rate, head_drop_rate=head_rate)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> Tuple[float, float]:
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> Tuple[float, float]:
     model.eval()
     correct, nll = 0, 0.0
     for i in range(0, len(x), batch_size):
@@ -454,7 +528,9 @@ def run_one(
         min_lr=sch.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     model.train()
     step, loss_sum, loss_n = 0, 0.0, 0
-    for _ in range(sch.epochs):
+    curve: List[Dict[str, float]] = []
+    curve_x, curve_y = data.test_x[:sch.curve_images], data.test_y[:sch.curve_images]
+    for epoch in range(sch.epochs):
         order = torch.randperm(n, generator=data_gen)
         loss_sum, loss_n = 0.0, 0
         for i in range(steps_per_epoch):
@@ -472,8 +548,13 @@ def run_one(
             scheduler.step_update(num_updates=step)
             loss_sum += loss.item()
             loss_n += 1
+        if sch.curve_every and ((epoch + 1) % sch.curve_every == 0 or epoch + 1 == sch.epochs):
+            c_top1, c_nll = _evaluate(model, curve_x, curve_y)
+            model.train()
+            curve.append(dict(epoch=epoch + 1, train_loss=loss_sum / max(loss_n, 1), test_nll=c_nll, test_top1=c_top1))
     train_s = time.time() - t0
     top1, nll = _evaluate(model, data.test_x, data.test_y)
+    train_top1, train_nll = _evaluate(model, data.train_x[:2000], data.train_y[:2000])
     vs_x = data.train_x[:spec.data.vs_images]
     records = variance_shift(model, list(vs_x.split(500)))
     rec = dict(
@@ -482,7 +563,9 @@ def run_one(
         else config.residual,
         top1=top1, nll=nll, vs_mean=shift_mean(records), vs_max=shift_max(records),
         vs_layers={r.name: round(r.metric, 5) for r in records},
-        train_loss_last_epoch=loss_sum / max(loss_n, 1), steps=step, train_s=round(train_s, 1),
+        train_loss_last_epoch=loss_sum / max(loss_n, 1), train_nll=train_nll, train_top1=train_top1, steps=step,
+        res_drop_rate=res_rate if config.residual else 0.0, head_drop_rate=head_rate if config.head else 0.0,
+        **(dict(curve=curve) if curve else {}), train_s=round(train_s, 1),
         wall_s=round(time.time() - t0, 1), torch=torch.__version__, timm=timm.__version__,
         threads=torch.get_num_threads(), machine=platform.machine())
     log(f'{arch.name:>12} {config.name:>16} seed {seed}: top1 {top1:6.2f}  nll {nll:.4f}  '
@@ -524,6 +607,9 @@ def run_ablation(
         for arch, config in plan:
             path = _run_path(runs_dir, arch.name, config.name, seed)
             expected = _fingerprint(spec, arch, config)
+            if not path.is_file() and not _claim(path):
+                log(f'skip {arch.name}/{config.name}/seed {seed}: another live process is running it')
+                continue
             if path.is_file():
                 rec = json.loads(path.read_text())
                 if rec.get('fingerprint') != expected:
@@ -534,220 +620,48 @@ def run_ablation(
             else:
                 rec = run_one(spec, arch, config, seed, data, log=log)
                 _write_json_atomic(path, rec)
+                path.with_suffix('.claim').unlink(missing_ok=True)
             records.append(rec)
     return records, skipped
+
+
+def _claim(path: Path) -> bool:
+    """Reserve a run for this process (a ``.claim`` file holding the pid), so two workers can share a study.
+
+    A claim whose process is gone (a killed worker) is taken over. Returns False if a live process holds it.
+    """
+    claim = path.with_suffix('.claim')
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(claim.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid == os.getpid():
+                return True
+            if pid and _alive(pid):
+                return False
+            claim.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, 'w') as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_records(runs_dir: str | os.PathLike) -> List[Dict[str, Any]]:
     """Every run JSON under ``runs_dir`` (for re-making the report without training)."""
     return [json.loads(p.read_text()) for p in sorted(Path(runs_dir).glob('*/*.json'))]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# statistics and report
-# ----------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Comparison:
-    """``diff`` = mean(a) - mean(b); significant iff ``|diff| >= k * pooled_std`` (None: fewer than 2 seeds)."""
-
-    diff: float
-    pooled_std: Optional[float]
-    significant: Optional[bool]
-
-    def mark(self, fmt: str = '+.2f') -> str:
-        if self.significant is None:
-            return f'{self.diff:{fmt}} (n/a)'
-        return f'{self.diff:{fmt}} *' if self.significant else f'{self.diff:{fmt}} (n.s.)'
-
-
-def _mean_std(xs: Sequence[float]) -> Tuple[float, float]:
-    m = sum(xs) / len(xs)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float('nan')
-    return m, s
-
-
-def compare(a: Sequence[float], b: Sequence[float], k: float = 2.0) -> Comparison:
-    """Is mean(a) - mean(b) larger than the seed spread?
-
-    The pooled sample std s_p of the two groups is the seed spread; a difference counts only if
-    ``|diff| >= k * s_p``. With 3 seeds each and k = 2 this is a two-sample t of at least 2.45
-    (4 degrees of freedom, two-sided p of about 0.07): deliberately a low bar that still rejects
-    differences inside the spread of the seeds.
-    """
-    if not a or not b:
-        raise ValueError('compare needs at least one value in each group')
-    diff = sum(a) / len(a) - sum(b) / len(b)
-    if len(a) < 2 or len(b) < 2:
-        return Comparison(diff, None, None)
-    (_, sa), (_, sb) = _mean_std(a), _mean_std(b)
-    pooled = math.sqrt(((len(a) - 1) * sa ** 2 + (len(b) - 1) * sb ** 2) / (len(a) + len(b) - 2))
-    significant = abs(diff) >= k * pooled if pooled > 0 else diff != 0
-    return Comparison(diff, pooled, significant)
-
-
-METRICS = ('top1', 'nll', 'vs_mean', 'vs_max')
-#: Pairs compared besides "vs none": the two public residual positions, the two head positions.
-PAIRS = (('after_last_bn', 'before_last_conv'), ('head_before_pool', 'head_after_pool'))
-
-
-def summarize(records: Iterable[Mapping[str, Any]], k: float = 2.0) -> List[Dict[str, Any]]:
-    """One row per (architecture, configuration): n, mean/std of every metric, and the diff vs 'none'."""
-    groups: Dict[Tuple[str, str], List[Mapping[str, Any]]] = {}
-    for r in records:
-        groups.setdefault((r['arch'], r['config']), []).append(r)
-    rows = []
-    for (arch, config), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], _config_order(kv[0][1]))):
-        row: Dict[str, Any] = dict(arch=arch, config=config, n=len(recs), seeds=sorted(r['seed'] for r in recs),
-                                   resolved_res_pos=recs[0].get('resolved_res_pos'))
-        for m in METRICS:
-            row[f'{m}_mean'], row[f'{m}_std'] = _mean_std([r[m] for r in recs])
-            row[f'{m}_values'] = [r[m] for r in sorted(recs, key=lambda r: r['seed'])]
-        base = groups.get((arch, 'none'))
-        for m in METRICS:
-            c = compare([r[m] for r in recs], [r[m] for r in base], k) if base and config != 'none' else None
-            row[f'{m}_vs_none'] = c
-        rows.append(row)
-    return rows
-
-
-def pair_comparisons(rows: Sequence[Mapping[str, Any]], k: float = 2.0) -> List[Dict[str, Any]]:
-    """``PAIRS`` comparisons for every architecture that ran both members."""
-    by = {(r['arch'], r['config']): r for r in rows}
-    out = []
-    for arch in sorted({r['arch'] for r in rows}):
-        for a, b in PAIRS:
-            if (arch, a) in by and (arch, b) in by:
-                out.append(dict(arch=arch, a=a, b=b, **{
-                    m: compare(by[(arch, a)][f'{m}_values'], by[(arch, b)][f'{m}_values'], k) for m in METRICS}))
-    return out
-
-
-def _fmt(mean: float, std: float, digits: int) -> str:
-    return f'{mean:.{digits}f} ± {std:.{digits}f}' if math.isfinite(std) else f'{mean:.{digits}f}'
-
-
-_DIGITS = dict(top1=2, nll=4, vs_mean=3, vs_max=3)
-
-
-def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    cols = ['arch', 'config', 'n', 'resolved_res_pos']
-    for m in METRICS:
-        cols += [f'{m}_mean', f'{m}_std', f'{m}_diff_vs_none', f'{m}_significant_vs_none']
-    tmp = path.with_suffix('.csv.tmp')
-    with open(tmp, 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for r in rows:
-            line = [r['arch'], r['config'], r['n'], r['resolved_res_pos'] or '']
-            for m in METRICS:
-                c: Optional[Comparison] = r[f'{m}_vs_none']
-                line += [f'{r[f"{m}_mean"]:.6g}', f'{r[f"{m}_std"]:.6g}',
-                         '' if c is None else f'{c.diff:.6g}', '' if c is None or c.significant is None
-                         else int(c.significant)]
-            w.writerow(line)
-    os.replace(tmp, path)
-
-
-def markdown_tables(rows: Sequence[Mapping[str, Any]], k: float = 2.0) -> str:
-    """The per-architecture results tables and the pair comparisons, in markdown."""
-    lines = []
-    for arch in sorted({r['arch'] for r in rows}):
-        lines += [f'### {arch}', '',
-                  '| configuration | n | top-1 % | Δ top-1 vs none | NLL | Δ NLL vs none | VS mean | VS max |',
-                  '| --- | --- | --- | --- | --- | --- | --- | --- |']
-        for r in (r for r in rows if r['arch'] == arch):
-            name = r['config'] + (f" (→ {r['resolved_res_pos']})" if r['config'].partition('@')[0] == 'default' else '')
-            cells = [name, str(r['n'])]
-            for m in METRICS:
-                cells.append(_fmt(r[f'{m}_mean'], r[f'{m}_std'], _DIGITS[m]))
-                if m in ('top1', 'nll'):
-                    c = r[f'{m}_vs_none']
-                    cells.append('' if c is None else c.mark('+.2f' if m == 'top1' else '+.4f'))
-            lines.append('| ' + ' | '.join(cells) + ' |')
-        lines.append('')
-    pairs = pair_comparisons(rows, k)
-    if pairs:
-        lines += ['### Pairwise', '', '| arch | a − b | Δ top-1 | Δ NLL | Δ VS mean | Δ VS max |',
-                  '| --- | --- | --- | --- | --- | --- |']
-        for p in pairs:
-            lines.append(f"| {p['arch']} | {p['a']} − {p['b']} | {p['top1'].mark()} | {p['nll'].mark('+.4f')} | "
-                         f"{p['vs_mean'].mark('+.3f')} | {p['vs_max'].mark('+.3f')} |")
-        lines.append('')
-    return '\n'.join(lines)
-
-
-def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Per architecture: top-1, NLL and variance-shift mean per configuration, mean ± std with seed dots."""
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    archs = sorted({r['arch'] for r in rows})
-    metrics = (('top1', 'top-1 %'), ('nll', 'test NLL'), ('vs_mean', 'variance shift (mean over BN)'))
-    fig, axes = plt.subplots(len(archs), 3, figsize=(15, 3.2 + 0.45 * len(CONFIGS) * len(archs)), squeeze=False)
-    for i, arch in enumerate(archs):
-        rs = [r for r in rows if r['arch'] == arch]
-        ys = list(range(len(rs)))[::-1]
-        for j, (m, title) in enumerate(metrics):
-            ax = axes[i][j]
-            colors = []
-            for r in rs:
-                c = r[f'{m}_vs_none']
-                colors.append('0.6' if r['config'] == 'none' else
-                              ('tab:blue' if c is not None and c.significant else 'lightsteelblue'))
-            means = [r[f'{m}_mean'] for r in rs]
-            errs = [r[f'{m}_std'] if math.isfinite(r[f'{m}_std']) else 0.0 for r in rs]
-            ax.barh(ys, means, xerr=errs, color=colors, capsize=3)
-            for y, r in zip(ys, rs, strict=True):
-                ax.plot(r[f'{m}_values'], [y] * len(r[f'{m}_values']), 'k.', ms=4)
-            base = next((r for r in rs if r['config'] == 'none'), None)
-            if base is not None:
-                ax.axvline(base[f'{m}_mean'], color='k', ls='--', lw=0.8)
-            lo = min(min(r[f'{m}_values']) for r in rs)
-            hi = max(max(r[f'{m}_values']) for r in rs)
-            pad = 0.15 * (hi - lo or abs(hi) * 0.01 or 1.0)
-            ax.set_xlim(lo - pad - (max(errs) if m != 'vs_mean' else 0), hi + pad + max(errs))
-            if m == 'vs_mean':
-                ax.set_xlim(min(1.0, lo - pad), hi + pad + max(errs))
-            ax.set_yticks(ys)
-            ax.set_yticklabels([r['config'] for r in rs] if j == 0 else [])
-            ax.set_title(f'{arch}: {title}', fontsize=9)
-    fig.text(0.01, 0.005, 'dark blue: differs from "none" by >= 2 pooled seed std; light: within the seed spread; '
-             'dots: seeds; dashed: "none"', fontsize=8)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    tmp = path.with_suffix('.tmp.png')
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-#: Text below this line in an existing report is kept when the report is regenerated.
-KEEP_MARKER = '<!-- generated above; text below this line is kept when the report is regenerated -->'
-
-
-def write_report(
-        records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *, stem: str = 'ablation', k: float = 2.0,
-        header: str = '', png: bool = True,
-) -> Dict[str, Path]:
-    """Write ``<stem>.csv``, ``<stem>.md`` (header + tables) and ``<stem>.png`` into ``out_dir``."""
-    if not records:
-        raise ValueError('no run records to report')
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = summarize(records, k)
-    paths = dict(csv=out / f'{stem}.csv', md=out / f'{stem}.md')
-    write_csv(rows, paths['csv'])
-    md = (header.rstrip() + '\n\n' if header else '') + markdown_tables(rows, k)
-    if paths['md'].is_file():  # keep the hand-written analysis below the marker
-        old = paths['md'].read_text()
-        if KEEP_MARKER in old:
-            md = md.rstrip() + '\n\n' + KEEP_MARKER + old.split(KEEP_MARKER, 1)[1]
-    tmp = paths['md'].with_suffix('.md.tmp')
-    tmp.write_text(md)
-    os.replace(tmp, paths['md'])
-    if png:
-        paths['png'] = out / f'{stem}.png'
-        plot(rows, paths['png'])
-    return paths

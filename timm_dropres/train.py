@@ -90,6 +90,8 @@ class FinetuneConfig:
     res_drop_rate: float | None = _f(None, 'dropout rate in every residual block (*_dropres models only)')
     res_drop_pos: str | None = _f(None, 'residual dropout position (*_dropres models only)',
                                   choices=RES_DROP_POSITIONS)
+    model_kwargs: Dict[str, Any] = _f({}, 'extra timm.create_model keyword arguments, as timm train.py\'s '
+                                      '--model-kwargs: key=value pairs (values read as Python literals)')
     sync_bn: bool = _f(False, 'convert BatchNorm to SyncBatchNorm under multi-process training (small per-GPU batches)')
     channels_last: bool = _f(False, 'use channels_last memory format (faster convs with mixed precision on GPU)')
     # data
@@ -205,6 +207,11 @@ def build_model(cfg: FinetuneConfig, num_classes: int, in_chans: int) -> Tuple[n
     """``timm.create_model`` for the data's classes and channels; returns the model and its kwargs."""
     check_model_name(cfg.model)
     kwargs = dict(_model_kwargs(cfg), num_classes=num_classes, in_chans=in_chans)
+    clash = sorted(set(cfg.model_kwargs) & (set(kwargs) | {'pretrained', 'pretrained_cfg_overlay'}))
+    if clash:
+        raise ValueError(f'--model-kwargs {clash} are set by the trainer or by their own flags '
+                         '(--drop-rate, --res-drop-rate, --res-drop-pos; classes and channels come from the data)')
+    kwargs.update(cfg.model_kwargs)
     pretrained = cfg.pretrained or cfg.pretrained_file is not None or cfg.model.startswith('local-dir:')
     if cfg.pretrained_file is not None:
         if not Path(cfg.pretrained_file).is_file():

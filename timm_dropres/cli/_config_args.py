@@ -6,6 +6,7 @@ the YAML files cannot drift apart. argparse/pyyaml have no such bridge built in;
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import types
 import typing
@@ -28,6 +29,27 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _key_value(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as a Python literal (``[16,32]``, ``0.1``, ``True``), else a string."""
+    key, sep, value = text.partition('=')
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f'expected key=value with a Python identifier as key, got {text!r}')
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+class _MergeKeyValues(argparse.Action):
+    """Collect ``key=value`` pairs into a dict, on top of the YAML's dict (command line wins)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        merged = dict(getattr(namespace, self.dest) or {})
+        merged.update(dict(values))
+        setattr(namespace, self.dest, merged)
+
+
 def _flag(name: str) -> str:
     return '--' + name.replace('_', '-')
 
@@ -45,6 +67,11 @@ def build_parser(cls: Type[Any], description: str, prog: str | None = None) -> a
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if tp is bool:
             kw['action'] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) in (dict, typing.Dict):
+            kw['type'] = _key_value
+            kw['nargs'] = '*'
+            kw['metavar'] = 'KEY=VALUE'
+            kw['action'] = _MergeKeyValues
         elif typing.get_origin(tp) in (list, typing.List):
             kw['type'] = typing.get_args(tp)[0]
             kw['nargs'] = meta.pop('nargs', '+')
