@@ -6,7 +6,7 @@ kernel of every ``ResidualDropout`` in ``<arch>_dropres`` (by re-typing the modu
 and measures each variant against the same base model, interleaved, in one run:
 
 * ``current``: the package's ``ResidualDropout`` (on CPU: 16-bit uniforms sliced from 64-bit draws,
-  a bool mask kept for backward; see ``timm_dropres.layers._cpu_dropout``).
+  a bool mask kept for backward; see ``timm_dropres.models.layers._cpu_dropout``).
 * ``f_dropout``: ``F.dropout``, what ``ResidualDropout`` called before (the "before" of the fix).
 * ``rand_ge``: ``noise = rand_like(x).ge_(p).div_(1 - p); x * noise`` -- one uniform draw per element,
   same float mask memory, same distribution.

@@ -1,4 +1,4 @@
-"""Figure 4: trainer efficiency. ``timm_dropres.train.finetune`` img/s vs two references on the same data.
+"""Figure 4: trainer efficiency. ``timm_dropres.training.trainer.finetune`` img/s vs two references on the same data.
 
 All three train the same model (``<arch>_dropres``, default rates, timm AdamW, label smoothing 0.1)
 for one epoch over the same in-memory, preprocessed tensors, at the same batch size:
@@ -38,8 +38,9 @@ from accelerate import Accelerator
 from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, TensorDataset
 
-from timm_dropres.data import DataBundle, TensorImageDataset
-from timm_dropres.train import FinetuneConfig, finetune
+from timm_dropres.training.config import FinetuneConfig
+from timm_dropres.training.data import DataBundle, TensorImageDataset
+from timm_dropres.training.trainer import finetune
 
 PURE_TARGET = 0.9
 LOOP_TARGET = 1.0

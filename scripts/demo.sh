@@ -11,7 +11,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 say() { printf '\n== %s\n' "$*"; }
-have_fmnist() { "$PY" -c 'import sys; from timm_dropres.fmnist import find_fashion_mnist; sys.exit(find_fashion_mnist() is None)'; }
+have_fmnist() { "$PY" -c 'import sys; from timm_dropres.training.fmnist import find_fashion_mnist; sys.exit(find_fashion_mnist() is None)'; }
 online() { "$PY" - "$1" <<'PY'
 import sys, urllib.request
 try:

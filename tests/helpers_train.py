@@ -42,7 +42,7 @@ def make_image_folder(
 
 def tiny_config(dataset: Path | str, output_dir: Path | str, **overrides: Any) -> Any:
     """A FinetuneConfig that trains test_resnet_dropres at 32x32 in about a second per epoch."""
-    from timm_dropres.train import FinetuneConfig
+    from timm_dropres.training.config import FinetuneConfig
     kw: Dict[str, Any] = dict(
         model='test_resnet_dropres', dataset=str(dataset), output_dir=str(output_dir), epochs=1, batch_size=4,
         img_size=32, num_workers=0, progress=False, lr=3e-3, warmup_epochs=0, cpu=True, seed=0)

@@ -11,7 +11,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from timm_dropres.export import save_pretrained_folder
+from timm_dropres.hub.export import save_pretrained_folder
 
 ARCH = 'test_resnet_dropres'
 LABELS = ['t-shirt', 'trouser', 'pullover', 'dress']
@@ -33,7 +33,7 @@ def make_model(in_chans: int = 1) -> nn.Module:
 
 
 def make_summary(**overrides: Any) -> Dict[str, Any]:
-    """A summary.json in the schema of ``timm_dropres.train`` (``_Trainer._summary``), values made up."""
+    """A summary.json in the schema of ``timm_dropres.training.trainer`` (``_Trainer._summary``), values made up."""
     history = [
         dict(epoch=1, step=10, train_loss=0.9, lr=1e-3, top1=80.0, top5=98.0, loss=0.55, eval_time_s=1.5),
         dict(epoch=2, step=20, train_loss=0.6, lr=5e-4, top1=87.5, top5=99.25, loss=0.3712, eval_time_s=1.4),

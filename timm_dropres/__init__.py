@@ -3,10 +3,10 @@
 ``import timm_dropres`` registers ``<arch>_dropres`` models with timm; ``convert`` retrofits an
 existing model in place.
 """
-from . import cifar  # noqa: F401  (registers the paper's CIFAR networks)
-from .convert import convert, dropout_args, residual_blocks, resolve_position
-from .dropres import SKIPPED, SUFFIX, registered_models, supported_base_models
-from .layers import (
+from .models import cifar  # noqa: F401  (registers the paper's CIFAR networks)
+from .models.convert import convert, dropout_args, residual_blocks, resolve_position
+from .models.dropres import SKIPPED, SUFFIX, registered_models, supported_base_models
+from .models.layers import (
     AFTER_LAST_BN,
     AUTO,
     BEFORE_LAST_CONV,
@@ -17,7 +17,7 @@ from .layers import (
     RES_DROP_POSITIONS,
     ResidualDropout,
 )
-from .summary import DropoutSite, describe, dropout_sites
+from .models.summary import DropoutSite, describe, dropout_sites
 
 __version__ = '0.1.0'
 

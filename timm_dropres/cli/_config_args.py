@@ -113,4 +113,7 @@ def parse_config(cls: Type[T], argv: Sequence[str] | None, description: str, pro
             parser.error(str(e))
     args = vars(parser.parse_args(argv))
     args.pop('config')
-    return cls(**args)
+    try:
+        return cls(**args)  # the config class validates its values
+    except ValueError as e:
+        parser.error(str(e))

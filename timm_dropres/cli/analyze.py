@@ -73,7 +73,7 @@ def _model_input(model: Any, input_size: Sequence[int] | None) -> tuple[tuple[in
 def _shift(args: argparse.Namespace) -> dict:
     import timm
 
-    from .. import analysis as A
+    from ..research import analysis as A
     name = args.model
     fresh = name.endswith('_dropres') or '_dropres.' in name
     probe = timm.create_model(name, pretrained=name.startswith('local-dir:'))
@@ -102,7 +102,7 @@ def _shift(args: argparse.Namespace) -> dict:
 
 
 def _block(args: argparse.Namespace) -> dict:
-    from .. import analysis as A
+    from ..research import analysis as A
     results = []
     for form in args.form:
         results += A.residual_block_test(form == 'pre', p=args.p, mean=args.mean, std=args.std,
@@ -116,7 +116,7 @@ def _block(args: argparse.Namespace) -> dict:
 
 
 def _head(args: argparse.Namespace) -> dict:
-    from .. import analysis as A
+    from ..research import analysis as A
     sweep = A.iid_head_sweep(args.sizes, p=args.p, n_masks=args.masks, seed=args.seed)
     print(f'independent positions, p = {args.p:g}, {args.masks} masks')
     print(f'{"H*W":>5}  {"ratio":>9}  {"exact":>9}  {"1/(H*W)":>9}')

@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from ..audit import AuditError, audit, format_report
+    from ..research.audit import AuditError, audit, format_report
     kwargs: Dict[str, Any] = dict(args.kwarg)
     for key in ('drop_rate', 'res_drop_rate', 'res_drop_pos', 'drop_path_rate', 'drop_block_rate'):
         if getattr(args, key) is not None:

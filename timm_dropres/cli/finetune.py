@@ -1,4 +1,4 @@
-"""``dropres-finetune``: flags (or a YAML ``--config``) -> :func:`timm_dropres.train.finetune`.
+"""``dropres-finetune``: flags (or a YAML ``--config``) -> :func:`timm_dropres.training.trainer.finetune`.
 
 Run directly for one process, or under ``accelerate launch`` for many.
 """
@@ -8,8 +8,10 @@ import logging
 import sys
 from typing import Sequence
 
-from ..data import DataError
-from ..train import CheckpointError, FinetuneConfig, finetune
+from ..training.checkpoints import CheckpointError
+from ..training.config import FinetuneConfig
+from ..training.data import DataError
+from ..training.trainer import finetune
 from ._config_args import parse_config
 
 __all__ = ['main']

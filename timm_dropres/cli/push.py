@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: List[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format='%(levelname)s %(message)s')
-    from timm_dropres.hub import PushError, push  # after parsing: --help stays fast
+    from ..hub.push import PushError, push  # after parsing: --help stays fast
 
     try:
         result = push(args.folder, args.repo_id, token=args.token, private=args.private, revision=args.revision,

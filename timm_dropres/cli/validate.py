@@ -5,8 +5,9 @@ import logging
 import sys
 from typing import Sequence
 
-from ..data import DataError
-from ..evaluate import ValidateConfig, validate
+from ..training.config import ValidateConfig
+from ..training.data import DataError
+from ..training.evaluate import validate
 from ._config_args import parse_config
 
 __all__ = ['main']

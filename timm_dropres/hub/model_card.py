@@ -1,0 +1,378 @@
+"""The Hub model card (``README.md``) of a fine-tuned dropres folder.
+
+Metadata goes through ``huggingface_hub``'s ``ModelCardData``/``EvalResult`` so the Hub parses the
+``model-index`` exactly as written; the body is plain Markdown built here because timm's
+``generate_readme`` has no place for dropout placement, recipe or eval tables.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+import torch.nn as nn
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..models.convert import dropout_args
+from ..models.layers import AFTER_LAST_BN, BEFORE_LAST_CONV, HEAD_BEFORE_POOL
+from ..models.summary import describe
+
+__all__ = [
+    'TAGS', 'PAPER_BIBTEX', 'SUMMARY_NAME', 'find_summary', 'read_summary', 'eval_metrics', 'base_model_id',
+    'dataset_id', 'run_dataset', 'weights_metrics', 'build_card', 'plain_timm_snippet', 'dropres_snippet', 'redact',
+    'scrub_paths',
+]
+
+TAGS = ['image-classification', 'timm', 'dropres']
+SUMMARY_NAME = 'summary.json'
+PAPER_URL = 'https://arxiv.org/abs/2302.06112'
+PAPER_BIBTEX = """@inproceedings{kim2023dropout,
+  title     = {How to Use Dropout Correctly on Residual Networks with Batch Normalization},
+  author    = {Kim, Bum Jun and Choi, Hyeyeon and Jang, Hyeonah and Lee, Donggeon and Kim, Sang Woo},
+  booktitle = {Proceedings of the Thirty-Ninth Conference on Uncertainty in Artificial Intelligence (UAI)},
+  series    = {Proceedings of Machine Learning Research},
+  volume    = {216},
+  pages     = {1058--1067},
+  year      = {2023},
+  publisher = {PMLR},
+  eprint    = {2302.06112},
+  archivePrefix = {arXiv},
+}"""
+
+_POSITION_TEXT = {
+    AFTER_LAST_BN: 'after the last BatchNorm of the residual branch, before the addition of the shortcut',
+    BEFORE_LAST_CONV: 'after the BatchNorm + activation that precede the last convolution of the residual branch',
+    HEAD_BEFORE_POOL: 'on the final feature map, before global average pooling',
+}
+# dataset names the trainer understands -> Hub dataset ids, for the card's `datasets` metadata
+_HUB_DATASETS = {
+    'fashion_mnist': 'zalando-datasets/fashion_mnist', 'fashion-mnist': 'zalando-datasets/fashion_mnist',
+    'fmnist': 'zalando-datasets/fashion_mnist', 'torch/fashion_mnist': 'zalando-datasets/fashion_mnist',
+    'torch/cifar10': 'uoft-cs/cifar10', 'cifar10': 'uoft-cs/cifar10',
+    'torch/cifar100': 'uoft-cs/cifar100', 'cifar100': 'uoft-cs/cifar100',
+}
+_SECRET_KEY = re.compile(r'token|secret|password|passwd|api_?key|credential|auth', re.IGNORECASE)
+_SECRET_VALUE = re.compile(r'\bhf_[A-Za-z0-9]{20,}')  # a Hugging Face access token, whatever its key
+# an absolute local path (POSIX, ~ or Windows) inside a string: published as ``.../<last part>``
+_ABS_PATH = re.compile(r'(?<![\w.])(?:~|[A-Za-z]:)?[\\/](?:[^\s\\/()\'",]+[\\/])*([^\s\\/()\'",]+)')
+# trainer options about the machine or the run's bookkeeping, not the recipe
+_RUNTIME_KEYS = frozenset((
+    'cpu', 'num_workers', 'output_dir', 'overwrite', 'resume', 'checkpoint_every', 'keep_checkpoints',
+    'stop_after_steps', 'log_with', 'log_every', 'progress', 'data_dir', 'download', 'pretrained_file'))
+# datasets whose validation in the trainer is the official test split
+_TEST_SPLIT = frozenset(('zalando-datasets/fashion_mnist', 'uoft-cs/cifar10', 'uoft-cs/cifar100'))
+
+
+# ---------------------------------------------------------------------------------------------- summary.json
+def find_summary(folder: str | os.PathLike) -> Path | None:
+    """``summary.json`` in ``folder`` or one level up (``runs/x/best`` -> ``runs/x/summary.json``)."""
+    folder = Path(folder)
+    for cand in (folder / SUMMARY_NAME, folder.parent / SUMMARY_NAME):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def read_summary(path: str | os.PathLike) -> Dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path} is not valid JSON: {e}') from e
+    if not isinstance(data, dict):
+        raise ValueError(f'{path} must hold a JSON object (the trainer\'s run summary), got {type(data).__name__}')
+    return data
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def eval_metrics(summary: Mapping[str, Any], checkpoint: str = 'best') -> Dict[str, Any]:
+    """``top1``/``top5``/``loss``/``epoch``/``num_samples`` (those present) of ``checkpoint`` ('best' or 'last').
+
+    Reads the trainer's ``{"best": {"top1": ...}, "last": {...}, "epochs_completed": n}`` and the flat
+    ``best_top1``/``last_top5`` form. Accuracies are percentages, as timm reports them.
+    """
+    if checkpoint not in ('best', 'last'):
+        raise ValueError(f'checkpoint must be "best" or "last", got {checkpoint!r}')
+    nested = summary.get(checkpoint) if isinstance(summary.get(checkpoint), Mapping) else {}
+    out: Dict[str, Any] = {}
+    for key in ('top1', 'top5', 'loss', 'epoch', 'num_samples'):
+        value = _num(summary.get(f'{checkpoint}_{key}', nested.get(key)))
+        if value is not None:
+            out[key] = int(value) if key in ('epoch', 'num_samples') else value
+    if out and checkpoint == 'last' and 'epoch' not in out and _num(summary.get('epochs_completed')) is not None:
+        out['epoch'] = int(summary['epochs_completed'])
+    if out and nested.get('weights') in ('model', 'ema'):
+        out['weights'] = nested['weights']
+    return out
+
+
+def weights_metrics(config: Mapping[str, Any], summary: Mapping[str, Any] | None, checkpoint: str) -> Dict[str, Any]:
+    """Eval results of the published weights: from the summary, else the ``metrics`` the trainer put in config.json."""
+    if summary:
+        m = eval_metrics(summary, checkpoint)
+        if m:
+            return m
+    cm = config.get('metrics') if isinstance(config.get('metrics'), Mapping) else {}
+    m = eval_metrics({checkpoint: cm}, checkpoint)
+    if m and config.get('weights') in ('model', 'ema'):
+        m['weights'] = config['weights']
+    return m
+
+
+def summary_config(summary: Mapping[str, Any]) -> Dict[str, Any]:
+    cfg = summary.get('config') or summary.get('args') or {}
+    return dict(cfg) if isinstance(cfg, Mapping) else {}
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with every absolute local path cut to ``.../<last part>`` (no local layout on the Hub)."""
+    return _ABS_PATH.sub(r'.../\1', text)
+
+
+def redact(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """Scalar recipe fields fit for a public card: secrets dropped, local paths cut to their last part."""
+    out = {}
+    for k, v in config.items():
+        if _SECRET_KEY.search(str(k)) or k in _RUNTIME_KEYS or v is None or v == '' or isinstance(v, Mapping):
+            continue
+        if isinstance(v, (list, tuple)):
+            if not all(isinstance(x, (int, float, str, bool)) for x in v) or len(v) > 8:
+                continue
+            v = ', '.join(str(x) for x in v)
+        elif not isinstance(v, (int, float, str, bool)):
+            continue
+        if isinstance(v, str) and _SECRET_VALUE.search(v):
+            continue
+        out[str(k)] = scrub_paths(v) if isinstance(v, str) else v
+    return out
+
+
+def base_model_id(summary: Mapping[str, Any] | None) -> str | None:
+    """Hub id of the weights the run started from, when the summary says it started from pretrained weights."""
+    if not summary:
+        return None
+    cfg = summary_config(summary)
+    name = cfg.get('model') or cfg.get('model_name') or summary.get('model')
+    if not isinstance(name, str) or not cfg.get('pretrained', summary.get('pretrained', False)):
+        return None
+    if cfg.get('pretrained_file'):
+        return None  # started from a local weights file: no Hub id to point at
+    if name.startswith('hf-hub:'):
+        return name[len('hf-hub:'):].split('@')[0]
+    if name.startswith(('local-dir:', 'timm/')):
+        return name[len('timm/'):] if name.startswith('timm/') else None
+    from timm.models import get_pretrained_cfg  # lazy: only needed for registry names
+    tag = cfg.get('pretrained_tag')
+    pcfg = get_pretrained_cfg(f'{name}.{tag}' if tag and '.' not in name else name, allow_unregistered=True)
+    return pcfg.hf_hub_id if pcfg is not None and pcfg.hf_hub_id else None
+
+
+def dataset_id(name: Any) -> Tuple[str | None, str | None]:
+    """(Hub dataset id or None, readable name) of a trainer ``--dataset`` value."""
+    if not isinstance(name, str) or not name:
+        return None, None
+    key = name.lower()
+    if key in _HUB_DATASETS:
+        return _HUB_DATASETS[key], name
+    if key.startswith('hfds/'):
+        return name[len('hfds/'):], name
+    return None, re.split(r'[\\/]', scrub_paths(name).rstrip('/\\'))[-1] or name  # local data: a name only
+
+
+def run_dataset(config: Mapping[str, Any], summary: Mapping[str, Any] | None) -> Any:
+    """The run's ``--dataset`` value: from the summary's config, else the ``dataset`` the trainer put in config.json."""
+    return summary_config(summary or {}).get('dataset') or (summary or {}).get('dataset') or config.get('dataset')
+
+
+# ---------------------------------------------------------------------------------------------- usage snippets
+def plain_timm_snippet(repo_id: str, architecture: str) -> str:
+    """Python that loads the published weights into plain timm's base architecture (no timm_dropres)."""
+    base = architecture[:-len('_dropres')] if architecture.endswith('_dropres') else architecture
+    return f"""import json
+
+import timm
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
+
+repo = '{repo_id}'
+config = json.load(open(hf_hub_download(repo, 'config.json')))
+# dropout has no parameters: drop the dropres arguments and build timm's own {base}
+args = {{k: v for k, v in config['model_args'].items() if k not in ('drop_rate', 'res_drop_rate', 'res_drop_pos')}}
+model = timm.create_model('{base}', pretrained=False, **args)
+model.load_state_dict(load_file(hf_hub_download(repo, 'model.safetensors')))  # strict: every tensor matches
+model.eval()  # eval outputs are bit-identical to the dropres model's
+"""
+
+
+def dropres_snippet(repo_id: str) -> str:
+    return f"""import timm
+import timm_dropres  # noqa: F401  (registers the *_dropres models)
+
+model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()
+print(timm_dropres.describe(model))  # where the dropouts sit (active in train mode only)
+data_cfg = timm.data.resolve_model_data_config(model)
+transform = timm.data.create_transform(**data_cfg, is_training=False)
+"""
+
+
+# ---------------------------------------------------------------------------------------------- card
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f'{v:.4g}' if abs(v) < 1e-2 and v != 0 else f'{v:.4f}'.rstrip('0').rstrip('.')
+    return str(v).replace('|', '\\|').replace('\n', ' ')
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(_fmt(c) for c in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def _epoch_rows(summary: Mapping[str, Any]) -> Tuple[List[str], List[List[Any]]]:
+    epochs = summary.get('epochs') or summary.get('history') or summary.get('per_epoch') or []
+    if not isinstance(epochs, list) or not epochs or not all(isinstance(e, Mapping) for e in epochs):
+        return [], []
+    keys: List[str] = []
+    for e in epochs:
+        keys += [k for k, v in e.items() if k not in keys and _num(v) is not None]
+    return keys, [[e.get(k, '') for k in keys] for e in epochs]
+
+
+def _eval_results(m: Mapping[str, Any], ds_id: str | None, ds_name: str | None, split: str) -> List[EvalResult]:
+    common = dict(task_type='image-classification', task_name='Image Classification',
+                  dataset_type=ds_id or 'imagefolder', dataset_name=ds_name or ds_id or 'unknown',
+                  dataset_split=split)
+    out = []
+    if 'top1' in m:
+        out.append(EvalResult(metric_type='accuracy', metric_name='top-1 accuracy', metric_value=m['top1'], **common))
+    if 'top5' in m:
+        out.append(EvalResult(metric_type='top_5_accuracy', metric_name='top-5 accuracy', metric_value=m['top5'],
+                              **common))
+    return out
+
+
+def build_card(
+        config: Mapping[str, Any],
+        *,
+        repo_id: str,
+        model: nn.Module,
+        summary: Mapping[str, Any] | None = None,
+        checkpoint: str = 'best',
+        license: str | None = None,
+        base_model: str | None = None,
+        dataset: str | None = None,
+) -> ModelCard:
+    """The model card of a dropres folder.
+
+    ``config``: the folder's ``config.json``; ``model``: that config rebuilt (any device, e.g. meta) so
+    the placement table comes from the network itself; ``summary``: the trainer's ``summary.json``
+    (None: the card says there are no eval results); ``checkpoint``: which of its results the
+    weights are ('best' or 'last'). ``license``/``base_model``/``dataset`` override what the
+    config and summary say.
+    """
+    arch = str(config['architecture'])
+    base_arch = arch[:-len('_dropres')] if arch.endswith('_dropres') else arch
+    pcfg = dict(config.get('pretrained_cfg') or {})
+    args = dropout_args(model)
+    ds_id, ds_name = dataset_id(dataset or run_dataset(config, summary))
+    base_model = base_model or base_model_id(summary)
+    license = license or pcfg.get('license') or 'unknown'
+    split = 'test' if ds_id in _TEST_SPLIT else 'validation'
+    metrics = weights_metrics(config, summary, checkpoint)
+    results = _eval_results(metrics, ds_id, ds_name, split)
+    data = ModelCardData(
+        library_name='timm', pipeline_tag='image-classification', tags=list(TAGS), license=license,
+        datasets=[ds_id] if ds_id else None, base_model=base_model,
+        metrics=sorted({r.metric_type for r in results}) or None,
+        model_name=repo_id if results else None, eval_results=results or None,
+    )
+
+    name = repo_id.split('/')[-1]
+    n_params = sum(p.numel() for p in model.parameters())
+    labels = config.get('label_names')
+    if base_model:
+        origin = f'fine-tuned from [`{base_model}`](https://huggingface.co/{base_model})'
+    elif summary:
+        origin = 'trained from scratch (its run summary records no pretrained starting point)'
+    else:
+        origin = 'from a run whose summary was not published'
+    parts = [f'# {name}', '',
+             f'`{arch}`: timm\'s `{base_arch}` with dropout placed where Kim et al. (UAI 2023, '
+             f'[arXiv:2302.06112]({PAPER_URL})) show it belongs, {origin}'
+             + (f' on {ds_name}.' if ds_name else '.') + ' Published with the timm-dropres plugin.', '',
+             '## Model details', '',
+             _table(['field', 'value'], [
+                 ['architecture', f'`{arch}` (base: `{base_arch}`)'],
+                 ['parameters', f'{n_params / 1e6:.2f} M'],
+                 ['classes', config.get('num_classes')],
+                 ['input size', 'x'.join(str(s) for s in pcfg.get('input_size', []))],
+                 ['mean / std', f'{pcfg.get("mean")} / {pcfg.get("std")}'],
+                 ['crop', f'{pcfg.get("crop_pct")} ({pcfg.get("crop_mode", "center")}), '
+                          f'{pcfg.get("interpolation")} interpolation'],
+                 ['license', license],
+             ])]
+    if isinstance(labels, list) and labels:
+        shown = ', '.join(f'`{lbl}`' for lbl in labels[:20])
+        shown += f', ... ({len(labels)} in all)' if len(labels) > 20 else ''
+        parts += ['', f'Labels: {shown}.']
+
+    parts += ['', '## Where the dropouts sit', '',
+              _table(['dropout', 'rate', 'position'], [
+                  ['one per residual block (`res_drop_rate`)', args['res_drop_rate'],
+                   f'`{args["res_drop_pos"]}`: {_POSITION_TEXT[args["res_drop_pos"]]}'],
+                  ['head (`drop_rate`)', args['drop_rate'],
+                   f'`{HEAD_BEFORE_POOL}`: {_POSITION_TEXT[HEAD_BEFORE_POOL]}'],
+              ]), '',
+              'The paper\'s two guidelines: one dropout per residual branch after its last BatchNorm (so no BatchNorm '
+              'sees the variance shift that dropout causes in training), and the head dropout before global pooling '
+              '(the pooling averages the noise down). Dropout has no parameters and is the identity in eval mode, so '
+              f'these weights give the same eval outputs in plain timm `{base_arch}` (see below).', '',
+              '```text', describe(model), '```']
+
+    parts += ['', '## Training recipe', '']
+    if summary:
+        recipe = redact(summary_config(summary))
+        facts = dict(summary)
+        facts.update({k: v for k, v in (summary.get('throughput') or {}).items() if k == 'train_img_per_s'})
+        for key in ('train_size', 'val_size', 'epochs_completed', 'num_processes', 'train_img_per_s', 'wall_time_s'):
+            if _num(facts.get(key)) is not None:
+                recipe[key] = round(facts[key], 1) if isinstance(facts[key], float) else facts[key]
+        versions = summary.get('versions')
+        if isinstance(versions, Mapping):
+            recipe.update({f'version: {k}': v for k, v in redact(versions).items()})
+        parts.append(_table(['setting', 'value'], sorted(recipe.items())) if recipe else
+                     'The run summary records no configuration.')
+    else:
+        parts.append('No run summary (`summary.json`) was published with these weights, so the recipe is unknown.')
+
+    parts += ['', '## Evaluation', '']
+    rows = []
+    for ck in ('best', 'last'):
+        m = (eval_metrics(summary, ck) if summary else {}) or (metrics if ck == checkpoint else {})
+        if m:
+            label = ck + (' (these weights)' if ck == checkpoint else '')
+            label += ' [EMA]' if m.get('weights') == 'ema' else ''
+            rows.append([label, m.get('epoch', ''), m.get('top1', ''), m.get('top5', ''), m.get('loss', ''),
+                         m.get('num_samples', summary.get('val_size', '') if summary else '')])
+    if rows:
+        parts += [f'On the {split} split of {ds_name or "the fine-tuning dataset"} (accuracy in %'
+                  + ('; [EMA]: the exponential moving average of the weights' if '[EMA]' in str(rows) else '')
+                  + '):', '', _table(['checkpoint', 'epoch', 'top-1', 'top-5', 'loss', 'images'], rows)]
+        keys, erows = _epoch_rows(summary or {})
+        if erows:
+            parts += ['', '<details><summary>Per-epoch metrics</summary>', '', _table(keys, erows), '', '</details>']
+    else:
+        parts.append('No evaluation results: neither a `summary.json` nor `metrics` in config.json came with the '
+                     'weights.')
+
+    parts += ['', '## Usage', '', 'With the timm-dropres plugin installed, the model is rebuilt with its dropouts '
+              '(for further fine-tuning):', '', '```python', dropres_snippet(repo_id).rstrip(), '```', '',
+              f'With plain timm only (inference or fine-tuning without dropres dropout), load the weights into '
+              f'`{base_arch}`:', '', '```python', plain_timm_snippet(repo_id, arch).rstrip(), '```', '',
+              '## Citation', '', '```bibtex', PAPER_BIBTEX, '```', '']
+    return ModelCard(f'---\n{data.to_yaml()}\n---\n\n' + '\n'.join(parts))

@@ -1,0 +1,121 @@
+"""Model building for fine-tuning and validation: name checks, dropout kwargs, ``timm.create_model``.
+
+Everything here goes through timm's public API (``is_model``, ``list_models``, ``create_model`` with
+``pretrained_cfg_overlay``), so any timm model works; the ``*_dropres`` ones add the dropout flags.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Tuple
+
+import timm
+import torch.nn as nn
+
+from ..hub.export import read_folder_config
+from ..models.convert import dropout_args
+from ..models.layers import check_position, check_rate
+
+if TYPE_CHECKING:
+    from .config import FinetuneConfig
+
+__all__ = ['check_model_name', 'dropout_kwargs', 'in_chans_of', 'build_model', 'model_identity']
+
+_logger = logging.getLogger(__name__)
+
+
+def _architecture(name: str) -> str | None:
+    """The registered architecture behind a model name, or None when it is only known after download."""
+    if name.startswith('local-dir:'):
+        return read_folder_config(name[len('local-dir:'):]).get('architecture')
+    if name.startswith(('hf-hub:', 'hf_hub:', 'timm/')):
+        return None
+    return name.split('.', 1)[0]
+
+
+def check_model_name(name: str) -> None:
+    """Fail early with a clear message for an unknown model name or a missing local-dir folder."""
+    if name.startswith('local-dir:'):
+        folder = Path(name[len('local-dir:'):])
+        if not folder.is_dir():
+            raise FileNotFoundError(f'model folder {folder} does not exist (from --model {name})')
+        read_folder_config(folder)
+        return
+    arch = _architecture(name)
+    if arch is None:
+        return
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f'; did you mean one of {close}?' if close else '; see timm.list_models() for the names'
+        raise ValueError(f'unknown model {name!r}{hint}')
+
+
+def dropout_kwargs(cfg: FinetuneConfig) -> Dict[str, Any]:
+    """Dropout kwargs for ``create_model``, validated; dropres-only flags are refused for other models."""
+    kwargs: Dict[str, Any] = {}
+    if cfg.drop_rate is not None:
+        kwargs['drop_rate'] = check_rate('drop_rate', cfg.drop_rate)
+    if cfg.res_drop_rate is not None:
+        kwargs['res_drop_rate'] = check_rate('res_drop_rate', cfg.res_drop_rate)
+    if cfg.res_drop_pos is not None:
+        kwargs['res_drop_pos'] = check_position(cfg.res_drop_pos)
+    arch = _architecture(cfg.model)
+    if arch is not None and not arch.endswith('_dropres'):
+        given = [f'--{k.replace("_", "-")}' for k in ('res_drop_rate', 'res_drop_pos') if k in kwargs]
+        if given:
+            twin = f'{arch}_dropres'
+            fix = (f'use --model {twin} (same weights, guideline dropout)' if timm.is_model(twin)
+                   else 'only ResNet/ResNetV2 families have *_dropres variants (timm_dropres.registered_models())')
+            raise ValueError(f'{" and ".join(given)} need a *_dropres model, but {cfg.model!r} is not one; {fix}')
+    return kwargs
+
+
+def in_chans_of(model: nn.Module) -> int:
+    """Input channels of the first convolution: what the model expects of the data."""
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int, in_chans: int) -> Tuple[nn.Module, Dict[str, Any]]:
+    """``timm.create_model`` for the data's classes and channels; returns the model and its kwargs."""
+    check_model_name(cfg.model)
+    kwargs = dict(dropout_kwargs(cfg), num_classes=num_classes, in_chans=in_chans)
+    clash = sorted(set(cfg.model_kwargs) & (set(kwargs) | {'pretrained', 'pretrained_cfg_overlay'}))
+    if clash:
+        raise ValueError(f'--model-kwargs {clash} are set by the trainer or by their own flags '
+                         '(--drop-rate, --res-drop-rate, --res-drop-pos; classes and channels come from the data)')
+    kwargs.update(cfg.model_kwargs)
+    pretrained = cfg.pretrained or cfg.pretrained_file is not None or cfg.model.startswith('local-dir:')
+    if cfg.pretrained_file is not None:
+        if not Path(cfg.pretrained_file).is_file():
+            raise FileNotFoundError(f'--pretrained-file {cfg.pretrained_file} does not exist')
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(cfg.pretrained_file))
+    try:
+        model = timm.create_model(cfg.model, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # e.g. hf-hub: model that is not a dropres one, given dropres flags
+        raise ValueError(f'{cfg.model!r} does not accept {sorted(kwargs)}: {e}') from e
+    if pretrained:
+        pc = model.pretrained_cfg or {}
+        src_classes = pc.get('num_classes')
+        if cfg.model.startswith('local-dir:'):
+            src_classes = read_folder_config(cfg.model[len('local-dir:'):]).get('num_classes', src_classes)
+        if src_classes and src_classes != num_classes:
+            _logger.info('Pretrained %s has a %d-class classifier; replaced it with a new, randomly initialised '
+                         '%d-class classifier for this dataset', cfg.model, src_classes, num_classes)
+        src_chans = (pc.get('input_size') or (3,))[0]
+        if src_chans != in_chans:
+            _logger.info('Pretrained first conv takes %d channels; timm adapted it to %d (adapt_input_conv)',
+                         src_chans, in_chans)
+    if 'drop_rate' in kwargs and not hasattr(model, 'head_drop'):
+        _logger.info("%s is not a dropres model: --drop-rate %.3g is timm's own dropout after global pooling",
+                     cfg.model, kwargs['drop_rate'])
+    kwargs.pop('pretrained_cfg_overlay', None)
+    return model, kwargs
+
+
+def model_identity(model: nn.Module, cfg: FinetuneConfig, num_classes: int, in_chans: int) -> Dict[str, Any]:
+    """What must match for a checkpoint to be resumable into this run."""
+    args = dropout_args(model) if hasattr(model, 'head_drop') else None
+    arch = getattr(model, 'pretrained_cfg', {}).get('architecture') or _architecture(cfg.model)
+    n_params = sum(p.numel() for p in model.parameters())
+    return dict(architecture=arch, num_classes=num_classes, in_chans=in_chans, dropout_args=args, num_params=n_params)

@@ -1,0 +1,165 @@
+"""The options of ``dropres-finetune`` and ``dropres-validate``: one dataclass each, validated on creation.
+
+Each field is a CLI flag (``--field-name``), a YAML key and a keyword of the library call; its help text is
+the CLI's. Validation lives in ``__post_init__``, so a bad value fails before any process, file or model is
+created, whichever way the config was made.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+from ..models.layers import RES_DROP_POSITIONS, check_position, check_rate
+from .build import check_model_name, dropout_kwargs
+
+__all__ = ['FinetuneConfig', 'ValidateConfig', 'config_field']
+
+
+def config_field(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field whose help text is the CLI's (one source for flags, YAML keys and docs).
+
+    Args:
+        default: the default value (lists and dicts are copied per instance).
+        help: the flag's help text.
+        **kw: further argparse settings kept in the metadata (``choices``, ``nargs``).
+    """
+    meta = dict(help=help, **kw)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_f = config_field
+
+
+@dataclass
+class FinetuneConfig:
+    """Every option of a fine-tuning run. Each field is a CLI flag (``--field-name``) and a YAML key."""
+    # model
+    model: str = _f('resnet18_dropres', 'timm model name (any; *_dropres for guideline dropout), or local-dir:<folder>')
+    pretrained: bool = _f(False, 'start from pretrained weights (the classifier is replaced for the new class count)')
+    pretrained_file: str | None = _f(None, 'load pretrained weights from this local .safetensors/.pth file instead of '
+                                           'the Hub (timm pretrained_cfg_overlay)')
+    drop_rate: float | None = _f(None, 'head dropout; *_dropres: before global pooling, other timm models: timm\'s '
+                                       'own after-pool dropout (default: the model\'s)')
+    res_drop_rate: float | None = _f(None, 'dropout rate in every residual block (*_dropres models only)')
+    res_drop_pos: str | None = _f(None, 'residual dropout position (*_dropres models only)',
+                                  choices=RES_DROP_POSITIONS)
+    model_kwargs: Dict[str, Any] = _f({}, 'extra timm.create_model keyword arguments, as timm train.py\'s '
+                                      '--model-kwargs: key=value pairs (values read as Python literals)')
+    sync_bn: bool = _f(False, 'convert BatchNorm to SyncBatchNorm under multi-process training (small per-GPU batches)')
+    channels_last: bool = _f(False, 'use channels_last memory format (faster convs with mixed precision on GPU)')
+    # data
+    dataset: str = _f('', 'ImageFolder root, a timm dataset name (torch/cifar10, hfds/...), or fashion_mnist')
+    data_dir: str | None = _f(None, 'root folder for timm dataset names (download target)')
+    download: bool = _f(False, 'let torchvision download torch/* datasets (needs internet)')
+    val_fraction: float | None = _f(None, 'hold-out fraction when an ImageFolder has no val/ folder (default 0.1)')
+    train_subset: int | None = _f(None, 'train on a class-balanced subset of N images')
+    val_subset: int | None = _f(None, 'validate on a class-balanced subset of N images')
+    img_size: int | None = _f(None, 'input resolution (default: the model\'s pretrained resolution)')
+    crop_pct: float | None = _f(None, 'eval center-crop fraction (default: the model\'s)')
+    interpolation: str | None = _f(None, 'resize interpolation (default: the model\'s)')
+    # augmentation and loss
+    aa: str | None = _f(None, 'timm AutoAugment/RandAugment policy, e.g. rand-m9-mstd0.5 or original')
+    hflip: float = _f(0.5, 'horizontal flip probability')
+    color_jitter: float = _f(0.4, 'color jitter strength (0 to disable)')
+    reprob: float = _f(0.0, 'random erasing probability')
+    scale: List[float] | None = _f(None, 'RandomResizedCrop scale range (default timm 0.08 1.0)', nargs=2)
+    ratio: List[float] | None = _f(None, 'RandomResizedCrop aspect ratio range', nargs=2)
+    mixup: float = _f(0.0, 'mixup alpha (0 = off), timm Mixup')
+    cutmix: float = _f(0.0, 'cutmix alpha (0 = off), timm Mixup')
+    smoothing: float = _f(0.1, 'label smoothing')
+    # optimisation
+    opt: str = _f('adamw', 'timm optimizer name (adamw, sgd, lamb, ...)')
+    lr: float = _f(1e-3, 'peak learning rate')
+    weight_decay: float = _f(0.05, 'weight decay (not applied to norms and biases)')
+    momentum: float = _f(0.9, 'SGD momentum')
+    layer_decay: float | None = _f(None, 'layer-wise LR decay factor, e.g. 0.75 (timm param groups)')
+    clip_grad: float | None = _f(None, 'clip the gradient norm to this value')
+    sched: str = _f('cosine', 'timm scheduler (cosine, step, plateau, ...); stepped every optimizer update')
+    epochs: int = _f(10, 'training epochs')
+    warmup_epochs: float = _f(1, 'linear warmup epochs (fractions allowed)')
+    warmup_lr: float = _f(1e-5, 'learning rate at the start of warmup')
+    min_lr: float = _f(1e-6, 'learning rate at the end of the cosine decay')
+    batch_size: int = _f(64, 'images per process per micro-step')
+    eval_batch_size: int | None = _f(None, 'images per process per eval step (default 2x --batch-size)')
+    grad_accum_steps: int = _f(1, 'micro-steps per optimizer step (accelerate gradient accumulation)')
+    mixed_precision: str = _f('no', 'accelerate mixed precision', choices=('no', 'fp16', 'bf16'))
+    ema: bool = _f(False, 'keep an EMA of the weights (timm ModelEmaV3), evaluated alongside')
+    ema_decay: float = _f(0.999, 'EMA decay')
+    seed: int = _f(42, 'random seed (data order, augmentation, init, dropout)')
+    # runtime
+    cpu: bool = _f(False, 'force CPU even when a GPU is present')
+    num_workers: int = _f(2, 'data loader worker processes per training process')
+    output_dir: str = _f('runs/finetune', 'where checkpoints, best/, last/ and summary.json go')
+    overwrite: bool = _f(False, 'replace the outputs of a previous run in --output-dir')
+    resume: str | None = _f(None, 'continue from a run folder (its latest checkpoint) or a checkpoint folder')
+    checkpoint_every: int = _f(0, 'also checkpoint every N optimizer steps (0: only at epoch ends)')
+    keep_checkpoints: int = _f(2, 'keep the last K checkpoints')
+    stop_after_steps: int | None = _f(None, 'stop (with a checkpoint) after N optimizer steps in total: a planned '
+                                            'interruption, e.g. to fit a time slot; --resume continues')
+    log_with: str | None = _f(None, 'accelerate tracker: tensorboard, wandb, all', choices=(
+        'tensorboard', 'wandb', 'all'))
+    log_every: int = _f(50, 'log training loss to trackers every N optimizer steps')
+    progress: bool = _f(True, 'tqdm progress bars on the main process')
+
+    def __post_init__(self) -> None:
+        """Reject bad values up front, naming the flag, before any process builds anything."""
+        for name in ('drop_rate', 'res_drop_rate'):
+            if getattr(self, name) is not None:
+                check_rate(name, getattr(self, name))
+        if self.res_drop_pos is not None:
+            check_position(self.res_drop_pos)
+        positive = ('epochs', 'batch_size', 'grad_accum_steps', 'keep_checkpoints')
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(self, name)}')
+        for name in ('checkpoint_every', 'num_workers', 'log_every'):
+            if getattr(self, name) < 0:
+                raise ValueError(f'--{name.replace("_", "-")} must be >= 0, got {getattr(self, name)}')
+        if self.lr <= 0:
+            raise ValueError(f'--lr must be > 0, got {self.lr}')
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f'--smoothing must be in [0, 1), got {self.smoothing}')
+        if self.mixed_precision not in ('no', 'fp16', 'bf16'):
+            raise ValueError(f"--mixed-precision must be one of ['no', 'fp16', 'bf16'], got {self.mixed_precision!r}")
+        if self.stop_after_steps is not None and self.stop_after_steps < 1:
+            raise ValueError(f'--stop-after-steps must be >= 1, got {self.stop_after_steps}')
+        if self.ema and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f'--ema-decay must be in (0, 1), got {self.ema_decay}')
+        if not self.model:
+            raise ValueError('no model given: pass --model')
+        check_model_name(self.model)
+        dropout_kwargs(self)
+
+
+@dataclass
+class ValidateConfig:
+    """Options of ``dropres-validate``; each field is a CLI flag (``--field-name``) and a YAML key."""
+    model: str = _f('', 'timm model name or local-dir:<folder> (e.g. runs/x/best)')
+    dataset: str = _f('', 'ImageFolder root, a timm dataset name (torch/cifar10, hfds/...), or fashion_mnist')
+    split: str = _f('val', 'split to evaluate: val (validation/test) or train')
+    data_dir: str | None = _f(None, 'root folder for timm dataset names')
+    download: bool = _f(False, 'let torchvision download torch/* datasets')
+    pretrained: bool = _f(False, 'load pretrained weights (implied for local-dir: and hf-hub: models)')
+    num_classes: int | None = _f(None, 'classifier size for a plain timm name (default: the model\'s own, or the '
+                                       'dataset\'s class count)')
+    img_size: int | None = _f(None, 'input resolution (default: the model\'s)')
+    crop_pct: float | None = _f(None, 'center-crop fraction (default: the model\'s)')
+    batch_size: int = _f(128, 'images per process per step')
+    val_subset: int | None = _f(None, 'evaluate a class-balanced subset of N images')
+    seed: int = _f(0, 'seed for --val-subset')
+    num_workers: int = _f(2, 'data loader worker processes')
+    mixed_precision: str = _f('no', 'no | fp16 | bf16 (accelerate autocast)', choices=('no', 'fp16', 'bf16'))
+    cpu: bool = _f(False, 'force CPU even when a GPU is present')
+    channels_last: bool = _f(False, 'channels_last memory format')
+    results_file: str | None = _f(None, 'write the metrics as JSON here')
+    overwrite: bool = _f(False, 'allow replacing an existing --results-file')
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError('no model given: pass --model (a timm name or local-dir:<folder>)')
+        if self.batch_size < 1:
+            raise ValueError(f'--batch-size must be >= 1, got {self.batch_size}')
+        if self.num_workers < 0:
+            raise ValueError(f'--num-workers must be >= 0, got {self.num_workers}')

@@ -1,0 +1,480 @@
+"""Fine-tune any timm model (dropres or not) with accelerate: one process to many, resumable, observable.
+
+``finetune(FinetuneConfig(...))`` is the whole trainer; ``dropres-finetune`` and ``scripts/finetune.py``
+only parse flags into the config. Everything that exists in the ecosystem is used as is: timm builds
+the model, transforms, Mixup, optimizer, scheduler and EMA; accelerate handles devices, DDP/FSDP,
+mixed precision, gradient accumulation, metric gathering, trackers and the optimizer/scaler/RNG part
+of checkpoints. Written here: the loop, atomic rotated checkpoint folders, the resume bookkeeping
+(epoch, data position, EMA, history; JSON + safetensors, never pickle), and the outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors.torch import load_file, save_file
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+
+from .. import __version__
+from ..files import write_json_atomic
+from ..hub.export import save_pretrained_folder
+from .build import build_model, in_chans_of, model_identity
+from .checkpoints import (
+    CKPT_DIR,
+    CKPT_PREFIX,
+    EMA_FILE,
+    OUTPUT_ARTIFACTS,
+    STATE_FILE,
+    CheckpointError,
+    find_checkpoint,
+    list_checkpoints,
+    read_state,
+)
+from .config import FinetuneConfig
+from .data import (
+    DataBundle,
+    EpochSeededDataset,
+    TransformedDataset,
+    create_mixup,
+    eval_loader,
+    resolve_data,
+    resolve_transforms,
+    train_loader,
+)
+from .evaluate import EvalResult, evaluate, format_results
+
+__all__ = ['finetune']
+
+_logger = logging.getLogger(__name__)
+
+class _Trainer:
+    """One run's mutable state. Split out of ``finetune`` only to keep each step short to read."""
+
+    def __init__(self, cfg: FinetuneConfig, data: DataBundle | None) -> None:
+        self.cfg = cfg
+        self.t_start = time.perf_counter()
+        self.out = Path(cfg.output_dir)
+        self.resume_ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
+        self.resume_state = read_state(self.resume_ckpt) if self.resume_ckpt else None
+        self._check_output_dir()
+
+        log_dir = self.out / 'logs'
+        self.acc = Accelerator(
+            mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, gradient_accumulation_steps=cfg.grad_accum_steps,
+            log_with=_trackers(cfg.log_with), project_config=ProjectConfiguration(
+                project_dir=str(self.out), logging_dir=str(log_dir), automatic_checkpoint_naming=False),
+            step_scheduler_with_optimizer=False)
+        set_seed(cfg.seed)
+        self.data = data if data is not None else resolve_data(
+            cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, val_fraction=cfg.val_fraction,
+            train_subset=cfg.train_subset, val_subset=cfg.val_subset, seed=cfg.seed)
+        if self.data.train is None:
+            raise ValueError(f'{self.data.description} has no training split')
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _check_output_dir(self) -> None:
+        """Refuse to clobber a previous run unless told; runs before any process writes anything."""
+        if not self.out.exists() or not any(self.out.iterdir()):
+            return
+        resuming_here = self.resume_ckpt is not None and self.out.resolve() in self.resume_ckpt.resolve().parents
+        if resuming_here or self.cfg.overwrite:
+            return
+        present = sorted(p.name for p in self.out.iterdir())
+        raise FileExistsError(
+            f'--output-dir {self.out} already holds {present}; pass --overwrite to replace the previous run\'s '
+            f'outputs ({", ".join(OUTPUT_ARTIFACTS)}), --resume {self.out} to continue it, or another --output-dir')
+
+    def setup(self) -> None:
+        cfg, acc, data = self.cfg, self.acc, self.data
+        model, self.model_kwargs = build_model(cfg, data.num_classes, data.in_chans)
+        if in_chans_of(model) != data.in_chans:
+            raise ValueError(f'{cfg.model} takes {in_chans_of(model)}-channel input; the data has {data.in_chans}')
+        self.identity = model_identity(model, cfg, data.num_classes, data.in_chans)
+        if self.resume_state is not None:
+            self._check_resume_identity()
+        # everything is validated: only now touch the output folder
+        if acc.is_main_process:
+            if cfg.overwrite and self.resume_ckpt is None:
+                for name in OUTPUT_ARTIFACTS:
+                    p = self.out / name
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+            (self.out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        train_tf, eval_tf, self.data_cfg = resolve_transforms(
+            model, data.in_chans, img_size=cfg.img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
+            auto_augment=cfg.aa, hflip=cfg.hflip, color_jitter=cfg.color_jitter, re_prob=cfg.reprob,
+            scale=cfg.scale, ratio=cfg.ratio)
+        if data.preprocessed:
+            train_tf = eval_tf = None
+        if cfg.sync_bn and acc.num_processes > 1 and acc.device.type != 'cuda':
+            raise ValueError(f'--sync-bn needs CUDA devices (torch.nn.SyncBatchNorm); this run is on {acc.device.type}')
+        if cfg.sync_bn and acc.num_processes > 1:
+            # BN statistics are per process under DDP; SyncBN averages them over all processes, which
+            # matters when the per-process batch is small. timm's converter also handles BatchNormAct2d.
+            model = timm.layers.convert_sync_batchnorm(model)
+            _logger.info('BatchNorm converted to SyncBatchNorm across %d processes', acc.num_processes)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+
+        self.mixup = create_mixup(cfg.mixup, cfg.cutmix, cfg.smoothing, data.num_classes)
+        self.train_ds = EpochSeededDataset(data.train, train_tf, seed=cfg.seed)
+        global_batch = cfg.batch_size * acc.num_processes
+        if len(self.train_ds) < global_batch:
+            raise ValueError(f'the training set has {len(self.train_ds)} images, fewer than one global batch '
+                             f'({cfg.batch_size} x {acc.num_processes} processes); lower --batch-size')
+        # drop_last as timm's loaders do: equal batches (Mixup needs even ones; BN hates a batch of 1)
+        tl, self.sampler = train_loader(self.train_ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
+                                        drop_last=True, pin_memory=torch.cuda.is_available() and not cfg.cpu)
+        vl = eval_loader(TransformedDataset(data.val, eval_tf), cfg.eval_batch_size or 2 * cfg.batch_size,
+                         num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available() and not cfg.cpu)
+
+        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        momentum=cfg.momentum, layer_decay=cfg.layer_decay)
+        model, optimizer, self.train_loader, self.val_loader = acc.prepare(model, optimizer, tl, vl)
+        self.model, self.optimizer = model, optimizer
+        self.updates_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum_steps)
+        # stepped per update (step_on_epochs=False) from the global step, so resume needs no scheduler state
+        self.scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
+        self.ema = None
+        if cfg.ema:
+            if acc.distributed_type == DistributedType.FSDP:
+                raise ValueError('--ema is not supported with FSDP (ModelEmaV3 needs unsharded weights)')
+            self.ema = ModelEmaV3(acc.unwrap_model(model), decay=cfg.ema_decay)
+        if self.mixup is not None:  # mixup's soft targets carry the smoothing
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        else:  # torch's fused label smoothing: the same loss as timm's LabelSmoothingCrossEntropy, one kernel
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
+
+        self.epoch, self.batches_done, self.global_step = 0, 0, 0
+        self._resumed_loss: Tuple[float, int] = (0.0, 0)
+        self.best: Dict[str, Any] | None = None
+        self.history: List[Dict[str, Any]] = []
+        self.train_time, self.train_images = 0.0, 0
+        if self.resume_ckpt is not None:
+            self._load_checkpoint(self.resume_ckpt)
+        if cfg.log_with:
+            acc.init_trackers('dropres-finetune', config=_flat_config(cfg))
+
+    def _check_resume_identity(self) -> None:
+        saved = self.resume_state.get('identity', {})
+        diffs = {k: (saved.get(k), v) for k, v in self.identity.items() if saved.get(k) != v}
+        if diffs:
+            detail = '; '.join(f'{k}: checkpoint {a!r} vs this run {b!r}' for k, (a, b) in diffs.items())
+            raise CheckpointError(f'--resume {self.resume_ckpt} is from a different model or dataset ({detail})')
+
+    # -- checkpointing -------------------------------------------------------------------------
+
+    def _state_dict(self, epoch_loss: Tuple[float, int]) -> Dict[str, Any]:
+        return dict(epoch=self.epoch, batches_done=self.batches_done, global_step=self.global_step,
+                    epoch_loss_sum=epoch_loss[0], epoch_loss_batches=epoch_loss[1],
+                    best=self.best, history=self.history, train_time_s=self.train_time,
+                    train_images=self.train_images, num_processes=self.acc.num_processes,
+                    identity=self.identity, model=self.cfg.model, label_names=self.data.label_names,
+                    config=asdict(self.cfg), timm_dropres_version=__version__)
+
+    def save_checkpoint(self) -> Path:
+        """accelerate's state (model, optimizer, scaler, per-process RNG) + ours, as one atomic folder."""
+        acc = self.acc
+        ckpt_root = self.out / CKPT_DIR
+        final = ckpt_root / f'{CKPT_PREFIX}{self.global_step:09d}'
+        tmp = ckpt_root / f'.tmp-{final.name}'
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        epoch_loss = (0.0, 0)
+        if self.batches_done:  # mid-epoch: keep the running loss so the resumed epoch reports the same mean
+            epoch_loss = (acc.reduce(self._loss_sum.clone(), reduction='mean').item(), self._loss_batches)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if self.ema is not None:
+                save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, str(tmp / EMA_FILE))
+            write_json_atomic(tmp / STATE_FILE, self._state_dict(epoch_loss))
+            if final.exists():  # same step saved twice (e.g. epoch end == step checkpoint)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.out)[:-max(1, self.cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, ckpt: Path) -> None:
+        state = self.resume_state
+        acc = self.acc
+        saved_procs = state.get('num_processes', 1)
+        if saved_procs != acc.num_processes and state.get('batches_done', 0) > 0:
+            raise CheckpointError(
+                f'{ckpt} was written mid-epoch by {saved_procs} processes; resume it with the same number of '
+                f'processes (this run has {acc.num_processes}), or from an epoch-end checkpoint')
+        rng_file = ckpt / f'random_states_{acc.process_index}.pkl'
+        if saved_procs == acc.num_processes and not rng_file.is_file():
+            # accelerate would log and carry on with fresh RNG, silently breaking exact resume
+            raise CheckpointError(f'checkpoint {ckpt} is incomplete: {rng_file.name} is missing')
+        try:
+            acc.load_state(str(ckpt))
+        except Exception as e:  # safetensors/torch raise many types for truncated or garbled files
+            older = [p.name for p in list_checkpoints(ckpt.parent.parent) if p != ckpt]
+            hint = f'; older checkpoints to try: {older}' if older else ''
+            raise CheckpointError(f'checkpoint {ckpt} is corrupt or incomplete and cannot be loaded '
+                                  f'({type(e).__name__}: {e}){hint}') from e
+        if self.ema is not None:
+            ema_file = ckpt / EMA_FILE
+            if not ema_file.is_file():
+                raise CheckpointError(f'--ema is on but {ckpt} has no {EMA_FILE} (the run was trained without EMA)')
+            self.ema.module.load_state_dict(load_file(str(ema_file), device=str(acc.device)))
+        self.epoch, self.batches_done = int(state['epoch']), int(state['batches_done'])
+        self.global_step = int(state['global_step'])
+        self._resumed_loss = (float(state.get('epoch_loss_sum', 0.0)), int(state.get('epoch_loss_batches', 0)))
+        self.best, self.history = state.get('best'), list(state.get('history', []))
+        self.train_time, self.train_images = float(state.get('train_time_s', 0)), int(state.get('train_images', 0))
+        _logger.info('Resumed from %s: epoch %d, batch %d, step %d', ckpt, self.epoch, self.batches_done,
+                     self.global_step)
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def export(self, name: str, model: nn.Module, metrics: Dict[str, Any], source: str) -> None:
+        """Write ``<output_dir>/<name>/`` in the Hugging Face folder format (main process only)."""
+        acc = self.acc
+        if acc.distributed_type == DistributedType.FSDP and model is self.model:
+            state = acc.get_state_dict(model)  # collective: gathers the full weights on the main process
+            if not acc.is_main_process:
+                return
+            model = timm.create_model(self.cfg.model if not self.cfg.model.startswith('local-dir:') else
+                                      self.identity['architecture'], pretrained=False, **self.model_kwargs)
+            model.load_state_dict(state)
+        elif model is self.model:
+            model = acc.unwrap_model(model)
+        if not acc.is_main_process:
+            return
+        pc = {k: self.data_cfg[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+              if self.data_cfg.get(k) is not None}
+        extra = dict(pretrained_cfg=pc, metrics=metrics, weights=source, finetuned_from=self.cfg.model,
+                     dataset=self.cfg.dataset or self.data.description)
+        save_pretrained_folder(model, self.out / name, label_names=self.data.label_names, extra_config=extra)
+
+    # -- loop ----------------------------------------------------------------------------------
+
+    def evaluate(self) -> Tuple[EvalResult, EvalResult | None]:
+        res = evaluate(self.model, self.val_loader, accelerator=self.acc, label_names=self.data.label_names)
+        ema_res = None
+        if self.ema is not None:
+            ema_res = evaluate(self.ema.module, self.val_loader, accelerator=self.acc,
+                               label_names=self.data.label_names)
+        return res, ema_res
+
+    def train_epoch(self) -> Tuple[float, bool]:
+        """One epoch (or its remainder after a resume); returns (mean train loss, stopped early)."""
+        cfg, acc = self.cfg, self.acc
+        self.model.train()
+        self.sampler.set_epoch(self.epoch)
+        self.train_ds.set_epoch(self.epoch)
+        loader = self.train_loader
+        loader.set_epoch(self.epoch)
+        if self.batches_done:
+            loader = acc.skip_first_batches(self.train_loader, self.batches_done)
+            loader.set_epoch(self.epoch)
+        total = len(self.train_loader)
+        # running loss of this epoch; a resumed epoch starts from the checkpoint's (process-averaged) sum
+        self._loss_sum = torch.full((), self._resumed_loss[0] if self.batches_done else 0.0, device=acc.device)
+        self._loss_batches = self._resumed_loss[1] if self.batches_done else 0
+        bar = _progress(cfg, acc, total, self.batches_done, f'epoch {self.epoch + 1}/{cfg.epochs}')
+        t0 = time.perf_counter()
+        ckpt_time = 0.0
+        imgs = 0
+        stopped = False
+        for images, targets in loader:
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with acc.accumulate(self.model):
+                if self.mixup is not None:
+                    images, targets = self.mixup(images, targets)
+                output = self.model(images)
+                loss = self.criterion(output, targets)
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.clip_grad:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.batches_done += 1
+            self._loss_batches += 1
+            self._loss_sum += loss.detach()
+            imgs += images.shape[0] * acc.num_processes
+            if bar is not None:
+                bar.update(1)
+            if not acc.sync_gradients:
+                continue
+            self.global_step += 1
+            self.scheduler.step_update(num_updates=self.global_step)
+            if self.ema is not None:
+                self.ema.update(acc.unwrap_model(self.model), step=self.global_step)
+            if bar is not None and (self.global_step % 10 == 0 or self.batches_done >= total):  # .item() syncs
+                elapsed = time.perf_counter() - t0 - ckpt_time
+                bar.set_postfix(loss=f'{loss.item():.3f}', img_s=f'{imgs / max(elapsed, 1e-9):.0f}',
+                                lr=f'{self.optimizer.param_groups[0]["lr"]:.2e}')
+            if cfg.log_with and cfg.log_every and self.global_step % cfg.log_every == 0:
+                acc.log({'train/loss': loss.item(), 'train/lr': self.optimizer.param_groups[0]['lr']},
+                        step=self.global_step)
+            stop = cfg.stop_after_steps is not None and self.global_step >= cfg.stop_after_steps
+            at_end = self.batches_done >= total
+            if not at_end and (stop or (cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0)):
+                t_ck = time.perf_counter()
+                self.save_checkpoint()
+                ckpt_time += time.perf_counter() - t_ck
+            if stop and not at_end:
+                stopped = True
+                break
+        if bar is not None:
+            bar.close()
+        self.train_time += time.perf_counter() - t0 - ckpt_time
+        self.train_images += imgs
+        mean_loss = acc.reduce(self._loss_sum, reduction='mean').item() / max(self._loss_batches, 1)
+        return mean_loss, stopped
+
+    def run(self) -> Dict[str, Any]:
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process:
+            _logger.info('Fine-tuning %s on %s: %d train / %d val images, %d classes, %d channel(s), input %s; '
+                         '%d process(es) on %s, mixed precision %s', cfg.model, self.data.description,
+                         len(self.data.train), len(self.data.val), self.data.num_classes, self.data.in_chans,
+                         tuple(self.data_cfg['input_size']), acc.num_processes, acc.device, acc.mixed_precision)
+        stopped = False
+        last_res: EvalResult | None = None
+        last_ema: EvalResult | None = None
+        while self.epoch < cfg.epochs:
+            train_loss, stopped = self.train_epoch()
+            if stopped:
+                break
+            t_eval = time.perf_counter()
+            last_res, last_ema = self.evaluate()
+            eval_time = time.perf_counter() - t_eval
+            row = dict(epoch=self.epoch + 1, step=self.global_step, train_loss=train_loss,
+                       lr=self.optimizer.param_groups[0]['lr'], top1=last_res.top1, top5=last_res.top5,
+                       loss=last_res.loss, eval_time_s=eval_time)
+            if last_ema is not None:
+                row.update(ema_top1=last_ema.top1, ema_top5=last_ema.top5, ema_loss=last_ema.loss)
+            self.history.append(row)
+            candidates = [('model', last_res)] + ([('ema', last_ema)] if last_ema is not None else [])
+            source, res = max(candidates, key=lambda c: c[1].top1)
+            if self.best is None or res.top1 > self.best['top1']:
+                self.best = dict(epoch=self.epoch + 1, top1=res.top1, top5=res.top5, loss=res.loss, weights=source)
+                self.export('best', self.model if source == 'model' else self.ema.module,
+                            dict(top1=res.top1, top5=res.top5, loss=res.loss, epoch=self.epoch + 1), source)
+            if acc.is_main_process:
+                msg = (f'epoch {self.epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  val top-1 '
+                       f'{last_res.top1:.2f}  top-5 {last_res.top5:.2f}  loss {last_res.loss:.4f}')
+                if last_ema is not None:
+                    msg += f'  | EMA top-1 {last_ema.top1:.2f}'
+                _logger.info(msg)
+            if cfg.log_with:
+                acc.log({f'val/{k}': v for k, v in row.items() if k not in ('epoch', 'step')}, step=self.global_step)
+            self.epoch += 1
+            self.batches_done = 0
+            self.save_checkpoint()
+            if cfg.stop_after_steps is not None and self.global_step >= cfg.stop_after_steps \
+                    and self.epoch < cfg.epochs:
+                stopped = True
+                break
+
+        if not stopped and last_res is None:  # resumed a finished run: evaluate what we have
+            last_res, last_ema = self.evaluate()
+        if not stopped:
+            self.export('last', self.model, dict(top1=last_res.top1, top5=last_res.top5, loss=last_res.loss,
+                                                 epoch=self.epoch), 'model')
+        summary = self._summary(last_res, last_ema, stopped)
+        if acc.is_main_process:
+            write_json_atomic(self.out / 'summary.json', summary)
+            if last_res is not None:
+                _logger.info('\n%s', format_results(last_res, 'Final validation (last weights):'))
+        if cfg.log_with:
+            acc.end_training()
+        acc.wait_for_everyone()
+        return summary
+
+    def _summary(self, last: EvalResult | None, last_ema: EvalResult | None, stopped: bool) -> Dict[str, Any]:
+        acc = self.acc
+        return dict(
+            model=self.cfg.model, dataset=self.cfg.dataset, data=self.data.description,
+            num_classes=self.data.num_classes, label_names=self.data.label_names, in_chans=self.data.in_chans,
+            input_size=list(self.data_cfg['input_size']), train_size=len(self.data.train),
+            val_size=len(self.data.val), epochs_completed=self.epoch, global_steps=self.global_step,
+            interrupted=stopped, best=self.best,
+            last=last.to_dict() if last is not None else None,
+            last_ema=last_ema.to_dict() if last_ema is not None else None,
+            history=self.history,
+            throughput=dict(train_img_per_s=self.train_images / self.train_time if self.train_time else None,
+                            train_images=self.train_images, train_time_s=self.train_time),
+            wall_time_s=time.perf_counter() - self.t_start,
+            num_processes=acc.num_processes, device=str(acc.device), distributed_type=str(acc.distributed_type),
+            mixed_precision=acc.mixed_precision, model_kwargs=self.model_kwargs,
+            dropout_args=self.identity['dropout_args'], output_dir=str(self.out),
+            config=asdict(self.cfg), versions=_versions(),
+        )
+
+
+def _trackers(log_with: str | None) -> Any:
+    if not log_with:
+        return None
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+    need = ['tensorboard', 'wandb'] if log_with == 'all' else [log_with]
+    avail = dict(tensorboard=is_tensorboard_available(), wandb=is_wandb_available())
+    missing = [t for t in need if not avail.get(t, False)]
+    if log_with != 'all' and missing:
+        raise ValueError(f'--log-with {log_with}: {missing[0]} is not installed (pip install {missing[0]})')
+    return [t for t in need if avail.get(t, False)] or None
+
+
+def _flat_config(cfg: FinetuneConfig) -> Dict[str, Any]:
+    """Tracker hparams accept scalars only."""
+    out = {}
+    for k, v in asdict(cfg).items():
+        out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _progress(cfg: FinetuneConfig, acc: Accelerator, total: int, initial: int, desc: str) -> Any:
+    if not cfg.progress or not acc.is_local_main_process:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _versions() -> Dict[str, str]:
+    import accelerate
+    return dict(timm_dropres=__version__, timm=timm.__version__, torch=torch.__version__,
+                accelerate=accelerate.__version__, python=platform.python_version(), platform=sys.platform)
+
+
+def finetune(cfg: FinetuneConfig, data: DataBundle | None = None) -> Dict[str, Any]:
+    """Run a fine-tuning job and return its summary (also written to ``<output_dir>/summary.json``).
+
+    ``data`` skips dataset resolution (benchmarks, in-memory tensors); otherwise ``cfg.dataset`` is
+    resolved by :func:`timm_dropres.data.resolve_data`. Call under ``accelerate launch`` for several
+    processes; every process must call it with the same config.
+    """
+    trainer = _Trainer(dataclasses.replace(cfg), data)
+    trainer.setup()
+    return trainer.run()
