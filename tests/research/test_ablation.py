@@ -207,9 +207,9 @@ def test_smoke_run_writes_its_table_and_resumes(tmp_path: Path, monkeypatch: pyt
     for r in records:
         assert r['steps'] == 2 and 0.0 <= r['top1'] <= 100.0 and r['nll'] > 0 and r['vs_mean'] >= 1.0
         assert r['vs_max'] >= r['vs_mean'] and len(r['vs_layers']) == 22  # 3 deep-stem BN + 16 branch + 3 downsample
-    paths = ablation.write_report(records, tmp_path, header='# smoke', png=False)
+    paths = report.write_report(records, tmp_path, stem='ablation', header='# smoke', png=False)
     md = paths['md'].read_text()
-    assert md.startswith('# smoke') and '| before_last_conv | 1 |' in md and '(n/a)' in md
+    assert md.startswith('# smoke') and '| before_last_conv | 1 |' in md and '(n = 1)' in md
     rows = paths['csv'].read_text().splitlines()
     assert rows[0].startswith('arch,config,n,') and len(rows) == 3
 
