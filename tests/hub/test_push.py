@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from timm_dropres import describe
 from timm_dropres.cli.push import main as push_main
-from timm_dropres.hub import PushError, push
+from timm_dropres.hub.push import PushError, push
 
 REPO = 'alice/test_resnet_dropres.fmnist'
 CANARY = 'hf_CANARYcanary0123456789tokenXYZ'

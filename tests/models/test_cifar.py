@@ -83,7 +83,9 @@ def _tiny_image_folder(root: Path, classes: int = 10, per_class: int = 2) -> Pat
 @pytest.mark.slow
 @pytest.mark.parametrize('recipe, target, model', [
     ('preresnet110_cifar10.yaml', '94.44 %', None),
+    ('preresnet110_cifar10_nodrop.yaml', '94.44 %', 'preresnet20_cifar'),
     ('preresnet110_cifar100.yaml', '73.98 %', 'preresnet20_cifar_dropres'),
+    ('preresnet110_cifar100_nodrop.yaml', '73.98 %', 'preresnet20_cifar'),
 ])
 def test_paper_recipe_runs_one_step(tmp_path: Path, recipe: str, target: str, model: str | None) -> None:
     from timm_dropres.cli.finetune import main as finetune_main
@@ -93,6 +95,15 @@ def test_paper_recipe_runs_one_step(tmp_path: Path, recipe: str, target: str, mo
     cfg = yaml.safe_load(text)
     assert (cfg['opt'], cfg['lr'], cfg['momentum'], cfg['weight_decay'], cfg['batch_size'], cfg['epochs']) == (
         'sgd', 0.1, 0.9, 1e-4, 128, 164)
+    assert (cfg['sched'], cfg['decay_milestones'], cfg['decay_rate'], cfg['pad_crop']) == (
+        'multistep', [81, 122], 0.1, 4)
+    assert 0 < cfg['val_fraction'] < 1  # model selection on held-out training images, never the test split
+    twin = yaml.safe_load((RECIPES / recipe.replace('_nodrop', '')).read_text())
+    other = yaml.safe_load((RECIPES / recipe.replace('.yaml', '_nodrop.yaml').replace('_nodrop_nodrop', '_nodrop')
+                            ).read_text())
+    differ = {k for k in set(twin) | set(other) if twin.get(k) != other.get(k)}
+    assert differ == {'model', 'drop_rate', 'res_drop_rate', 'output_dir'}  # the twins differ only in dropout
+    assert other['drop_rate'] == 0.0 and 'res_drop_rate' not in other and not other['model'].endswith('_dropres')
     data = _tiny_image_folder(tmp_path / 'data')
     argv = ['--config', str(path), '--dataset', str(data), '--no-download', '--data-dir', str(data),
             '--batch-size', '4', '--num-workers', '0', '--output-dir', str(tmp_path / 'run'), '--cpu',

@@ -297,3 +297,23 @@ def test_corrupt_checkpoint_is_reported(dataset, trained_run, tmp_path):
         finetune(tiny_config(dataset, run, resume=str(latest), epochs=2, res_drop_rate=0.2))
     with pytest.raises(CheckpointError, match='no checkpoints found'):
         finetune(tiny_config(dataset, tmp_path / 'o', resume=str(tmp_path)))
+
+
+def test_multistep_milestones_divide_the_lr_at_their_epochs(dataset, tmp_path):
+    """--sched multistep --decay-milestones reach timm's scheduler, counted in epochs (stepped per update)."""
+    cfg = tiny_config(dataset, tmp_path / 'ms', epochs=3, lr=0.1, sched='multistep', decay_milestones=[1, 2],
+                      decay_rate=0.1, opt='sgd')
+    history = finetune(cfg)['history']
+    assert [h['lr'] for h in history] == pytest.approx([0.01, 0.001, 0.001])  # lr after each epoch's last step
+
+
+def test_model_kwargs_and_pad_crop_reach_the_model_and_the_loader(dataset, tmp_path):
+    cfg = tiny_config(dataset, tmp_path / 'kw', model='resnet18_dropres', pad_crop=4,
+                      model_kwargs=dict(channels=[8, 8, 8, 8], stem_width=8, stem_type='deep'))
+    summary = finetune(cfg)
+    assert summary['model_kwargs']['channels'] == [8, 8, 8, 8]
+    assert summary['global_steps'] >= 1
+    with pytest.raises(ValueError, match=r"--model-kwargs \['res_drop_rate'\]"):
+        finetune(tiny_config(dataset, tmp_path / 'kw2', model_kwargs=dict(res_drop_rate=0.2)))
+    with pytest.raises(ValueError, match='--decay-milestones'):
+        tiny_config(dataset, tmp_path / 'x', sched='multistep')

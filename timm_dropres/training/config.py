@@ -66,6 +66,8 @@ class FinetuneConfig:
     reprob: float = _f(0.0, 'random erasing probability')
     scale: List[float] | None = _f(None, 'RandomResizedCrop scale range (default timm 0.08 1.0)', nargs=2)
     ratio: List[float] | None = _f(None, 'RandomResizedCrop aspect ratio range', nargs=2)
+    pad_crop: int = _f(0, 'N > 0: CIFAR-style training crops instead of RandomResizedCrop: pad N pixels, random '
+                          'crop at --img-size, flip (He et al. 2016)')
     mixup: float = _f(0.0, 'mixup alpha (0 = off), timm Mixup')
     cutmix: float = _f(0.0, 'cutmix alpha (0 = off), timm Mixup')
     smoothing: float = _f(0.1, 'label smoothing')
@@ -78,6 +80,9 @@ class FinetuneConfig:
     clip_grad: float | None = _f(None, 'clip the gradient norm to this value')
     sched: str = _f('cosine', 'timm scheduler (cosine, step, plateau, ...); stepped every optimizer update')
     epochs: int = _f(10, 'training epochs')
+    decay_milestones: List[int] = _f([], 'epochs at which --sched multistep multiplies the lr by --decay-rate '
+                                         '(as timm train.py)')
+    decay_rate: float = _f(0.1, 'lr factor at each milestone (multistep, step)')
     warmup_epochs: float = _f(1, 'linear warmup epochs (fractions allowed)')
     warmup_lr: float = _f(1e-5, 'learning rate at the start of warmup')
     min_lr: float = _f(1e-6, 'learning rate at the end of the cosine decay')
@@ -117,6 +122,16 @@ class FinetuneConfig:
         for name in ('checkpoint_every', 'num_workers', 'log_every'):
             if getattr(self, name) < 0:
                 raise ValueError(f'--{name.replace("_", "-")} must be >= 0, got {getattr(self, name)}')
+        if self.sched == 'multistep' and not self.decay_milestones:
+            raise ValueError('--sched multistep needs --decay-milestones (epochs, e.g. 81 122)')
+        if self.decay_milestones and (sorted(self.decay_milestones) != list(self.decay_milestones)
+                                      or not all(0 < m < self.epochs for m in self.decay_milestones)):
+            raise ValueError(f'--decay-milestones must be increasing epochs in (0, --epochs={self.epochs}), '
+                             f'got {list(self.decay_milestones)}')
+        if not 0.0 < self.decay_rate <= 1.0:
+            raise ValueError(f'--decay-rate must be in (0, 1], got {self.decay_rate}')
+        if self.pad_crop < 0:
+            raise ValueError(f'--pad-crop must be >= 0, got {self.pad_crop}')
         if self.lr <= 0:
             raise ValueError(f'--lr must be > 0, got {self.lr}')
         if not 0.0 <= self.smoothing < 1.0:

@@ -16,6 +16,7 @@ run would have seen, whatever the worker count (timm/torch have no such wrapper)
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -26,9 +27,11 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
+import torchvision.transforms as T
 from PIL import Image
 from timm.data import Mixup, create_dataset, create_transform, resolve_model_data_config
 from timm.data.readers.img_extensions import get_img_extensions
+from timm.data.transforms import str_to_interp_mode
 from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -475,6 +478,8 @@ def resolve_data(
     else:
         bundle = _folder_data(Path(dataset).expanduser(), val_fraction=val_fraction, seed=seed,
                               class_names=class_names, split=split)
+    if kind != 'folder' and val_fraction is not None and split is None:
+        bundle = _carve_validation(bundle, val_fraction, seed)
     if bundle.train is not None:
         bundle.train = subset(bundle.train, train_subset, seed, 'train-subset')
     bundle.val = subset(bundle.val, val_subset, seed + 1, 'val-subset')
@@ -485,6 +490,22 @@ def resolve_data(
     if bundle.train is not None and len(bundle.train) == 0:
         raise DataError(f'{bundle.description}: the training split is empty')
     return bundle
+
+
+def _carve_validation(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
+    """Validate on a class-balanced ``fraction`` of the training split; the dataset's own validation (test)
+    split is then left out of training and model selection entirely."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f'--val-fraction must be in (0, 1), got {fraction}')
+    targets = _targets(bundle.train)
+    if targets is None:
+        raise DataError(f'{bundle.description}: --val-fraction needs a training split whose targets are known')
+    order = _stratified_order(targets, seed)
+    n_val = max(1, round(fraction * len(order)))
+    val, train = _Subset(bundle.train, order[:n_val]), _Subset(bundle.train, sorted(order[n_val:]))
+    desc = f'{bundle.description.split(" (")[0]} (train split: {len(train)} train + {n_val} held-out validation)'
+    return dataclasses.replace(bundle, train=train, val=val, description=desc,
+                               info=dict(bundle.info, val_fraction=fraction))
 
 
 def _remap(bundle: DataBundle, class_names: Sequence[str]) -> DataBundle:
@@ -518,8 +539,14 @@ def resolve_transforms(
         re_prob: float = 0.0,
         scale: Sequence[float] | None = None,
         ratio: Sequence[float] | None = None,
+        pad_crop: int = 0,
 ) -> Tuple[Callable, Callable, Dict[str, Any]]:
-    """timm train/eval transforms from the model's data config, adapted to ``in_chans`` and ``img_size``."""
+    """timm train/eval transforms from the model's data config, adapted to ``in_chans`` and ``img_size``.
+
+    ``pad_crop > 0`` replaces timm's RandomResizedCrop with the CIFAR recipe of He et al. (2016): resize to
+    ``img_size``, zero-pad by ``pad_crop`` pixels, take a random ``img_size`` crop, flip with ``hflip``.
+    timm's ``create_transform`` has no such mode, so it is composed here from torchvision transforms.
+    """
     cfg = resolve_model_data_config(model)
     if img_size:
         cfg['input_size'] = (in_chans, img_size, img_size)
@@ -536,6 +563,12 @@ def resolve_transforms(
     train_tf = create_transform(
         **common, is_training=True, auto_augment=auto_augment or None, hflip=hflip, color_jitter=color_jitter,
         re_prob=re_prob, scale=tuple(scale) if scale else None, ratio=tuple(ratio) if ratio else None)
+    if pad_crop > 0:
+        size = cfg['input_size'][1:]
+        train_tf = T.Compose([
+            T.Resize(size, interpolation=str_to_interp_mode(cfg['interpolation'])),
+            T.RandomCrop(size, padding=pad_crop), T.RandomHorizontalFlip(hflip), T.ToTensor(),
+            T.Normalize(cfg['mean'], cfg['std'])])
     eval_tf = create_transform(**common, is_training=False, crop_pct=cfg['crop_pct'],
                                crop_mode=cfg.get('crop_mode'))
     return train_tf, eval_tf, cfg

@@ -124,7 +124,7 @@ class _Trainer:
         train_tf, eval_tf, self.data_cfg = resolve_transforms(
             model, data.in_chans, img_size=cfg.img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
             auto_augment=cfg.aa, hflip=cfg.hflip, color_jitter=cfg.color_jitter, re_prob=cfg.reprob,
-            scale=cfg.scale, ratio=cfg.ratio)
+            scale=cfg.scale, ratio=cfg.ratio, pad_crop=cfg.pad_crop)
         if data.preprocessed:
             train_tf = eval_tf = None
         if cfg.sync_bn and acc.num_processes > 1 and acc.device.type != 'cuda':
@@ -157,7 +157,8 @@ class _Trainer:
         # stepped per update (step_on_epochs=False) from the global step, so resume needs no scheduler state
         self.scheduler, _ = create_scheduler_v2(
             optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
+            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, decay_milestones=list(cfg.decay_milestones),
+            decay_rate=cfg.decay_rate, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
         self.ema = None
         if cfg.ema:
             if acc.distributed_type == DistributedType.FSDP:
