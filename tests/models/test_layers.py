@@ -86,3 +86,13 @@ def test_cpu_dropout_other_layouts_and_seeding():
     a = drop(torch.ones(1000))
     torch.manual_seed(7)
     assert torch.equal(a, drop(torch.ones(1000)))
+
+
+def test_check_dropout_args_lists_every_bad_argument():
+    with pytest.raises(ValueError) as e:
+        timm.create_model('resnet18_dropres', drop_rate=1.2, res_drop_rate=-0.1, res_drop_pos='nowhere')
+    msg = str(e.value)
+    assert 'drop_rate must be in [0, 1), got 1.2' in msg and 'res_drop_rate must be in [0, 1), got -0.1' in msg
+    assert "res_drop_pos must be one of" in msg and "'nowhere'" in msg
+    from timm_dropres.models.layers import check_dropout_args
+    assert check_dropout_args(None, 0, None) == (None, 0.0, None)

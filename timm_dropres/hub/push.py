@@ -25,7 +25,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..models.dropres import registered_models
-from ..models.layers import check_position, check_rate
+from ..models.layers import check_dropout_args
 from ..models.published import registry_entry
 from .export import CONFIG_NAME, WEIGHTS_NAME, read_folder_config
 from .model_card import build_card, find_summary, read_summary, scrub_paths
@@ -144,9 +144,7 @@ def inspect_folder(folder: str | os.PathLike) -> FolderInfo:
         raise PushError(f'{folder / CONFIG_NAME}: model_args lack {missing_args}, so the dropout placement would not '
                         'be rebuilt; re-export with timm_dropres.export.save_pretrained_folder')
     try:
-        check_rate('drop_rate', model_args['drop_rate'])
-        check_rate('res_drop_rate', model_args['res_drop_rate'])
-        check_position(model_args['res_drop_pos'])
+        check_dropout_args(model_args['drop_rate'], model_args['res_drop_rate'], model_args['res_drop_pos'])
     except (TypeError, ValueError) as e:
         raise PushError(f'{folder / CONFIG_NAME}: {e}') from None
     pcfg = config.get('pretrained_cfg')

@@ -32,7 +32,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnetv2 import ResNetV2
 
 from .convert import convert
-from .layers import AUTO, DEFAULT_HEAD_DROP_RATE, DEFAULT_RES_DROP_RATE, check_position, check_rate
+from .layers import AUTO, DEFAULT_HEAD_DROP_RATE, DEFAULT_RES_DROP_RATE, check_dropout_args
 
 __all__ = ['CIFAR_ARCHS', 'cifar_model_names']
 
@@ -109,9 +109,7 @@ def _build_dropres(
         **kwargs: Any,
 ) -> ResNetV2:
     """Base network, then ``convert``: the one code path that places dropout (see ``convert.py``)."""
-    drop_rate = check_rate('drop_rate', drop_rate)
-    res_drop_rate = check_rate('res_drop_rate', res_drop_rate)
-    check_position(res_drop_pos)
+    drop_rate, res_drop_rate, res_drop_pos = check_dropout_args(drop_rate, res_drop_rate, res_drop_pos)
     layers, channels, basic = CIFAR_ARCHS[variant.removesuffix('_dropres')]
 
     def fn(**kw: Any) -> ResNetV2:

@@ -22,8 +22,8 @@ from .layers import (
     DEFAULT_RES_DROP_RATE,
     HEAD_BEFORE_POOL,
     ResidualDropout,
+    check_dropout_args,
     check_position,
-    check_rate,
 )
 
 __all__ = ['convert', 'resolve_position', 'dropout_args', 'residual_blocks']
@@ -98,9 +98,7 @@ def convert(
             modified in that case.
         ValueError: a rate outside [0, 1) or an unknown position.
     """
-    res_drop_rate = check_rate('res_drop_rate', res_drop_rate)
-    drop_rate = check_rate('drop_rate', drop_rate)
-    check_position(res_drop_pos)
+    drop_rate, res_drop_rate, res_drop_pos = check_dropout_args(drop_rate, res_drop_rate, res_drop_pos)
     kind = _model_kind(model)
     # validate every block before touching anything, so a refusal leaves the model as it was
     plan = [(block, _check_block(model, name, block)) for name, block in residual_blocks(model)]

@@ -12,12 +12,19 @@ import dataclasses
 from collections import deque
 from typing import Any, Callable, Dict, List
 
+import timm
 import torch.nn as nn
-from timm.models import _registry, build_model_with_cfg, register_model
-from timm.models._pretrained import DefaultCfg
+from timm.models import (
+    DefaultCfg,
+    build_model_with_cfg,
+    get_arch_pretrained_cfgs,
+    is_model_pretrained,
+    model_entrypoint,
+    register_model,
+)
 
 from .convert import convert
-from .layers import AUTO, DEFAULT_HEAD_DROP_RATE, DEFAULT_RES_DROP_RATE, check_position, check_rate
+from .layers import AUTO, DEFAULT_HEAD_DROP_RATE, DEFAULT_RES_DROP_RATE, check_dropout_args
 from .published import load_published, with_published_tags
 
 __all__ = ['SUFFIX', 'SKIPPED', 'supported_base_models', 'mirrored_models', 'registered_models']
@@ -51,11 +58,8 @@ def _skip_reason(name: str) -> str | None:
 def supported_base_models() -> List[str]:
     """Names of the timm architectures that get a ``_dropres`` twin (deprecated aliases excluded)."""
     names = []
-    for module in _BASE_MODULES:
-        for name in sorted(_registry._module_to_models[module]):
-            if name in _registry._deprecated_models or name.endswith(SUFFIX) or _skip_reason(name):
-                continue
-            names.append(name)
+    for module in _BASE_MODULES:  # list_models(module=...) already leaves out deprecated aliases
+        names += [n for n in sorted(timm.list_models(module=module)) if not n.endswith(SUFFIX) and not _skip_reason(n)]
     return names
 
 
@@ -66,25 +70,24 @@ def mirrored_models() -> List[str]:
 
 def registered_models() -> List[str]:
     """Every ``*_dropres`` model this package registers: the timm mirrors and the paper's CIFAR networks."""
-    return sorted(n for n, fn in _registry._model_entrypoints.items()
-                  if n.endswith(SUFFIX) and fn.__module__.startswith('timm_dropres.'))
+    return sorted(n for n in timm.list_models(f'*{SUFFIX}')
+                  if model_entrypoint(n).__module__.startswith('timm_dropres.'))
 
 
 def _mirror_cfgs(base: str) -> DefaultCfg | None:
     """The base's tags and pretrained cfgs with hub ids already resolved to the base weights."""
-    base_default = _registry._model_default_cfgs.get(base)
-    if base_default is None:
-        return None
     cfgs = {}
-    for tag in base_default.tags:
-        full = f'{base}.{tag}' if tag else base
-        cfg = _registry._model_pretrained_cfgs.get(full, base_default.cfgs[tag])
+    for full, cfg in get_arch_pretrained_cfgs(base).items():  # default tag first, as registered
+        tag = full.partition('.')[2]
         cfgs[tag] = dataclasses.replace(cfg, **{f: None for f in _RENAMED_FIELDS})
-    return DefaultCfg(tags=deque(base_default.tags), cfgs=cfgs, is_pretrained=base_default.is_pretrained)
+    if not cfgs:
+        return None
+    return DefaultCfg(tags=deque(cfgs), cfgs=cfgs, is_pretrained=is_model_pretrained(base))
 
 
-def _make_entrypoint(base: str, module: str) -> Callable[..., nn.Module]:
-    base_fn = _registry._model_entrypoints[base]
+def _make_entrypoint(base: str) -> Callable[..., nn.Module]:
+    base_fn = model_entrypoint(base)
+    module = base_fn.__module__.rpartition('.')[2]
     variant = base + SUFFIX
     feature_cfg = dict(flatten_sequential=True) if module == 'resnetv2' else None
 
@@ -95,9 +98,7 @@ def _make_entrypoint(base: str, module: str) -> Callable[..., nn.Module]:
             **kwargs: Any,
     ) -> nn.Module:
         # validate first so bad input fails before any weights are built
-        drop_rate = check_rate('drop_rate', drop_rate)
-        res_drop_rate = check_rate('res_drop_rate', res_drop_rate)
-        check_position(res_drop_pos)
+        drop_rate, res_drop_rate, res_drop_pos = check_dropout_args(drop_rate, res_drop_rate, res_drop_pos)
         model = base_fn(pretrained=False, drop_rate=0.0, **kwargs)
         convert(model, res_drop_rate=res_drop_rate, drop_rate=drop_rate, res_drop_pos=res_drop_pos)
         model._model_args = dict(drop_rate=drop_rate, res_drop_rate=res_drop_rate, res_drop_pos=res_drop_pos)
@@ -121,7 +122,7 @@ def _register_all() -> None:
         mirrored = with_published_tags(variant, _mirror_cfgs(base), published)
         if mirrored is not None:
             default_cfgs[variant] = mirrored
-        fn = _make_entrypoint(base, _registry._model_to_module[base])
+        fn = _make_entrypoint(base)
         globals()[variant] = fn
         register_model(fn)
 

@@ -14,7 +14,7 @@ __all__ = [
     'ResidualDropout',
     'AFTER_LAST_BN', 'BEFORE_LAST_CONV', 'AUTO', 'HEAD_BEFORE_POOL',
     'RES_DROP_POSITIONS', 'DEFAULT_RES_DROP_RATE', 'DEFAULT_HEAD_DROP_RATE', 'DEFAULT_POST_ACT_POS',
-    'check_rate', 'check_position',
+    'check_rate', 'check_position', 'check_dropout_args',
 ]
 
 AFTER_LAST_BN: Final[str] = 'after_last_bn'
@@ -52,6 +52,43 @@ def check_position(value: object) -> str:
     if value not in RES_DROP_POSITIONS:
         raise ValueError(f'res_drop_pos must be one of {list(RES_DROP_POSITIONS)}, got {value!r}')
     return str(value)
+
+
+def check_dropout_args(
+        drop_rate: object = None, res_drop_rate: object = None, res_drop_pos: object = None,
+) -> tuple[float | None, float | None, str | None]:
+    """Validate the three dropout arguments at once; ``None`` means "not given" and passes through.
+
+    Args:
+        drop_rate: head dropout rate, in [0, 1).
+        res_drop_rate: residual dropout rate, in [0, 1).
+        res_drop_pos: one of ``RES_DROP_POSITIONS``.
+
+    Returns:
+        ``(drop_rate, res_drop_rate, res_drop_pos)`` with the rates as floats.
+
+    Raises:
+        ValueError: listing every bad argument with its value and the valid range or choices.
+
+    Example:
+        >>> check_dropout_args(0.1, 0.05, 'auto')
+        (0.1, 0.05, 'auto')
+    """
+    out: list = []
+    errors = []
+    for name, value, check in (('drop_rate', drop_rate, check_rate), ('res_drop_rate', res_drop_rate, check_rate),
+                               ('res_drop_pos', res_drop_pos, lambda _n, v: check_position(v))):
+        if value is None:
+            out.append(None)
+            continue
+        try:
+            out.append(check(name, value))
+        except ValueError as e:
+            errors.append(str(e))
+            out.append(None)
+    if errors:
+        raise ValueError('invalid dropout arguments: ' + '; '.join(errors))
+    return out[0], out[1], out[2]
 
 
 _LEVELS = 1 << 16  # mask resolution of _cpu_dropout

@@ -27,8 +27,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping
 
-from timm.models import _registry
-from timm.models._pretrained import DefaultCfg, PretrainedCfg
+import timm
+from timm.models import DefaultCfg, PretrainedCfg
 
 __all__ = [
     'REGISTRY_PATH', 'ENV_VAR', 'DEFAULT_KEY', 'load_published', 'published_tags', 'with_published_tags',
@@ -79,7 +79,7 @@ def _read(path: Path, known: Iterable[str] | None) -> Registry:
         raise ValueError(f'{path} must hold a JSON object {{"<arch>_dropres": {{"<tag>": {{...}}}}}}')
     known = set(known) if known is not None else None
     for model, tags in data.items():
-        base_ok = model.endswith(_SUFFIX) and model[:-len(_SUFFIX)] in _registry._model_entrypoints
+        base_ok = model.endswith(_SUFFIX) and timm.is_model(model[:-len(_SUFFIX)])
         if not base_ok or (known is not None and model not in known):
             raise ValueError(
                 f'{path}: {model!r} is not a dropres model name; keys are "<timm resnet/resnetv2 arch>{_SUFFIX}" '

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..hub.export import read_folder_config
 from ..models.convert import dropout_args
-from ..models.layers import check_position, check_rate
+from ..models.layers import check_dropout_args
 
 if TYPE_CHECKING:
     from .config import FinetuneConfig
@@ -53,13 +53,9 @@ def check_model_name(name: str) -> None:
 
 def dropout_kwargs(cfg: FinetuneConfig) -> Dict[str, Any]:
     """Dropout kwargs for ``create_model``, validated; dropres-only flags are refused for other models."""
-    kwargs: Dict[str, Any] = {}
-    if cfg.drop_rate is not None:
-        kwargs['drop_rate'] = check_rate('drop_rate', cfg.drop_rate)
-    if cfg.res_drop_rate is not None:
-        kwargs['res_drop_rate'] = check_rate('res_drop_rate', cfg.res_drop_rate)
-    if cfg.res_drop_pos is not None:
-        kwargs['res_drop_pos'] = check_position(cfg.res_drop_pos)
+    values = check_dropout_args(cfg.drop_rate, cfg.res_drop_rate, cfg.res_drop_pos)
+    kwargs: Dict[str, Any] = {k: v for k, v in zip(('drop_rate', 'res_drop_rate', 'res_drop_pos'), values,
+                                                   strict=True) if v is not None}
     arch = _architecture(cfg.model)
     if arch is not None and not arch.endswith('_dropres'):
         given = [f'--{k.replace("_", "-")}' for k in ('res_drop_rate', 'res_drop_pos') if k in kwargs]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
-from ..models.layers import RES_DROP_POSITIONS, check_position, check_rate
+from ..models.layers import RES_DROP_POSITIONS, check_dropout_args
 from .build import check_model_name, dropout_kwargs
 
 __all__ = ['FinetuneConfig', 'ValidateConfig', 'config_field']
@@ -110,11 +110,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         """Reject bad values up front, naming the flag, before any process builds anything."""
-        for name in ('drop_rate', 'res_drop_rate'):
-            if getattr(self, name) is not None:
-                check_rate(name, getattr(self, name))
-        if self.res_drop_pos is not None:
-            check_position(self.res_drop_pos)
+        check_dropout_args(self.drop_rate, self.res_drop_rate, self.res_drop_pos)
         positive = ('epochs', 'batch_size', 'grad_accum_steps', 'keep_checkpoints')
         for name in positive:
             if getattr(self, name) < 1:

@@ -10,7 +10,6 @@ of checkpoints. Written here: the loop, atomic rotated checkpoint folders, the r
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import platform
@@ -25,6 +24,7 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator, DistributedType
+from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from timm.loss import SoftTargetCrossEntropy
@@ -62,7 +62,7 @@ from .evaluate import EvalResult, evaluate, format_results
 
 __all__ = ['finetune']
 
-_logger = logging.getLogger(__name__)
+_logger = get_logger(__name__)  # accelerate's: logs on the main process only, unless told otherwise
 
 class _Trainer:
     """One run's mutable state. Split out of ``finetune`` only to keep each step short to read."""
@@ -357,11 +357,10 @@ class _Trainer:
 
     def run(self) -> Dict[str, Any]:
         cfg, acc = self.cfg, self.acc
-        if acc.is_main_process:
-            _logger.info('Fine-tuning %s on %s: %d train / %d val images, %d classes, %d channel(s), input %s; '
-                         '%d process(es) on %s, mixed precision %s', cfg.model, self.data.description,
-                         len(self.data.train), len(self.data.val), self.data.num_classes, self.data.in_chans,
-                         tuple(self.data_cfg['input_size']), acc.num_processes, acc.device, acc.mixed_precision)
+        _logger.info('Fine-tuning %s on %s: %d train / %d val images, %d classes, %d channel(s), input %s; '
+                     '%d process(es) on %s, mixed precision %s', cfg.model, self.data.description,
+                     len(self.data.train), len(self.data.val), self.data.num_classes, self.data.in_chans,
+                     tuple(self.data_cfg['input_size']), acc.num_processes, acc.device, acc.mixed_precision)
         stopped = False
         last_res: EvalResult | None = None
         last_ema: EvalResult | None = None
@@ -384,12 +383,11 @@ class _Trainer:
                 self.best = dict(epoch=self.epoch + 1, top1=res.top1, top5=res.top5, loss=res.loss, weights=source)
                 self.export('best', self.model if source == 'model' else self.ema.module,
                             dict(top1=res.top1, top5=res.top5, loss=res.loss, epoch=self.epoch + 1), source)
-            if acc.is_main_process:
-                msg = (f'epoch {self.epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  val top-1 '
-                       f'{last_res.top1:.2f}  top-5 {last_res.top5:.2f}  loss {last_res.loss:.4f}')
-                if last_ema is not None:
-                    msg += f'  | EMA top-1 {last_ema.top1:.2f}'
-                _logger.info(msg)
+            msg = (f'epoch {self.epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  val top-1 '
+                   f'{last_res.top1:.2f}  top-5 {last_res.top5:.2f}  loss {last_res.loss:.4f}')
+            if last_ema is not None:
+                msg += f'  | EMA top-1 {last_ema.top1:.2f}'
+            _logger.info(msg)
             if cfg.log_with:
                 acc.log({f'val/{k}': v for k, v in row.items() if k not in ('epoch', 'step')}, step=self.global_step)
             self.epoch += 1
@@ -408,8 +406,8 @@ class _Trainer:
         summary = self._summary(last_res, last_ema, stopped)
         if acc.is_main_process:
             write_json_atomic(self.out / 'summary.json', summary)
-            if last_res is not None:
-                _logger.info('\n%s', format_results(last_res, 'Final validation (last weights):'))
+        if last_res is not None:
+            _logger.info('\n%s', format_results(last_res, 'Final validation (last weights):'))
         if cfg.log_with:
             acc.end_training()
         acc.wait_for_everyone()
