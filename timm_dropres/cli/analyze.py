@@ -65,9 +65,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_input(model: Any, input_size: Sequence[int] | None) -> tuple[tuple[int, ...], Any, Any]:
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    size = tuple(input_size) if input_size else tuple(cfg.get('input_size', (3, 224, 224)))
-    return size, cfg.get('mean', (0.5,)), cfg.get('std', (0.5,))
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)  # timm's own resolution: pretrained cfg, then defaults
+    size = tuple(input_size) if input_size else tuple(cfg['input_size'])
+    return size, cfg['mean'], cfg['std']
 
 
 def _shift(args: argparse.Namespace) -> dict:

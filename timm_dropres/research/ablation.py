@@ -41,6 +41,7 @@ from ..files import read_json, write_json_atomic
 from ..models.blocks import block_norms
 from ..models.convert import residual_blocks
 from ..models.layers import AFTER_LAST_BN, AUTO, BEFORE_LAST_CONV, check_rate
+from ..training.evaluate import evaluate
 from .analysis import shift_max, shift_mean, variance_shift
 
 __all__ = [
@@ -487,16 +488,10 @@ def _fingerprint(spec: AblationSpec, arch: ArchSpec, config: AblationConfig) -> 
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@torch.no_grad()
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> Tuple[float, float]:
-    model.eval()
-    correct, nll = 0, 0.0
-    for i in range(0, len(x), batch_size):
-        logits = model(x[i:i + batch_size])
-        yb = y[i:i + batch_size]
-        nll += F.cross_entropy(logits, yb, reduction='sum').item()
-        correct += (logits.argmax(1) == yb).sum().item()
-    return 100.0 * correct / len(x), nll / len(x)
+    """Top-1 % and mean NLL with the trainer's own evaluation (in-memory batches instead of a loader)."""
+    res = evaluate(model, list(zip(x.split(batch_size), y.split(batch_size), strict=True)))
+    return res.top1, res.loss
 
 
 def run_one(

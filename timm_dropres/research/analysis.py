@@ -54,7 +54,7 @@ __all__ = [
     'BLOCK_POSITIONS', 'BlockResult', 'ModuleTestBlock', 'residual_block_test', 'format_block_table',
     'HeadResult', 'head_variance_test', 'head_test_on_model', 'iid_head_sweep', 'shift_by_position',
     'gaussian_batches', 'image_batches', 'dropout_train_var', 'plot_shift', 'plot_block', 'plot_head',
-    'GUIDELINE_POSITION',
+    'GUIDELINE_POSITION', 'run_with_input_hooks',
 ]
 
 
@@ -163,6 +163,46 @@ class _Moments:
         return (self.s2 / self.n - mean * mean).clamp_min(0.0)
 
 
+def run_with_input_hooks(
+        model: nn.Module, modules: Dict[str, nn.Module], batches: Iterable[Any],
+        on_input: Callable[[str, torch.Tensor], None], *, training: bool = False,
+        on_output: Callable[[torch.Tensor], None] | None = None,
+) -> int:
+    """Run ``model`` over ``batches`` (in train or eval mode) with ``on_input(name, x)`` called on the input of
+    each module of ``modules`` at every forward; the hooks are removed and the mode restored afterwards.
+
+    Args:
+        model: the network to run (moved batches go to its device).
+        modules: the modules to observe, by name.
+        batches: tensors or ``(tensor, target)`` pairs.
+        on_input: called with the module's name and its first positional input.
+        training: run in train mode (dropout active, BN batch statistics) instead of eval mode.
+        on_output: called with the model's output of every batch.
+
+    Returns:
+        The number of batches run.
+    """
+    handles = [m.register_forward_pre_hook(partial(_call_with_name, on_input, name)) for name, m in modules.items()]
+    device = _device(model)
+    count = 0
+    try:
+        with _mode(model, training):
+            for batch in batches:
+                out = model(_first(batch).to(device))
+                if on_output is not None:
+                    on_output(out)
+                count += 1
+    finally:
+        for h in handles:
+            h.remove()
+    return count
+
+
+def _call_with_name(fn: Callable[[str, torch.Tensor], None], name: str, _module: nn.Module, args: Tuple[Any, ...]
+                    ) -> None:
+    fn(name, args[0])
+
+
 @torch.no_grad()
 def variance_shift(
         model: nn.Module,
@@ -180,25 +220,12 @@ def variance_shift(
     moments: Dict[str, _Moments] = {n: _Moments() for n, _ in bns}
     order: List[str] = []
 
-    def hook_for(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: Tuple[Any, ...]) -> None:
-            if moments[name].n == 0:
-                order.append(name)
-            moments[name].add(args[0])
-        return hook
+    def record(name: str, x: torch.Tensor) -> None:
+        if moments[name].n == 0:
+            order.append(name)
+        moments[name].add(x)
 
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in bns]
-    device = _device(model)
-    count = 0
-    try:
-        with _mode(model, False):
-            for batch in batches:
-                model(_first(batch).to(device))
-                count += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if count == 0:
+    if run_with_input_hooks(model, dict(bns), batches, record) == 0:
         raise ValueError('batches is empty: nothing to measure')
     by_name = dict(bns)
     records = []
@@ -396,20 +423,6 @@ class BlockResult:
         return d
 
 
-class _Capture:
-    """Per-channel moments of a module's input (pre-hook) over several forwards."""
-
-    def __init__(self) -> None:
-        self.m = _Moments()
-
-    def hook(self, _module: nn.Module, args: Tuple[Any, ...]) -> None:
-        self.m.add(args[0])
-
-
-def _append_input(store: List[torch.Tensor], _module: nn.Module, args: Tuple[Any, ...]) -> None:
-    store.append(args[0].clone())
-
-
 def _channel_stats(xs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     m = _Moments()
     for x in xs:
@@ -482,25 +495,15 @@ def residual_block_test(
         # eval-mode: block output, the dropout's input, and the consumer BN's input (per channel)
         drop_in: List[torch.Tensor] = []
         outs_eval: List[torch.Tensor] = []
-        h = block.drop.register_forward_pre_hook(partial(_append_input, drop_in))
-        try:
-            with _mode(block, False):
-                for x in evals:
-                    block(x)
-                    assert block.block_out is not None
-                    outs_eval.append(block.block_out.clone())
-        finally:
-            h.remove()
+        run_with_input_hooks(block, {'drop': block.drop}, evals, lambda _n, x, s=drop_in: s.append(x.clone()),
+                             on_output=lambda _o, s=outs_eval, b=block: s.append(b.block_out.clone()))
         # train-mode output statistics on a copy, so the calibrated buffers stay as they were
         trained = copy.deepcopy(block)
-        outs_train = []
+        outs_train: List[torch.Tensor] = []
         with torch.random.fork_rng():
             torch.manual_seed(seed + 4)
-            with _mode(trained, True):
-                for x in evals:
-                    trained(x)
-                    assert trained.block_out is not None
-                    outs_train.append(trained.block_out.clone())
+            run_with_input_hooks(trained, {}, evals, lambda _n, _x: None, training=True,
+                                 on_output=lambda _o, s=outs_train, b=trained: s.append(b.block_out.clone()))
         mean_e, var_e = _channel_stats(outs_eval)
         mean_t, var_t = _channel_stats(outs_train)
 
@@ -532,15 +535,9 @@ def residual_block_test(
 
 def _bn_input_var(block: nn.Module, bn: nn.Module, batches: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-channel eval-mode variance of ``bn``'s input over ``batches``."""
-    cap = _Capture()
-    h = bn.register_forward_pre_hook(cap.hook)
-    try:
-        with _mode(block, False):
-            for x in batches:
-                block(x)
-    finally:
-        h.remove()
-    return cap.m.var()
+    moments = _Moments()
+    run_with_input_hooks(block, {'bn': bn}, batches, lambda _n, x: moments.add(x))
+    return moments.var()
 
 
 def format_block_table(results: Sequence[BlockResult]) -> str:
