@@ -93,15 +93,15 @@ def _num(v: Any) -> float | None:
 def eval_metrics(summary: Mapping[str, Any], checkpoint: str = 'best') -> Dict[str, Any]:
     """``top1``/``top5``/``loss``/``epoch``/``num_samples`` (those present) of ``checkpoint`` ('best' or 'last').
 
-    Reads the trainer's ``{"best": {"top1": ...}, "last": {...}, "epochs_completed": n}`` and the flat
-    ``best_top1``/``last_top5`` form. Accuracies are percentages, as timm reports them.
+    Reads the trainer's ``{"best": {"top1": ...}, "last": {...}, "epochs_completed": n}``. Accuracies are
+    percentages, as timm reports them.
     """
     if checkpoint not in ('best', 'last'):
         raise ValueError(f'checkpoint must be "best" or "last", got {checkpoint!r}')
     nested = summary.get(checkpoint) if isinstance(summary.get(checkpoint), Mapping) else {}
     out: Dict[str, Any] = {}
     for key in ('top1', 'top5', 'loss', 'epoch', 'num_samples'):
-        value = _num(summary.get(f'{checkpoint}_{key}', nested.get(key)))
+        value = _num(nested.get(key))
         if value is not None:
             out[key] = int(value) if key in ('epoch', 'num_samples') else value
     if out and checkpoint == 'last' and 'epoch' not in out and _num(summary.get('epochs_completed')) is not None:
@@ -125,7 +125,7 @@ def weights_metrics(config: Mapping[str, Any], summary: Mapping[str, Any] | None
 
 
 def summary_config(summary: Mapping[str, Any]) -> Dict[str, Any]:
-    cfg = summary.get('config') or summary.get('args') or {}
+    cfg = summary.get('config') or {}
     return dict(cfg) if isinstance(cfg, Mapping) else {}
 
 
@@ -157,7 +157,7 @@ def base_model_id(summary: Mapping[str, Any] | None) -> str | None:
     if not summary:
         return None
     cfg = summary_config(summary)
-    name = cfg.get('model') or cfg.get('model_name') or summary.get('model')
+    name = cfg.get('model') or summary.get('model')
     if not isinstance(name, str) or not cfg.get('pretrained', summary.get('pretrained', False)):
         return None
     if cfg.get('pretrained_file'):
@@ -234,7 +234,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _epoch_rows(summary: Mapping[str, Any]) -> Tuple[List[str], List[List[Any]]]:
-    epochs = summary.get('epochs') or summary.get('history') or summary.get('per_epoch') or []
+    epochs = summary.get('history') or []
     if not isinstance(epochs, list) or not epochs or not all(isinstance(e, Mapping) for e in epochs):
         return [], []
     keys: List[str] = []
@@ -254,6 +254,10 @@ def _eval_results(m: Mapping[str, Any], ds_id: str | None, ds_name: str | None, 
         out.append(EvalResult(metric_type='top_5_accuracy', metric_name='top-5 accuracy', metric_value=m['top5'],
                               **common))
     return out
+
+
+#: huggingface_hub renders the YAML header from the card data; the body is inserted as a value, verbatim
+_TEMPLATE = '---\n{{ card_data }}\n---\n\n{{ body }}'
 
 
 def build_card(
@@ -375,4 +379,4 @@ def build_card(
               f'With plain timm only (inference or fine-tuning without dropres dropout), load the weights into '
               f'`{base_arch}`:', '', '```python', plain_timm_snippet(repo_id, arch).rstrip(), '```', '',
               '## Citation', '', '```bibtex', PAPER_BIBTEX, '```', '']
-    return ModelCard(f'---\n{data.to_yaml()}\n---\n\n' + '\n'.join(parts))
+    return ModelCard.from_template(data, template_str=_TEMPLATE, body='\n'.join(parts))
