@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import timm
@@ -152,8 +153,13 @@ def test_composes_with_drop_path_and_drop_block():
     assert blk.drop_path is not None and blk.res_drop is not blk.drop_path
 
 
-@pytest.mark.parametrize('ctor', [torchvision.models.resnet18, torchvision.models.resnext50_32x4d,
-                                  torchvision.models.wide_resnet50_2])
+# the block types of resnet18, resnext50_32x4d and wide_resnet50_2, one block per stage (weights don't matter)
+_TV = torchvision.models.resnet
+@pytest.mark.parametrize('ctor', [
+    functools.partial(_TV.ResNet, _TV.BasicBlock, [1, 1, 1, 1]),
+    functools.partial(_TV.ResNet, _TV.Bottleneck, [1, 1, 1, 1], groups=32, width_per_group=4),
+    functools.partial(_TV.ResNet, _TV.Bottleneck, [1, 1, 1, 1], width_per_group=128),
+], ids=['basic', 'resnext', 'wide'])
 @pytest.mark.parametrize('pos', POST_POSITIONS)
 def test_convert_torchvision(ctor, pos):
     base = ctor(num_classes=10).eval()
@@ -166,7 +172,7 @@ def test_convert_torchvision(ctor, pos):
     blocks = [n for n, _ in timm_dropres.residual_blocks(ours)]
     assert [e for e in events if e.endswith('res_drop')] == [f'{b}.res_drop' for b in blocks]
     _expect_neighbours(events, 'head_drop', [f'{blocks[-1]}.relu'], 'avgpool')
-    last = 2 if ctor is torchvision.models.resnet18 else 3
+    last = 2 if ctor.args[0] is _TV.BasicBlock else 3
     for b in blocks:
         if pos == AFTER_LAST_BN:
             _expect_neighbours(events, f'{b}.res_drop', [f'{b}.bn{last}'], 'op:add')

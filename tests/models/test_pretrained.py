@@ -9,22 +9,19 @@ from pathlib import Path
 
 import timm
 import torch
+from hub_helpers import build_hf_cache
 from safetensors.torch import load_file, save_file
 
 ARCH, TAG = 'test_resnet', 'r160_in1k'
 
 
 def make_hf_cache(root: Path, repo: str, tensors: dict) -> Path:
-    """A real huggingface_hub cache layout: models--org--name/{refs/main, snapshots/<rev>/model.safetensors}."""
-    org, name = repo.split('/')
-    rev = 'a' * 40
-    repo_dir = root / f'models--{org}--{name}'
-    snap = repo_dir / 'snapshots' / rev
-    snap.mkdir(parents=True)
-    (repo_dir / 'refs').mkdir()
-    (repo_dir / 'refs' / 'main').write_text(rev)
-    save_file(tensors, str(snap / 'model.safetensors'))
-    return snap / 'model.safetensors'
+    """``tensors`` as ``model.safetensors`` of ``repo`` in a real huggingface_hub cache layout under ``root``."""
+    src = root / 'src' / 'model.safetensors'
+    src.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(src))
+    commit = 'a' * 40
+    return build_hf_cache(root, repo, [src], commit) / 'snapshots' / commit / 'model.safetensors'
 
 
 def _random_base_weights() -> dict:

@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from helpers_train import PYTHON, REPO, make_image_folder, subprocess_env, tiny_config
+from hub_helpers import build_hf_cache
 from safetensors.torch import load_file, save_file
 
 import timm_dropres
@@ -200,11 +201,8 @@ def test_pretrained_replaces_the_classifier_and_logs_it(tmp_path, caplog):
 def test_pretrained_from_a_local_hub_cache(tmp_path):
     """--pretrained through timm's Hub download path, served offline from a hand-built HF cache."""
     src = timm.create_model('test_resnet', num_classes=1000)
-    snap = tmp_path / 'hub' / 'models--timm--test_resnet.r160_in1k'
-    (snap / 'snapshots' / 'abc123').mkdir(parents=True)
-    (snap / 'refs').mkdir()
-    (snap / 'refs' / 'main').write_text('abc123')
-    save_file(src.state_dict(), str(snap / 'snapshots' / 'abc123' / 'model.safetensors'))
+    save_file(src.state_dict(), str(tmp_path / 'model.safetensors'))
+    build_hf_cache(tmp_path / 'hub', 'timm/test_resnet.r160_in1k', [tmp_path / 'model.safetensors'])
     code = ('import timm_dropres, torch; from timm_dropres.training.config import FinetuneConfig; '
             'from timm_dropres.training.build import build_model; '
             'm, _ = build_model(FinetuneConfig(model="test_resnet_dropres.r160_in1k", pretrained=True), 5, 3); '
