@@ -36,12 +36,12 @@ def test_dropres_variants_are_compliant(name: str) -> None:
 
 
 def test_post_act_before_last_conv_is_reported_as_hazard(capsys) -> None:
-    r = audit('resnet18_dropres', input_size=SMALL, res_drop_pos='before_last_conv')
+    r = audit('resnet18_dropres', input_size=SMALL, res_drop_pos='before_last_conv', res_drop_rate=0.1)
     branch = r.entries[:-1]
     assert branch and all(e.verdict == HAZARD and e.consumer.endswith('bn2') for e in branch)
     assert 'linear:' in branch[0].path and branch[0].path.endswith('bn2')   # dropout -> conv2 -> bn2
-    assert audit_main(['resnet18_dropres', '--res-drop-pos', 'before_last_conv', '--input-size', '3', '64', '64',
-                       '--strict']) == 1
+    assert audit_main(['resnet18_dropres', '--res-drop-pos', 'before_last_conv', '--res-drop-rate', '0.1',
+                       '--input-size', '3', '64', '64', '--strict']) == 1
     assert 'hazard' in capsys.readouterr().err
     assert audit_main(['resnet18_dropres', '--input-size', '3', '64', '64', '--strict']) == 0
 
