@@ -11,8 +11,7 @@ import torch.nn as nn
 
 from timm_dropres import RES_DROP_POSITIONS, ResidualDropout
 from timm_dropres.cli import ablate as cli
-from timm_dropres.research import ablation
-from timm_dropres.research import report
+from timm_dropres.research import ablation, report
 from timm_dropres.research.ablation import CONFIGS, AblationSpec, ArchSpec, DataSpec, Schedule
 
 # tiny models: one intra-op thread is fastest, and two threads spin on a busy 2-core box
