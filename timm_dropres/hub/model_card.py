@@ -253,7 +253,7 @@ def transformers_plain_snippet(repo_id: str, config: Mapping[str, Any]) -> str:
             if k not in _DROPOUT_ARG_NAMES and k != 'num_classes'}
     return f"""from transformers import AutoModelForImageClassification
 
-# without timm_dropres: build timm's own {base} (dropout has no weights) instead of the unregistered dropres name
+# without the plugin: build timm's own {base} (dropout has no weights) instead of the unregistered dropres name
 model = AutoModelForImageClassification.from_pretrained(
     '{repo_id}', architecture='{base}', model_args={args!r}).eval()
 """
