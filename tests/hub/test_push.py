@@ -219,7 +219,9 @@ def test_transformers_snippets_load_the_published_model(run, hub_run):
     assert info['hf_processor_size'] == [1, IMG, IMG]
     with torch.no_grad():
         expected = run['model'](run['x'])
-    assert torch.equal(outs['hf'], expected) and torch.equal(outs['hf_plain'], expected)
+    # equal up to rounding: transformers' loaded weights may sit at other memory alignments (other CPU kernels)
+    torch.testing.assert_close(outs['hf'], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(outs['hf_plain'], expected, rtol=0, atol=1e-6)
 
 
 def test_published_tag_resolves_to_its_hub_id(run, hub_run):

@@ -106,8 +106,8 @@ def test_config_finds_shipped_recipes_by_name_from_anywhere(tmp_path, monkeypatc
         set(names)
     for spelling in ('fashion_mnist_resnet18', 'fashion_mnist_resnet18.yaml', 'configs/fashion_mnist_resnet18.yaml'):
         assert find_recipe(spelling) == RECIPES_DIR / 'fashion_mnist_resnet18.yaml'
-    cfg = _parse('--config', 'configs/paper/preresnet110_cifar10.yaml', '--epochs', '2')
-    assert cfg.model == 'preresnet110_cifar_dropres' and cfg.epochs == 2 and cfg.pad_crop == 4
+    cfg = _parse('--config', 'configs/paper/preresnet110_cifar10.yaml', '-b', '64')
+    assert cfg.model == 'preresnet110_cifar_dropres' and cfg.batch_size == 64 and cfg.pad_crop == 4
     with pytest.raises(FileNotFoundError, match=r"shipped recipes: \['ablation_fmnist'"):
         find_recipe('../pyproject')
     with pytest.raises(SystemExit):
@@ -130,8 +130,7 @@ def test_model_flags_reach_the_model(tmp_path):
     cfg = tiny_config('unused', tmp_path, drop_path_rate=0.1, drop_block_rate=0.05, grad_checkpointing=True)
     model, kwargs = build_model(cfg, num_classes=3, in_chans=3)
     assert kwargs['drop_path_rate'] == 0.1 and kwargs['drop_block_rate'] == 0.05
-    assert [m.drop_prob for m in model.modules() if isinstance(m, DropPath)] and \
-        all(m.drop_prob <= 0.1 for m in model.modules() if isinstance(m, DropPath))
+    assert max(m.drop_prob for m in model.modules() if isinstance(m, DropPath)) == pytest.approx(0.1)
     assert any(isinstance(m, DropBlock2d) for m in model.modules())
     assert model.grad_checkpointing is True
     # timm's --initial-checkpoint: every weight of the file, strictly; a saved folder works too
@@ -276,8 +275,8 @@ def test_trained_folder_loads_in_transformers(timm_flag_run):
     assert AutoImageProcessor.from_pretrained(str(folder)).data_config['input_size'] == (3, 32, 32)
     ref = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(hf(x).logits, ref(x))
+    with torch.no_grad():  # equal up to rounding: transformers' weights sit at other alignments (other kernels)
+        torch.testing.assert_close(hf(x).logits, ref(x), rtol=0, atol=1e-6)
 
 
 def test_cli_log_to_a_file_has_no_progress_bars(tmp_path, capfd, caplog):
@@ -287,5 +286,5 @@ def test_cli_log_to_a_file_has_no_progress_bars(tmp_path, capfd, caplog):
     rc = finetune_main(['--model', 'test_resnet_dropres', '--dataset', str(data), '--output-dir', str(tmp_path / 'r'),
                         '-b', '4', '-j', '0', '--img-size', '32', '--epochs', '1', '--cpu'])
     err = capfd.readouterr().err
-    assert rc == 0 and 'epoch 1/1  train loss' in caplog.text
+    assert rc == 0 and 'epoch 1/1  train loss' in caplog.text, err[-3000:]
     assert not re.search(r'epoch 1/1:|\d+/\d+ \[|it/s', err), err[-2000:]

@@ -180,7 +180,9 @@ def weights_origin(model: nn.Module, cfg: FinetuneConfig) -> Dict[str, Any] | No
         return None
     source = cfg.model if pretrained and cfg.pretrained_file is None else ''
     source = ' + '.join(x for x in [source] + files if x)
-    license = (getattr(model, 'pretrained_cfg', None) or {}).get('license') if pretrained else None
+    # a --pretrained-file replaces the registry's weights: their license is not the file's
+    from_registry = pretrained and cfg.pretrained_file is None
+    license = (getattr(model, 'pretrained_cfg', None) or {}).get('license') if from_registry else None
     return dict(finetuned_from=source, license=license)
 
 
