@@ -16,6 +16,7 @@ import pytest
 import timm
 import torch
 import yaml
+from accelerate.state import AcceleratorState
 from helpers_train import make_image_folder, tiny_config
 from safetensors.torch import save_file
 from timm.layers import DropBlock2d, DropPath
@@ -215,6 +216,9 @@ def timm_flag_run(tmp_path_factory) -> Dict[str, Any]:
         mp.undo()
         os.umask(old_umask)
         torch.set_num_threads(n)
+        # accelerate keeps one process-wide state; bf16 here would refuse later runs' 'no' (as its own
+        # AccelerateTestCase does between tests)
+        AcceleratorState._reset_state(reset_partial_state=True)
     return dict(root=root, out=root / 'run', summary=summary, compiled=compiled, cfg=cfg)
 
 
