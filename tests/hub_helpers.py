@@ -63,11 +63,16 @@ def make_summary(**overrides: Any) -> Dict[str, Any]:
 
 def make_run(root: Path, model: nn.Module, summary: Dict[str, Any] | None = None, name: str = 'best') -> Path:
     """``root/run/<name>/`` as the trainer writes it, with ``root/run/summary.json`` beside it."""
-    extra = None
-    if summary is not None:  # what the trainer adds to config.json (train.py, _Trainer.export)
+    extra, data_config, license = None, None, None
+    if summary is not None:  # what the trainer adds to config.json (trainer.py, _Trainer.export)
         extra = dict(metrics={k: summary['best'][k] for k in ('top1', 'top5', 'loss', 'epoch')}, weights='model',
                      finetuned_from=summary['model'], dataset=summary['data'])
-    folder = save_pretrained_folder(model, root / 'run' / name, label_names=LABELS, extra_config=extra)
+        data_config = dict(input_size=(model.conv1[0].in_channels, IMG, IMG), interpolation='bilinear',
+                           mean=(0.5,) * model.conv1[0].in_channels, std=(0.5,) * model.conv1[0].in_channels,
+                           crop_pct=1.0, crop_mode='center')
+        license = 'apache-2.0'  # the license of the pretrained weights the summary's run started from
+    folder = save_pretrained_folder(model, root / 'run' / name, label_names=LABELS, data_config=data_config,
+                                    license=license, extra_config=extra)
     if summary is not None:
         (root / 'run' / 'summary.json').write_text(json.dumps(summary))
     return folder

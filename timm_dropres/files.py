@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
-__all__ = ['write_text_atomic', 'write_json_atomic', 'read_json']
+__all__ = ['write_text_atomic', 'write_json_atomic', 'read_json', 'temp_dir_beside', 'files_like_folder']
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -33,6 +34,46 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def temp_dir_beside(path: str | os.PathLike) -> Path:
+    """Create a new, empty, hidden folder next to ``path``, to be renamed onto it once complete.
+
+    Unlike ``tempfile.mkdtemp`` (always mode 0700), the folder gets the mode a plain ``mkdir`` gives
+    (0777 less the process umask), so a folder renamed into place is as readable as any other the user
+    creates.
+
+    Args:
+        path: the final destination; its parent folder is created if missing.
+
+    Returns:
+        The new folder, ``<parent>/.<name>.<random>``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.with_name(f'.{path.name}.{secrets.token_hex(4)}')
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+
+
+def files_like_folder(folder: str | os.PathLike) -> None:
+    """Give the files directly in ``folder`` the folder's read/write bits (its mode less execute bits).
+
+    Some writers (safetensors among them) create files with mode 0600 whatever the umask; after this, the
+    files of a folder made by :func:`temp_dir_beside` are as readable as files the user creates.
+
+    Args:
+        folder: the folder whose files to adjust (not recursive).
+    """
+    folder = Path(folder)
+    mode = folder.stat().st_mode & 0o666
+    for p in folder.iterdir():
+        if p.is_file() and not p.is_symlink():
+            p.chmod(mode)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2, sort_keys: bool = False) -> Path:

@@ -18,6 +18,8 @@ from timm_dropres.hub.model_card import (
     plain_timm_snippet,
     redact,
     scrub_paths,
+    transformers_plain_snippet,
+    transformers_snippet,
 )
 
 REPO = 'alice/test_resnet_dropres.fmnist'
@@ -78,7 +80,11 @@ def test_body_covers_placement_recipe_eval_usage_citation(model_and_config):
     assert '| opt | adamw |' in text and '| lr | 0.001 |' in text and '| epochs | 3 |' in text
     assert '| best (these weights) | 2 | 87.5 | 99.25 | 0.3712 | 400 |' in text
     assert "timm.create_model('hf-hub:alice/test_resnet_dropres.fmnist', pretrained=True)" in text
-    assert plain_timm_snippet(REPO, ARCH) in text and "timm.create_model('test_resnet'," in text
+    assert plain_timm_snippet(REPO, ARCH) in text and "# 'test_resnet': dropout has no weights" in text
+    # transformers: with the plugin, and what to do without it (its own error says to upgrade timm)
+    assert transformers_snippet(REPO) in text and transformers_plain_snippet(REPO, config) in text
+    assert "architecture='test_resnet', model_args={'in_chans': 1}" in text  # no num_classes: transformers adds it
+    assert 'Upgrading timm does not help: `pip install timm-dropres`' in text
     assert PAPER_BIBTEX in text
     assert '| train_size | 600 |' in text and '| train_img_per_s | 412.3 |' in text
     assert '/home/alice' not in text and '| output_dir |' not in text  # bookkeeping, not recipe

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Dict
 
 import pytest
 import timm
@@ -119,22 +120,37 @@ _HUB_SCRIPT = textwrap.dedent('''
     from safetensors.torch import load_file, save_file
     card, x_path, out_path = sys.argv[1:4]
     x = load_file(x_path)['x']
-    plain_snippet, dropres_snippet = json.load(open(card))
+    snippets = json.load(open(card))
     outs, info = {}, {}
     ns = {}
-    exec(plain_snippet, ns)  # the card's "plain timm" snippet, verbatim
-    info['plugin_loaded_for_plain'] = 'timm_dropres' in sys.modules
+    exec(snippets['plain'], ns)  # the card's "plain timm" snippet, verbatim
+    import timm
     info['plain_type'] = type(ns['model']).__name__
+    info['plain_data_cfg'] = timm.data.resolve_model_data_config(ns['model'])
     with torch.no_grad():
         outs['plain'] = ns['model'](x)
     ns = {}
-    exec(dropres_snippet, ns)  # the card's timm_dropres snippet, verbatim
-    import timm, timm_dropres
+    exec(snippets['transformers_plain'], ns)  # the card's transformers snippet without the plugin, verbatim
+    info['hf_plain_type'] = type(ns['model'].timm_model).__name__
+    with torch.no_grad():
+        outs['hf_plain'] = ns['model'](x).logits
+    info['plugin_loaded_for_plain'] = 'timm_dropres' in sys.modules
+    ns = {}
+    exec(snippets['dropres'], ns)  # the card's timm_dropres snippet, verbatim
+    import timm_dropres
     m = ns['model']
     info['hub_sites'] = [[s.name, s.where, s.p] for s in timm_dropres.dropout_sites(m)]
+    info['hub_data_cfg'] = timm.data.resolve_model_data_config(m)
     with torch.no_grad():
         outs['hub'] = m(x)
         m.train(); torch.manual_seed(123); outs['hub_train'] = m(x)
+    ns = {}
+    exec(snippets['transformers'], ns)  # the card's transformers snippet, verbatim
+    info['hf_type'] = type(ns['model'].timm_model).__name__
+    info['hf_id2label'] = ns['model'].config.id2label
+    info['hf_processor_size'] = list(ns['processor'].data_config['input_size'])
+    with torch.no_grad():
+        outs['hf'] = ns['model'](x).logits
     info['listed'] = timm.list_pretrained('test_resnet_dropres*')
     info['default_tag'] = timm.models.get_pretrained_cfg('test_resnet_dropres').tag
     info['tag_hub_id'] = timm.models.get_pretrained_cfg('test_resnet_dropres.fmnist_ft').hf_hub_id
@@ -147,16 +163,24 @@ _HUB_SCRIPT = textwrap.dedent('''
 ''')
 
 
+def card_snippets(card_text: str) -> Dict[str, str]:
+    """The card's four Python usage blocks by role: timm with/without the plugin, transformers with/without it."""
+    blocks = code_blocks(card_text)
+    return dict(
+        plain=next(b for b in blocks if 'snapshot_download' in b),
+        dropres=next(b for b in blocks if "timm.create_model('hf-hub:" in b),
+        transformers=next(b for b in blocks if 'AutoModel' in b and 'import timm_dropres' in b),
+        transformers_plain=next(b for b in blocks if 'AutoModel' in b and 'timm_dropres' not in b),
+    )
+
+
 @pytest.fixture(scope='module')
 def hub_run(run):
     """One subprocess (fresh imports, HF_HUB_OFFLINE=1) loading the pushed files from a real HF cache layout."""
     root, out = run['root'], run['out']
     cache = root / 'hf_cache'
     build_hf_cache(cache, REPO, [out / 'config.json', out / 'model.safetensors', out / 'README.md'])
-    blocks = code_blocks((out / 'README.md').read_text())
-    plain = next(b for b in blocks if 'timm_dropres' not in b)
-    dropres = next(b for b in blocks if 'import timm_dropres' in b)
-    (root / 'snippets.json').write_text(json.dumps([plain, dropres]))
+    (root / 'snippets.json').write_text(json.dumps(card_snippets((out / 'README.md').read_text())))
     (root / 'published.json').write_text(json.dumps({ARCH: {'fmnist_ft': run['result'].registry_entry}}))
     save_file({'x': run['x']}, root / 'x.safetensors')
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache), HF_HOME=str(root / 'hf_home'),
@@ -164,7 +188,7 @@ def hub_run(run):
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
     env.pop('HF_TOKEN', None)
     proc = subprocess.run([sys.executable, '-c', _HUB_SCRIPT, str(root / 'snippets.json'), str(root / 'x.safetensors'),
-                           str(root / 'outs.safetensors')], env=env, capture_output=True, text=True, timeout=120)
+                           str(root / 'outs.safetensors')], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), load_file(root / 'outs.safetensors')
 
@@ -182,8 +206,22 @@ def test_plain_timm_snippet_loads_bit_identical(run, hub_run):
     info, outs = hub_run
     assert info['plugin_loaded_for_plain'] is False  # the snippet ran without timm_dropres imported
     assert info['plain_type'] == 'ResNet'
+    assert info['plain_data_cfg'] == info['hub_data_cfg']  # the published preprocessing, not resnet's defaults
     with torch.no_grad():
         assert torch.equal(outs['plain'], run['model'](run['x']))
+
+
+def test_transformers_snippets_load_the_published_model(run, hub_run):
+    """The card's transformers code, with the plugin (dropres network) and without it (timm's base network)."""
+    info, outs = hub_run
+    assert info['hf_type'] == 'DropResNet' and info['hf_plain_type'] == 'ResNet'
+    assert info['hf_id2label'] == {str(i): name for i, name in enumerate(LABELS)}  # from label_names
+    assert info['hf_processor_size'] == [1, IMG, IMG]
+    with torch.no_grad():
+        expected = run['model'](run['x'])
+    # equal up to rounding: transformers' loaded weights may sit at other memory alignments (other CPU kernels)
+    torch.testing.assert_close(outs['hf'], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(outs['hf_plain'], expected, rtol=0, atol=1e-6)
 
 
 def test_published_tag_resolves_to_its_hub_id(run, hub_run):

@@ -51,7 +51,8 @@ def trained_run(dataset, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_end_to_end_outputs_and_reload(dataset, trained_run):
     out, s = trained_run
-    assert {p.name for p in out.iterdir()} == {'best', 'last', 'checkpoints', 'summary.json'}
+    assert {p.name for p in out.iterdir()} == {'best', 'last', 'checkpoints', 'summary.json', 'summary.csv',
+                                               'args.yaml'}
     assert json.loads((out / 'summary.json').read_text())['best'] == s['best']
     assert s['epochs_completed'] == 1 and s['global_steps'] == 9 and not s['interrupted']
     assert s['last']['num_samples'] == s['val_size'] == 15

@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import torch
 
+from ..recipes import find_recipe
 from ..research import ablation, report
 
 
@@ -61,7 +62,8 @@ def _header(spec: ablation.AblationSpec, config: str, records: list, skipped: di
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--config', required=True, help='ablation YAML, e.g. configs/ablation_fmnist.yaml')
+    p.add_argument('--config', required=True,
+                   help='ablation YAML, or a shipped recipe\'s name (e.g. ablation_fmnist)')
     p.add_argument('--out-dir', default='docs/results', help='where ablation.{csv,md,png} go')
     p.add_argument('--runs-dir', default=None, help='per-run JSONs (default: <out-dir>/<stem>_runs)')
     p.add_argument('--title', default='Dropout-placement ablation on Fashion-MNIST', help='report title')
@@ -72,7 +74,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--fmnist-root', default=None, help='folder with the Fashion-MNIST idx files')
     args = p.parse_args(argv)
 
-    spec = ablation.load_spec(args.config)
+    try:
+        config = find_recipe(args.config)
+    except FileNotFoundError as e:
+        p.error(str(e))
+    spec = ablation.load_spec(config)
     out_dir = Path(args.out_dir)
     runs_dir = Path(args.runs_dir) if args.runs_dir else out_dir / f'{args.stem}_runs'
     torch.set_num_threads(args.threads)

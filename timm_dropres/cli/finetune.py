@@ -18,7 +18,8 @@ __all__ = ['main']
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_config(FinetuneConfig, argv, 'Fine-tune a timm (dropres) model with accelerate.', 'dropres-finetune')
+    cfg = parse_config(FinetuneConfig, argv, 'Fine-tune a timm (dropres) model with accelerate.', 'dropres-finetune',
+                       recipes=True)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
     logging.getLogger('accelerate').setLevel(logging.WARNING)  # per-file checkpoint chatter
     try:

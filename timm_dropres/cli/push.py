@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog='dropres-push',
         description='Publish a run folder (config.json + model.safetensors, e.g. runs/pets/best) to the Hub with a '
                     'generated model card. The token comes from --token, else HF_TOKEN, else `hf auth login`.')
-    p.add_argument('folder', help='folder written by the trainer or timm_dropres.export.save_pretrained_folder')
+    p.add_argument('folder', help='folder written by the trainer or timm_dropres.hub.export.save_pretrained_folder')
     p.add_argument('--repo-id', required=True, help='<user or org>/<name> on the Hub')
     p.add_argument('--token', default=None, help='Hub token with write access (default: HF_TOKEN or stored login)')
     p.add_argument('--private', action='store_true', help='create the repo as private (an existing repo is unchanged)')

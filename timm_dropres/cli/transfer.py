@@ -19,6 +19,7 @@ from typing import List, Optional
 
 import torch
 
+from ..recipes import find_recipe
 from ..research import ablation, report, transfer
 
 
@@ -61,7 +62,8 @@ def _header(spec: transfer.TransferSpec, config: str, records: list, skipped: di
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--config', required=True, help='transfer-study YAML, e.g. configs/study_transfer.yaml')
+    p.add_argument('--config', required=True,
+                   help='transfer-study YAML, or a shipped recipe\'s name (e.g. study_transfer)')
     p.add_argument('--out-dir', default='docs/results/transfer', help='report, runs/ and pretrained/ go here')
     p.add_argument('--threads', type=int, default=1, help='torch intra-op threads')
     p.add_argument('--only-arch', nargs='+', default=None, help='run only these architecture names')
@@ -70,7 +72,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    spec = transfer.load_transfer_spec(args.config)
+    try:
+        config = find_recipe(args.config)
+    except FileNotFoundError as e:
+        p.error(str(e))
+    spec = transfer.load_transfer_spec(config)
     out = Path(args.out_dir)
     torch.set_num_threads(args.threads)
     skipped = {a.name: ablation.configs_for(transfer._as_ablation_arch(a), spec.configs)[1]

@@ -23,7 +23,7 @@ from ..models.summary import describe
 __all__ = [
     'TAGS', 'PAPER_BIBTEX', 'SUMMARY_NAME', 'find_summary', 'read_summary', 'eval_metrics', 'base_model_id',
     'dataset_id', 'run_dataset', 'weights_metrics', 'build_card', 'plain_timm_snippet', 'dropres_snippet', 'redact',
-    'scrub_paths',
+    'scrub_paths', 'transformers_snippet', 'transformers_plain_snippet',
 ]
 
 TAGS = ['image-classification', 'timm', 'dropres']
@@ -61,7 +61,8 @@ _ABS_PATH = re.compile(r'(?<![\w.])(?:~|[A-Za-z]:)?[\\/](?:[^\s\\/()\'",]+[\\/])
 # trainer options about the machine or the run's bookkeeping, not the recipe
 _RUNTIME_KEYS = frozenset((
     'cpu', 'num_workers', 'output_dir', 'overwrite', 'resume', 'checkpoint_every', 'keep_checkpoints',
-    'stop_after_steps', 'log_with', 'log_every', 'progress', 'data_dir', 'download', 'pretrained_file'))
+    'stop_after_steps', 'log_with', 'log_every', 'progress', 'data_dir', 'download', 'pretrained_file',
+    'initial_checkpoint', 'torchcompile', 'grad_checkpointing'))
 # datasets whose validation in the trainer is the official test split
 _TEST_SPLIT = frozenset(('zalando-datasets/fashion_mnist', 'uoft-cs/cifar10', 'uoft-cs/cifar100'))
 
@@ -190,26 +191,36 @@ def run_dataset(config: Mapping[str, Any], summary: Mapping[str, Any] | None) ->
 
 
 # ---------------------------------------------------------------------------------------------- usage snippets
+_DROPOUT_ARG_NAMES = ('drop_rate', 'res_drop_rate', 'res_drop_pos')
+
+
 def plain_timm_snippet(repo_id: str, architecture: str) -> str:
-    """Python that loads the published weights into plain timm's base architecture (no timm_dropres)."""
-    base = architecture[:-len('_dropres')] if architecture.endswith('_dropres') else architecture
+    """Python that loads the published weights into plain timm's base architecture (no timm_dropres).
+
+    The call is the README's "without the plugin" call, with the folder downloaded from the Hub.
+
+    Args:
+        repo_id: the Hub repo.
+        architecture: the ``*_dropres`` architecture (named in a comment).
+    """
+    base = architecture.removesuffix('_dropres')
     return f"""import json
 
-import timm
-from huggingface_hub import hf_hub_download
-from safetensors.torch import load_file
+import timm  # plain timm: timm_dropres is not needed
+from huggingface_hub import snapshot_download
 
-repo = '{repo_id}'
-config = json.load(open(hf_hub_download(repo, 'config.json')))
-# dropout has no parameters: drop the dropres arguments and build timm's own {base}
-args = {{k: v for k, v in config['model_args'].items() if k not in ('drop_rate', 'res_drop_rate', 'res_drop_pos')}}
-model = timm.create_model('{base}', pretrained=False, **args)
-model.load_state_dict(load_file(hf_hub_download(repo, 'model.safetensors')))  # strict: every tensor matches
-model.eval()  # eval outputs are bit-identical to the dropres model's
+folder = snapshot_download('{repo_id}')
+cfg = json.load(open(f'{{folder}}/config.json'))
+model = timm.create_model(
+    cfg['architecture'].removesuffix('_dropres'),  # '{base}': dropout has no weights, so every tensor fits
+    pretrained=True, pretrained_cfg_overlay=dict(cfg['pretrained_cfg'], file=f'{{folder}}/model.safetensors'),
+    **{{k: v for k, v in cfg['model_args'].items() if k not in {_DROPOUT_ARG_NAMES!r}}},
+).eval()  # eval outputs are bit-identical to the dropres model's; the preprocessing is the published one
 """
 
 
 def dropres_snippet(repo_id: str) -> str:
+    """Python that rebuilds the published model with its dropouts (timm + the timm_dropres plugin)."""
     return f"""import timm
 import timm_dropres  # noqa: F401  (registers the *_dropres models)
 
@@ -217,6 +228,34 @@ model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()
 print(timm_dropres.describe(model))  # where the dropouts sit (active in train mode only)
 data_cfg = timm.data.resolve_model_data_config(model)
 transform = timm.data.create_transform(**data_cfg, is_training=False)
+"""
+
+
+def transformers_snippet(repo_id: str) -> str:
+    """Python that loads the published model with transformers' ``AutoModelForImageClassification``."""
+    return f"""import timm_dropres  # noqa: F401  (registers the *_dropres models, which transformers builds with timm)
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+model = AutoModelForImageClassification.from_pretrained('{repo_id}').eval()  # labels: model.config.id2label
+processor = AutoImageProcessor.from_pretrained('{repo_id}')  # the published preprocessing
+"""
+
+
+def transformers_plain_snippet(repo_id: str, config: Mapping[str, Any]) -> str:
+    """Python that loads the published weights with transformers into timm's base architecture (no timm_dropres).
+
+    Args:
+        repo_id: the Hub repo.
+        config: its ``config.json`` (architecture and ``model_args``).
+    """
+    base = str(config['architecture']).removesuffix('_dropres')
+    args = {k: v for k, v in (config.get('model_args') or {}).items()
+            if k not in _DROPOUT_ARG_NAMES and k != 'num_classes'}
+    return f"""from transformers import AutoModelForImageClassification
+
+# without the plugin: build timm's own {base} (dropout has no weights) instead of the unregistered dropres name
+model = AutoModelForImageClassification.from_pretrained(
+    '{repo_id}', architecture='{base}', model_args={args!r}).eval()
 """
 
 
@@ -374,9 +413,17 @@ def build_card(
         parts.append('No evaluation results: neither a `summary.json` nor `metrics` in config.json came with the '
                      'weights.')
 
-    parts += ['', '## Usage', '', 'With the timm-dropres plugin installed, the model is rebuilt with its dropouts '
-              '(for further fine-tuning):', '', '```python', dropres_snippet(repo_id).rstrip(), '```', '',
+    parts += ['', '## Usage', '', 'With the timm-dropres plugin installed (`pip install timm-dropres`), the model is '
+              'rebuilt with its dropouts (for further fine-tuning):', '',
+              '```python', dropres_snippet(repo_id).rstrip(), '```', '',
               f'With plain timm only (inference or fine-tuning without dropres dropout), load the weights into '
-              f'`{base_arch}`:', '', '```python', plain_timm_snippet(repo_id, arch).rstrip(), '```', '',
+              f'`{base_arch}`: `hf-hub:{repo_id}` itself needs the plugin, because timm knows no `{arch}`.', '',
+              '```python', plain_timm_snippet(repo_id, arch).rstrip(), '```', '',
+              'With transformers (`AutoModelForImageClassification`, which builds the network through timm), import '
+              'the plugin first:', '', '```python', transformers_snippet(repo_id).rstrip(), '```', '',
+              f'Without it, transformers stops with "The model architecture \'{arch}\' is not supported in your '
+              f'version of timm ... upgrade timm". Upgrading timm does not help: `pip install timm-dropres` and '
+              f'`import timm_dropres` does, or load the weights into timm\'s `{base_arch}`:', '',
+              '```python', transformers_plain_snippet(repo_id, config).rstrip(), '```', '',
               '## Citation', '', '```bibtex', PAPER_BIBTEX, '```', '']
     return ModelCard.from_template(data, template_str=_TEMPLATE, body='\n'.join(parts))

@@ -24,6 +24,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..files import files_like_folder, temp_dir_beside
 from ..models.dropres import registered_models
 from ..models.layers import check_dropout_args
 from ..models.published import registry_entry
@@ -99,7 +100,7 @@ def _check_safetensors(path: Path) -> Dict[str, List[int]]:
         if head.startswith(_PICKLE_MAGIC):
             raise PushError(f'{path} is not a safetensors file: it starts like a pickle / torch.save checkpoint. Only '
                             'safetensors weights are published; re-export with '
-                            'timm_dropres.export.save_pretrained_folder') from None
+                            'timm_dropres.hub.export.save_pretrained_folder') from None
         raise PushError(f'{path} is not a valid safetensors file ({e})') from None
 
 
@@ -124,7 +125,7 @@ def inspect_folder(folder: str | os.PathLike) -> FolderInfo:
         missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
         present = sorted(p.name for p in folder.iterdir())
         raise PushError(f'{folder} has no {" or ".join(missing)} (it holds {present or "nothing"}); expected a folder '
-                        'written by timm_dropres.export.save_pretrained_folder, e.g. runs/<name>/best')
+                        'written by timm_dropres.hub.export.save_pretrained_folder, e.g. runs/<name>/best')
     try:
         config = read_folder_config(folder)
     except ValueError as e:
@@ -139,10 +140,14 @@ def inspect_folder(folder: str | os.PathLike) -> FolderInfo:
         raise PushError(
             f'{folder / CONFIG_NAME}: num_classes must be a non-negative integer, got {config.get("num_classes")!r}')
     model_args = config.get('model_args') or {}
+    if model_args.get('num_classes', config['num_classes']) != config['num_classes']:
+        raise PushError(f'{folder / CONFIG_NAME}: model_args num_classes {model_args["num_classes"]} disagrees with '
+                        f'num_classes {config["num_classes"]}; re-export with '
+                        'timm_dropres.hub.export.save_pretrained_folder')
     missing_args = [k for k in _DROPOUT_ARGS if k not in model_args]
     if missing_args:
         raise PushError(f'{folder / CONFIG_NAME}: model_args lack {missing_args}, so the dropout placement would not '
-                        'be rebuilt; re-export with timm_dropres.export.save_pretrained_folder')
+                        'be rebuilt; re-export with timm_dropres.hub.export.save_pretrained_folder')
     try:
         check_dropout_args(model_args['drop_rate'], model_args['res_drop_rate'], model_args['res_drop_pos'])
     except (TypeError, ValueError) as e:
@@ -176,8 +181,12 @@ def inspect_folder(folder: str | os.PathLike) -> FolderInfo:
 
 def public_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     """``config`` as published: the trainer's informational root fields (``dataset``, ``finetuned_from``)
-    keep no local directory layout. Fields timm reads are never changed."""
+    keep no local directory layout, and ``model_args`` holds no ``num_classes`` (folders saved before
+    0.1.0's fix had one, which transformers' TimmWrapper passes twice). Otherwise fields timm reads are
+    never changed."""
     out = dict(config)
+    if 'num_classes' in (config.get('model_args') or {}):  # equal to the root's: inspect_folder checked it
+        out['model_args'] = {k: v for k, v in config['model_args'].items() if k != 'num_classes'}
     for key, value in config.items():
         if key not in _TIMM_KEYS and isinstance(value, str) and scrub_paths(value) != value:
             out[key] = scrub_paths(value)
@@ -198,10 +207,10 @@ def _write_dry_run(info: FolderInfo, out_dir: Path, card_text: str) -> List[str]
     """Write the repo contents to ``out_dir`` atomically (beside it, then renamed); never over existing files."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise PushError(f'--out-dir {out_dir} exists and is not an empty folder; choose a new or empty one')
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)  # the mode a plain mkdir gives, not mkdtemp's 0700
     try:
         files = write_repo_folder(info, tmp, card_text)
+        files_like_folder(tmp)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)

@@ -405,7 +405,7 @@ def load_model(spec: str | nn.Module, **kwargs: Any) -> Tuple[nn.Module, str]:
         folder = spec.split(':', 1)[1]
         if not os.path.isfile(os.path.join(folder, 'config.json')):
             raise AuditError(f'{spec!r}: no config.json in {folder!r}; expected a folder written by '
-                             'timm.models.save_for_hf or timm_dropres.export.save_pretrained_folder')
+                             'timm.models.save_for_hf or timm_dropres.hub.export.save_pretrained_folder')
         try:
             return timm.create_model(spec, pretrained=True, **kwargs), spec
         except Exception as e:  # noqa: BLE001 - turned into one clear message

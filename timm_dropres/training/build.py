@@ -15,12 +15,13 @@ import torch.nn as nn
 
 from ..hub.export import read_folder_config
 from ..models.convert import dropout_args
-from ..models.layers import check_dropout_args
+from ..models.layers import check_dropout_args, check_rate
 
 if TYPE_CHECKING:
     from .config import FinetuneConfig
 
-__all__ = ['check_model_name', 'dropout_kwargs', 'in_chans_of', 'build_model', 'model_identity']
+__all__ = ['check_model_name', 'check_compile_backend', 'dropout_kwargs', 'in_chans_of', 'build_model',
+           'model_identity', 'weights_origin', 'checkpoint_file']
 
 _logger = logging.getLogger(__name__)
 
@@ -51,11 +52,24 @@ def check_model_name(name: str) -> None:
         raise ValueError(f'unknown model {name!r}{hint}')
 
 
+def check_compile_backend(backend: str) -> str:
+    """``backend`` if ``torch.compile`` knows it (``--torchcompile``), else ``ValueError`` listing the valid ones."""
+    import torch
+
+    valid = torch.compiler.list_backends(exclude_tags=())
+    if backend not in valid:
+        raise ValueError(f'--torchcompile {backend!r} is not a torch.compile backend; valid: {valid}')
+    return backend
+
+
 def dropout_kwargs(cfg: FinetuneConfig) -> Dict[str, Any]:
     """Dropout kwargs for ``create_model``, validated; dropres-only flags are refused for other models."""
     values = check_dropout_args(cfg.drop_rate, cfg.res_drop_rate, cfg.res_drop_pos)
     kwargs: Dict[str, Any] = {k: v for k, v in zip(('drop_rate', 'res_drop_rate', 'res_drop_pos'), values,
                                                    strict=True) if v is not None}
+    for name in ('drop_path_rate', 'drop_block_rate'):  # timm's --drop-path / --drop-block, for any timm model
+        if getattr(cfg, name) is not None:
+            kwargs[name] = check_rate(name, getattr(cfg, name))
     arch = _architecture(cfg.model)
     if arch is not None and not arch.endswith('_dropres'):
         given = [f'--{k.replace("_", "-")}' for k in ('res_drop_rate', 'res_drop_pos') if k in kwargs]
@@ -78,8 +92,9 @@ def build_model(cfg: FinetuneConfig, num_classes: int, in_chans: int) -> Tuple[n
     kwargs = dict(dropout_kwargs(cfg), num_classes=num_classes, in_chans=in_chans)
     clash = sorted(set(cfg.model_kwargs) & (set(kwargs) | {'pretrained', 'pretrained_cfg_overlay'}))
     if clash:
-        raise ValueError(f'--model-kwargs {clash} are set by the trainer or by their own flags '
-                         '(--drop-rate, --res-drop-rate, --res-drop-pos; classes and channels come from the data)')
+        raise ValueError(f'--model-kwargs {clash} are set by the trainer or by their own flags (--drop-rate, '
+                         '--res-drop-rate, --res-drop-pos, --drop-path-rate, --drop-block-rate; classes and channels '
+                         'come from the data)')
     kwargs.update(cfg.model_kwargs)
     pretrained = cfg.pretrained or cfg.pretrained_file is not None or cfg.model.startswith('local-dir:')
     if cfg.pretrained_file is not None:
@@ -90,6 +105,13 @@ def build_model(cfg: FinetuneConfig, num_classes: int, in_chans: int) -> Tuple[n
         model = timm.create_model(cfg.model, pretrained=pretrained, **kwargs)
     except TypeError as e:  # e.g. hf-hub: model that is not a dropres one, given dropres flags
         raise ValueError(f'{cfg.model!r} does not accept {sorted(kwargs)}: {e}') from e
+    if cfg.initial_checkpoint is not None:
+        _load_initial_checkpoint(model, cfg.initial_checkpoint)
+    if cfg.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AttributeError, AssertionError, NotImplementedError) as e:
+            raise ValueError(f'--grad-checkpointing: {cfg.model} does not support gradient checkpointing ({e})') from e
     if pretrained:
         pc = model.pretrained_cfg or {}
         src_classes = pc.get('num_classes')
@@ -107,6 +129,57 @@ def build_model(cfg: FinetuneConfig, num_classes: int, in_chans: int) -> Tuple[n
                      cfg.model, kwargs['drop_rate'])
     kwargs.pop('pretrained_cfg_overlay', None)
     return model, kwargs
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The weights file of ``--initial-checkpoint``: the file itself, or a saved folder's ``model.safetensors``.
+
+    Raises:
+        FileNotFoundError: neither exists.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / 'model.safetensors'
+    if not p.is_file():
+        raise FileNotFoundError(f'--initial-checkpoint {path} does not exist (expected a .safetensors/.pth file or '
+                                'a folder holding model.safetensors, such as runs/<name>/best)')
+    return p
+
+
+def _arch_name(model: nn.Module) -> str:
+    """The model's architecture name for messages."""
+    return str((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__)
+
+
+def _load_initial_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """timm train.py's ``--initial-checkpoint``: every tensor of the file into the built model, strictly."""
+    file = checkpoint_file(path)
+    try:
+        timm.models.load_checkpoint(model, str(file), strict=True)
+    except RuntimeError as e:  # missing / unexpected keys, shape mismatches, a pickle torch refuses
+        raise ValueError(f'--initial-checkpoint {file} cannot be loaded strictly into {_arch_name(model)} as built '
+                         f'(classes and channels come from the data; --pretrained-file adapts a checkpoint whose '
+                         f'classifier or input channels differ): {str(e).strip().splitlines()[0]}') from e
+    _logger.info('Loaded every weight of %s into %s (--initial-checkpoint)', file, _arch_name(model))
+
+
+def weights_origin(model: nn.Module, cfg: FinetuneConfig) -> Dict[str, Any] | None:
+    """Where the run's starting weights came from, or None when it started from random initialisation.
+
+    Returns:
+        ``finetuned_from`` (the model name, a weights file's name, or both) and ``license`` (the starting
+        weights' license as their pretrained cfg records it, or None).
+    """
+    pretrained = cfg.pretrained or cfg.pretrained_file is not None or cfg.model.startswith('local-dir:')
+    files = [Path(f).name for f in (cfg.pretrained_file, cfg.initial_checkpoint) if f is not None]
+    if not pretrained and not files:
+        return None
+    source = cfg.model if pretrained and cfg.pretrained_file is None else ''
+    source = ' + '.join(x for x in [source] + files if x)
+    # a --pretrained-file replaces the registry's weights: their license is not the file's
+    from_registry = pretrained and cfg.pretrained_file is None
+    license = (getattr(model, 'pretrained_cfg', None) or {}).get('license') if from_registry else None
+    return dict(finetuned_from=source, license=license)
 
 
 def model_identity(model: nn.Module, cfg: FinetuneConfig, num_classes: int, in_chans: int) -> Dict[str, Any]:

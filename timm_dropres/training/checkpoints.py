@@ -11,11 +11,14 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List
 
-__all__ = ['OUTPUT_ARTIFACTS', 'CKPT_DIR', 'CKPT_PREFIX', 'STATE_FILE', 'EMA_FILE', 'CheckpointError',
-           'list_checkpoints', 'find_checkpoint', 'read_state']
+__all__ = ['OUTPUT_ARTIFACTS', 'ARGS_FILE', 'SUMMARY_CSV', 'CKPT_DIR', 'CKPT_PREFIX', 'STATE_FILE', 'EMA_FILE',
+           'CheckpointError', 'list_checkpoints', 'find_checkpoint', 'read_state']
 
 #: What a run writes into --output-dir; --overwrite removes exactly these, nothing else.
-OUTPUT_ARTIFACTS = ('checkpoints', 'best', 'last', 'summary.json', 'logs')
+OUTPUT_ARTIFACTS = ('checkpoints', 'best', 'last', 'summary.json', 'summary.csv', 'args.yaml', 'logs')
+#: the resolved options of the run (YAML, as timm train.py) and its per-epoch metrics (CSV)
+ARGS_FILE = 'args.yaml'
+SUMMARY_CSV = 'summary.csv'
 CKPT_DIR = 'checkpoints'
 STATE_FILE = 'trainer_state.json'
 EMA_FILE = 'ema.safetensors'

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
 from ..models.layers import RES_DROP_POSITIONS, check_dropout_args
-from .build import check_model_name, dropout_kwargs
+from .build import check_compile_backend, check_model_name, checkpoint_file, dropout_kwargs
 
 __all__ = ['FinetuneConfig', 'ValidateConfig', 'config_field']
 
@@ -20,8 +20,10 @@ def config_field(default: Any, help: str, **kw: Any) -> Any:
 
     Args:
         default: the default value (lists and dicts are copied per instance).
-        help: the flag's help text.
-        **kw: further argparse settings kept in the metadata (``choices``, ``nargs``).
+        help: the flag's help text; the CLI appends the default unless the text already names it.
+        **kw: further settings kept in the metadata: argparse's ``choices``, ``nargs``, ``const``, ``metavar``;
+            ``aliases``, more option strings for the flag (timm's names, e.g. ``('-b',)``); ``amp_flags``,
+            add timm's ``--amp``/``--amp-dtype`` for this mixed-precision field.
     """
     meta = dict(help=help, **kw)
     if isinstance(default, (list, dict)):
@@ -39,16 +41,30 @@ class FinetuneConfig:
     model: str = _f('resnet18_dropres', 'timm model name (any; *_dropres for guideline dropout), or local-dir:<folder>')
     pretrained: bool = _f(False, 'start from pretrained weights (the classifier is replaced for the new class count)')
     pretrained_file: str | None = _f(None, 'load pretrained weights from this local .safetensors/.pth file instead of '
-                                           'the Hub (timm pretrained_cfg_overlay)')
+                                           'the Hub (timm pretrained_cfg_overlay: a different classifier or input '
+                                           'channel count is adapted)', aliases=('--pretrained-path',))
+    initial_checkpoint: str | None = _f(None, 'as timm train.py: load every weight of this .safetensors/.pth file (or '
+                                              'of a saved folder\'s model.safetensors) into the model after it is '
+                                              'built, strictly')
     drop_rate: float | None = _f(None, 'head dropout; *_dropres: before global pooling, other timm models: timm\'s '
-                                       'own after-pool dropout (default: the model\'s)')
+                                       'own after-pool dropout (default: the model\'s)', aliases=('--drop',))
     res_drop_rate: float | None = _f(None, 'dropout rate in every residual block (*_dropres models only)')
     res_drop_pos: str | None = _f(None, 'residual dropout position (*_dropres models only)',
                                   choices=RES_DROP_POSITIONS)
+    drop_path_rate: float | None = _f(None, 'stochastic depth rate, as timm train.py\'s --drop-path: drops whole '
+                                            'residual branches; composes with the residual dropout',
+                                      aliases=('--drop-path',))
+    drop_block_rate: float | None = _f(None, 'DropBlock rate, as timm train.py\'s --drop-block (ResNet: in the last '
+                                             'two stages)', aliases=('--drop-block',))
     model_kwargs: Dict[str, Any] = _f({}, 'extra timm.create_model keyword arguments, as timm train.py\'s '
                                       '--model-kwargs: key=value pairs (values read as Python literals)')
     sync_bn: bool = _f(False, 'convert BatchNorm to SyncBatchNorm under multi-process training (small per-GPU batches)')
     channels_last: bool = _f(False, 'use channels_last memory format (faster convs with mixed precision on GPU)')
+    grad_checkpointing: bool = _f(False, 'recompute activations in the backward pass to save memory, as timm '
+                                         'train.py (model.set_grad_checkpointing; dropout masks are replayed)')
+    torchcompile: str | None = _f(None, 'torch.compile the model with this backend, as timm train.py '
+                                        '(--torchcompile alone: inductor)', nargs='?', const='inductor',
+                                  metavar='BACKEND')
     # data
     dataset: str = _f('', 'ImageFolder root, a timm dataset name (torch/cifar10, hfds/...), or fashion_mnist')
     data_dir: str | None = _f(None, 'root folder for timm dataset names (download target)')
@@ -86,27 +102,30 @@ class FinetuneConfig:
     warmup_epochs: float = _f(1, 'linear warmup epochs (fractions allowed)')
     warmup_lr: float = _f(1e-5, 'learning rate at the start of warmup')
     min_lr: float = _f(1e-6, 'learning rate at the end of the cosine decay')
-    batch_size: int = _f(64, 'images per process per micro-step')
-    eval_batch_size: int | None = _f(None, 'images per process per eval step (default 2x --batch-size)')
+    batch_size: int = _f(64, 'images per process per micro-step', aliases=('-b',))
+    eval_batch_size: int | None = _f(None, 'images per process per eval step (default 2x --batch-size)',
+                                     aliases=('-vb', '--validation-batch-size'))
     grad_accum_steps: int = _f(1, 'micro-steps per optimizer step (accelerate gradient accumulation)')
-    mixed_precision: str = _f('no', 'accelerate mixed precision', choices=('no', 'fp16', 'bf16'))
-    ema: bool = _f(False, 'keep an EMA of the weights (timm ModelEmaV3), evaluated alongside')
-    ema_decay: float = _f(0.999, 'EMA decay')
+    mixed_precision: str = _f('no', 'accelerate mixed precision', choices=('no', 'fp16', 'bf16'), amp_flags=True)
+    ema: bool = _f(False, 'keep an EMA of the weights (timm ModelEmaV3), evaluated alongside',
+                   aliases=('--model-ema',))
+    ema_decay: float = _f(0.999, 'EMA decay', aliases=('--model-ema-decay',))
     seed: int = _f(42, 'random seed (data order, augmentation, init, dropout)')
     # runtime
     cpu: bool = _f(False, 'force CPU even when a GPU is present')
-    num_workers: int = _f(2, 'data loader worker processes per training process')
+    num_workers: int = _f(2, 'data loader worker processes per training process', aliases=('-j', '--workers'))
     output_dir: str = _f('runs/finetune', 'where checkpoints, best/, last/ and summary.json go')
     overwrite: bool = _f(False, 'replace the outputs of a previous run in --output-dir')
     resume: str | None = _f(None, 'continue from a run folder (its latest checkpoint) or a checkpoint folder')
     checkpoint_every: int = _f(0, 'also checkpoint every N optimizer steps (0: only at epoch ends)')
-    keep_checkpoints: int = _f(2, 'keep the last K checkpoints')
+    keep_checkpoints: int = _f(2, 'keep the last K checkpoints', aliases=('--checkpoint-hist',))
     stop_after_steps: int | None = _f(None, 'stop (with a checkpoint) after N optimizer steps in total: a planned '
                                             'interruption, e.g. to fit a time slot; --resume continues')
     log_with: str | None = _f(None, 'accelerate tracker: tensorboard, wandb, all', choices=(
         'tensorboard', 'wandb', 'all'))
-    log_every: int = _f(50, 'log training loss to trackers every N optimizer steps')
-    progress: bool = _f(True, 'tqdm progress bars on the main process')
+    log_every: int = _f(50, 'log training loss to trackers every N optimizer steps', aliases=('--log-interval',))
+    progress: bool | None = _f(None, 'tqdm progress bars on the main process (default: only when stderr is a '
+                                     'terminal, so a run logged to a file gets no bar refreshes)')
 
     def __post_init__(self) -> None:
         """Reject bad values up front, naming the flag, before any process builds anything."""
@@ -138,6 +157,14 @@ class FinetuneConfig:
             raise ValueError(f'--stop-after-steps must be >= 1, got {self.stop_after_steps}')
         if self.ema and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f'--ema-decay must be in (0, 1), got {self.ema_decay}')
+        if self.torchcompile is not None:
+            check_compile_backend(self.torchcompile)
+            if self.grad_checkpointing:  # seen with torch 2.14 + timm 1.0.31 on every ResNet, dropres or not
+                raise ValueError('--torchcompile and --grad-checkpointing together fail in the backward pass of '
+                                 'timm\'s ResNets (the compiled checkpoint replays BatchNorm\'s in-place '
+                                 'num_batches_tracked update); use one of them')
+        if self.initial_checkpoint is not None:
+            checkpoint_file(self.initial_checkpoint)
         if not self.model:
             raise ValueError('no model given: pass --model')
         check_model_name(self.model)
@@ -157,11 +184,11 @@ class ValidateConfig:
                                        'dataset\'s class count)')
     img_size: int | None = _f(None, 'input resolution (default: the model\'s)')
     crop_pct: float | None = _f(None, 'center-crop fraction (default: the model\'s)')
-    batch_size: int = _f(128, 'images per process per step')
+    batch_size: int = _f(128, 'images per process per step', aliases=('-b',))
     val_subset: int | None = _f(None, 'evaluate a class-balanced subset of N images')
     seed: int = _f(0, 'seed for --val-subset')
-    num_workers: int = _f(2, 'data loader worker processes')
-    mixed_precision: str = _f('no', 'no | fp16 | bf16 (accelerate autocast)', choices=('no', 'fp16', 'bf16'))
+    num_workers: int = _f(2, 'data loader worker processes', aliases=('-j', '--workers'))
+    mixed_precision: str = _f('no', 'accelerate autocast', choices=('no', 'fp16', 'bf16'), amp_flags=True)
     cpu: bool = _f(False, 'force CPU even when a GPU is present')
     channels_last: bool = _f(False, 'channels_last memory format')
     results_file: str | None = _f(None, 'write the metrics as JSON here')

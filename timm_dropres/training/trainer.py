@@ -9,7 +9,9 @@ of checkpoints. Written here: the loop, atomic rotated checkpoint folders, the r
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import math
 import os
 import platform
@@ -18,11 +20,12 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, TextIO, Tuple
 
 import timm
 import torch
 import torch.nn as nn
+import yaml
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -33,15 +36,17 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from .. import __version__
-from ..files import write_json_atomic
-from ..hub.export import save_pretrained_folder
-from .build import build_model, in_chans_of, model_identity
+from ..files import write_json_atomic, write_text_atomic
+from ..hub.export import DATA_CFG_KEYS, save_pretrained_folder
+from .build import build_model, in_chans_of, model_identity, weights_origin
 from .checkpoints import (
+    ARGS_FILE,
     CKPT_DIR,
     CKPT_PREFIX,
     EMA_FILE,
     OUTPUT_ARTIFACTS,
     STATE_FILE,
+    SUMMARY_CSV,
     CheckpointError,
     find_checkpoint,
     list_checkpoints,
@@ -60,7 +65,7 @@ from .data import (
 )
 from .evaluate import EvalResult, evaluate, format_results
 
-__all__ = ['finetune']
+__all__ = ['finetune', 'progress_bar', 'write_history_csv']
 
 _logger = get_logger(__name__)  # accelerate's: logs on the main process only, unless told otherwise
 
@@ -108,6 +113,7 @@ class _Trainer:
         if in_chans_of(model) != data.in_chans:
             raise ValueError(f'{cfg.model} takes {in_chans_of(model)}-channel input; the data has {data.in_chans}')
         self.identity = model_identity(model, cfg, data.num_classes, data.in_chans)
+        self.origin = weights_origin(model, cfg)
         if self.resume_state is not None:
             self._check_resume_identity()
         # everything is validated: only now touch the output folder
@@ -153,6 +159,9 @@ class _Trainer:
                                         momentum=cfg.momentum, layer_decay=cfg.layer_decay)
         model, optimizer, self.train_loader, self.val_loader = acc.prepare(model, optimizer, tl, vl)
         self.model, self.optimizer = model, optimizer
+        # what runs forward: the prepared model, or (--torchcompile) a compiled view of it. Checkpoints,
+        # exports and EMA keep using self.model, so their keys never carry torch.compile's prefix.
+        self.forward_model = torch.compile(model, backend=cfg.torchcompile) if cfg.torchcompile else model
         self.updates_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum_steps)
         # stepped per update (step_on_epochs=False) from the global step, so resume needs no scheduler state
         self.scheduler, _ = create_scheduler_v2(
@@ -178,6 +187,8 @@ class _Trainer:
             self._load_checkpoint(self.resume_ckpt)
         if cfg.log_with:
             acc.init_trackers('dropres-finetune', config=_flat_config(cfg))
+        if acc.is_main_process:  # the resolved options, as timm train.py writes them (a resumed run rewrites it)
+            write_text_atomic(self.out / ARGS_FILE, yaml.safe_dump(asdict(cfg), sort_keys=False))
 
     def _check_resume_identity(self) -> None:
         saved = self.resume_state.get('identity', {})
@@ -271,16 +282,19 @@ class _Trainer:
             model = acc.unwrap_model(model)
         if not acc.is_main_process:
             return
-        pc = {k: self.data_cfg[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
-              if self.data_cfg.get(k) is not None}
-        extra = dict(pretrained_cfg=pc, metrics=metrics, weights=source, finetuned_from=self.cfg.model,
-                     dataset=self.cfg.dataset or self.data.description)
-        save_pretrained_folder(model, self.out / name, label_names=self.data.label_names, extra_config=extra)
+        # config.json describes these weights: the preprocessing they were trained and evaluated with,
+        # and where they started from only when they started from weights (see hub.export)
+        data_cfg = {k: self.data_cfg[k] for k in DATA_CFG_KEYS if self.data_cfg.get(k) is not None}
+        extra = dict(metrics=metrics, weights=source, dataset=self.cfg.dataset or self.data.description)
+        if self.origin is not None:
+            extra['finetuned_from'] = self.origin['finetuned_from']
+        save_pretrained_folder(model, self.out / name, label_names=self.data.label_names, data_config=data_cfg,
+                               license=self.origin['license'] if self.origin else None, extra_config=extra)
 
     # -- loop ----------------------------------------------------------------------------------
 
     def evaluate(self) -> Tuple[EvalResult, EvalResult | None]:
-        res = evaluate(self.model, self.val_loader, accelerator=self.acc, label_names=self.data.label_names)
+        res = evaluate(self.forward_model, self.val_loader, accelerator=self.acc, label_names=self.data.label_names)
         ema_res = None
         if self.ema is not None:
             ema_res = evaluate(self.ema.module, self.val_loader, accelerator=self.acc,
@@ -313,7 +327,7 @@ class _Trainer:
             with acc.accumulate(self.model):
                 if self.mixup is not None:
                     images, targets = self.mixup(images, targets)
-                output = self.model(images)
+                output = self.forward_model(images)
                 loss = self.criterion(output, targets)
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.clip_grad:
@@ -390,6 +404,8 @@ class _Trainer:
             _logger.info(msg)
             if cfg.log_with:
                 acc.log({f'val/{k}': v for k, v in row.items() if k not in ('epoch', 'step')}, step=self.global_step)
+            if acc.is_main_process:
+                write_history_csv(self.out / SUMMARY_CSV, self.history)
             self.epoch += 1
             self.batches_done = 0
             self.save_checkpoint()
@@ -455,10 +471,45 @@ def _flat_config(cfg: FinetuneConfig) -> Dict[str, Any]:
 
 
 def _progress(cfg: FinetuneConfig, acc: Accelerator, total: int, initial: int, desc: str) -> Any:
-    if not cfg.progress or not acc.is_local_main_process:
+    if cfg.progress is False or not acc.is_local_main_process:
         return None
+    return progress_bar(total=total, initial=initial, desc=desc, enabled=cfg.progress)
+
+
+def progress_bar(*, total: int, initial: int = 0, desc: str = '', enabled: bool | None = None,
+                 file: TextIO | None = None) -> Any:
+    """A tqdm bar that draws on a terminal and stays silent on a file or pipe.
+
+    Args:
+        total: steps in the bar.
+        initial: steps already done (a resumed epoch).
+        desc: the bar's label.
+        enabled: True: always draw; False: never; None: only when ``file`` is a terminal (tqdm's ``disable=None``).
+        file: where to draw (default: stderr).
+
+    Returns:
+        The tqdm bar (a disabled one does nothing on ``update``/``close``).
+    """
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=file or sys.stderr,
+                disable=None if enabled is None else not enabled)
+
+
+def write_history_csv(path: Path, history: List[Dict[str, Any]]) -> None:
+    """The per-epoch metrics as CSV (one row per epoch, a column per metric), written atomically.
+
+    Args:
+        path: the file (``summary.csv`` in the run folder).
+        history: the trainer's per-epoch rows, oldest first.
+    """
+    columns: List[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(path, buf.getvalue())
 
 
 def _versions() -> Dict[str, str]:
