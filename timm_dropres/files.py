@@ -16,14 +16,21 @@ __all__ = ['write_text_atomic', 'write_json_atomic', 'read_json', 'temp_dir_besi
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (creating parent folders).
+    """Write ``text`` to ``path`` atomically, so a reader sees the old file or the new one, never half of it.
+
+    The text goes to a hidden temporary file in the same folder (``.<name>.tmp<pid>``), which is then moved
+    over ``path`` with ``os.replace``. Missing parent folders are created.
 
     Args:
         path: destination file.
-        text: its content (UTF-8).
+        text: its content, written as UTF-8.
 
     Returns:
         ``path`` as a ``Path``.
+
+    Raises:
+        OSError: if the folder cannot be created or the file cannot be written; the temporary file is
+            removed and an existing ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,23 +84,52 @@ def files_like_folder(folder: str | os.PathLike) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2, sort_keys: bool = False) -> Path:
-    """Write ``obj`` as JSON (non-JSON values via ``str``) to ``path`` atomically.
+    """Write ``obj`` as JSON to ``path`` atomically (see ``write_text_atomic``), ending with a newline.
+
+    Values JSON cannot represent (``Path``, ``torch.dtype``, ...) are written as their ``str``, so a run
+    record never fails to save because of one odd field.
+
+    Args:
+        path: destination file; missing parent folders are created.
+        obj: the JSON-serialisable value to write.
+        indent: indentation of the JSON text.
+        sort_keys: sort the keys of every mapping (stable, diff-friendly files).
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        OSError: if the folder cannot be created or the file cannot be written.
 
     Example:
-        >>> write_json_atomic('/tmp/x.json', {'top1': 91.2})  # doctest: +SKIP
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     out = write_json_atomic(Path(d) / 'run.json', {'top1': 91.2})
+        ...     print(out.read_text(), end='')
+        {
+          "top1": 91.2
+        }
     """
     return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + '\n')
 
 
 def read_json(path: str | os.PathLike, what: str = 'JSON file') -> Any:
-    """Read JSON from ``path``; a missing, unreadable or malformed file raises ``ValueError`` naming it.
+    """Read JSON from ``path``, turning every failure into one ``ValueError`` that names the file.
+
+    Callers then need a single ``except ValueError`` to report a missing, unreadable or malformed file
+    with its path and the reason.
 
     Args:
-        path: the file.
-        what: how the error names the file (e.g. ``'run record'``).
+        path: the file (UTF-8 JSON).
+        what: how the error message names the file, e.g. ``'run record'``.
+
+    Returns:
+        The decoded JSON value.
 
     Raises:
-        ValueError: with the path and the reason.
+        ValueError: if the file does not exist, cannot be read or decoded as UTF-8, or is not valid JSON;
+            the message holds ``what``, the path and the reason.
     """
     path = Path(path)
     try:

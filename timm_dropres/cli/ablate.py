@@ -60,6 +60,26 @@ def _header(spec: ablation.AblationSpec, config: str, records: list, skipped: di
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the dropout-placement ablation described by a YAML file and write its report.
+
+    Trains every (architecture, configuration, seed) without a run JSON under the runs folder (finished
+    runs are skipped, so rerunning resumes), then rewrites ``<out-dir>/<stem>.{csv,md,png}`` from all run
+    JSONs of the specification's architectures and configurations. ``--report-only`` skips training.
+
+    Args:
+        argv: command-line arguments without the program name; None reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0 on success, 1 if ``--report-only`` finds no run JSON.
+
+    Raises:
+        SystemExit: from argparse, for ``--help`` or invalid arguments.
+        ValueError: if the specification is invalid or an existing run JSON belongs to another one.
+        FileNotFoundError: if the Fashion-MNIST files are not found (when training).
+
+    Example:
+        >>> exit_code = main(['--config', 'configs/ablation_fmnist.yaml', '--report-only'])  # doctest: +SKIP
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--config', required=True,

@@ -146,6 +146,24 @@ def _head(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``dropres-analyze`` subcommand (``shift``, ``block`` or ``head``) and print its table.
+
+    Seeds torch with ``--seed`` first, so fresh models get reproducible weights. ``--plot`` saves the
+    figure and ``--json`` the numbers.
+
+    Args:
+        argv: command-line arguments without the program name; None reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0 on success, 2 if the test fails with a ``ValueError``, ``TypeError``,
+        ``FileNotFoundError`` or ``RuntimeError`` (the message is printed to stderr).
+
+    Raises:
+        SystemExit: from argparse, for ``--help`` or invalid arguments.
+
+    Example:
+        >>> exit_code = main(['block', '--form', 'pre', '--p', '0.3'])  # doctest: +SKIP
+    """
     args = _parser().parse_args(argv)
     import torch
 

@@ -45,6 +45,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Audit where every dropout of a model sits and print the report (``dropres-audit``).
+
+    The dropout options and ``--kwarg KEY=VALUE`` pairs go to ``timm.create_model``; ``--json`` also saves
+    the audit. With ``--strict`` the command fails when an active dropout feeds a BatchNorm (a CI gate).
+
+    Args:
+        argv: command-line arguments without the program name; None reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0 on success, 1 with ``--strict`` when the audit finds variance-shift hazards, 2 if
+        the model cannot be built or traced (the message is printed to stderr).
+
+    Raises:
+        SystemExit: from argparse, for ``--help`` or invalid arguments.
+
+    Example:
+        >>> exit_code = main(['resnet50_dropres', '--strict'])  # doctest: +SKIP
+    """
     args = _parser().parse_args(argv)
     from ..research.audit import AuditError, audit, format_report
     kwargs: Dict[str, Any] = dict(args.kwarg)

@@ -30,10 +30,28 @@ __all__ = ['convert', 'resolve_position', 'dropout_args', 'residual_blocks']
 
 
 def resolve_position(block_cls: type, res_drop_pos: str) -> str:
-    """Map ``res_drop_pos`` to the concrete position for one block class.
+    """Map a requested ``res_drop_pos`` to the concrete position used in blocks of ``block_cls``.
 
     Pre-activation branches end in norm + act -> conv, so "after the last BN" and "before the last
-    conv" are the same point; every value resolves to ``before_last_conv`` there.
+    conv" are the same point; every value resolves to ``before_last_conv`` there. Post-activation
+    blocks keep an explicit position, and ``'auto'`` becomes ``DEFAULT_POST_ACT_POS``
+    (``after_last_bn``).
+
+    Args:
+        block_cls: a supported residual block class (timm, torchvision, or its dropres subclass).
+        res_drop_pos: ``'auto'``, ``'after_last_bn'`` or ``'before_last_conv'``.
+
+    Returns:
+        ``'after_last_bn'`` or ``'before_last_conv'``.
+
+    Raises:
+        ValueError: if ``res_drop_pos`` is not a known position.
+
+    Example:
+        >>> from timm.models.resnet import BasicBlock
+        >>> from timm.models.resnetv2 import PreActBasic
+        >>> resolve_position(BasicBlock, 'auto'), resolve_position(PreActBasic, 'after_last_bn')
+        ('after_last_bn', 'before_last_conv')
     """
     check_position(res_drop_pos)
     if block_cls in PRE_ACT_BLOCKS or BLOCK_TYPES.get(block_cls) in PRE_ACT_BLOCKS:
@@ -52,7 +70,22 @@ def _model_kind(model: nn.Module) -> type[nn.Module]:
 
 
 def residual_blocks(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
-    """Yield ``(qualified_name, block)`` for every residual block of a supported model, in forward order."""
+    """Iterate over the residual blocks of a supported model, in forward order.
+
+    Args:
+        model: a timm ``ResNet``/``ResNetV2`` or torchvision ``ResNet``, converted or not.
+
+    Yields:
+        ``(qualified_name, block)``, e.g. ``('layer1.0', block)`` or ``('stages.0.blocks.0', block)``.
+
+    Raises:
+        TypeError: if the model type is not supported (raised at the first ``next()``).
+
+    Example:
+        >>> import timm
+        >>> [name for name, _ in residual_blocks(timm.create_model('resnet18'))][:3]
+        ['layer1.0', 'layer1.1', 'layer2.0']
+    """
     kind = _model_kind(model)
     if kind is ResNetV2:
         containers = [(f'stages.{i}.blocks', stage.blocks) for i, stage in enumerate(model.stages)]
@@ -90,13 +123,31 @@ def convert(
 
     One ``ResidualDropout`` per residual block at ``res_drop_pos`` (see ``resolve_position``) and one
     on the final feature map before global pooling; any after-pool dropout is removed. Weights, state
-    dict keys and eval outputs are unchanged. Converting again replaces the rates and position, so
-    the model never holds more than one dropout per block.
+    dict keys and eval outputs are unchanged, so a pretrained model keeps its accuracy in eval mode.
+    Converting again replaces the rates and position, so the model never holds more than one dropout
+    per block. The classes of the model and its blocks are switched to their dropres subclasses.
+
+    Args:
+        model: the model to convert; its train/eval mode carries over to the new dropout modules.
+        res_drop_rate: drop probability of the residual-branch dropouts, in [0, 1).
+        drop_rate: drop probability of the head dropout (on the feature map, before pooling), in [0, 1).
+        res_drop_pos: ``'auto'`` (the guideline position for each block form), ``'after_last_bn'`` or
+            ``'before_last_conv'``.
+
+    Returns:
+        ``model`` itself, converted.
 
     Raises:
-        TypeError: the model or one of its blocks is not a supported ResNet-family type. Nothing is
-            modified in that case.
+        TypeError: the model or one of its blocks is not a supported ResNet-family type, or a block's
+            norm is not BatchNorm (GroupNorm/FRN/EvoNorm models). Nothing is modified in that case.
         ValueError: a rate outside [0, 1) or an unknown position.
+
+    Example:
+        >>> import timm
+        >>> model = convert(timm.create_model('resnet50', pretrained=True), res_drop_rate=0.1)  # doctest: +SKIP
+        >>> model = convert(timm.create_model('resnet18'), res_drop_rate=0.1, drop_rate=0.2)
+        >>> type(model).__name__, model.layer1[0].res_drop.p, model.head_drop.p
+        ('DropResNet', 0.1, 0.2)
     """
     drop_rate, res_drop_rate, res_drop_pos = check_dropout_args(drop_rate, res_drop_rate, res_drop_pos)
     kind = _model_kind(model)
@@ -121,10 +172,28 @@ def convert(
 
 
 def dropout_args(model: nn.Module) -> dict:
-    """``model_args`` that rebuild this model's dropout: pass to ``timm.models.save_for_hf(model_args=...)``.
+    """Return the ``model_args`` that rebuild this model's dropout, for ``timm.models.save_for_hf``.
 
     timm drops ``*drop_rate`` keys from saved ``model_args`` by default, so exporters must pass these
-    explicitly for ``config.json`` to rebuild the same placement.
+    explicitly (``save_for_hf(model, ..., model_args=dropout_args(model))``) for ``config.json`` to
+    rebuild the same placement.
+
+    Args:
+        model: a converted (or ``*_dropres``) model with one residual rate and position for all blocks.
+
+    Returns:
+        ``{'drop_rate': ..., 'res_drop_rate': ..., 'res_drop_pos': ...}``, the position as resolved for
+        the model's blocks (never ``'auto'``).
+
+    Raises:
+        TypeError: if the model type is not supported.
+        ValueError: if the model carries no dropres dropout, or its blocks have different rates or
+            positions.
+
+    Example:
+        >>> import timm
+        >>> dropout_args(convert(timm.create_model('resnet18'), res_drop_rate=0.1))
+        {'drop_rate': 0.1, 'res_drop_rate': 0.1, 'res_drop_pos': 'after_last_bn'}
     """
     _model_kind(model)
     if not hasattr(model, 'head_drop'):

@@ -94,9 +94,28 @@ def _read(path: Path, known: Iterable[str] | None) -> Registry:
 
 
 def load_published(path: str | os.PathLike | None = None, *, known: Iterable[str] | None = None) -> Registry:
-    """The registry: the shipped ``published.json`` (or ``path``), then ``$TIMM_DROPRES_PUBLISHED`` if set.
+    """Load the published-tags registry: the shipped ``published.json`` (or ``path``), then the extra file.
 
-    ``known``: the registered dropres names; a model outside it is an error, not an ignored entry.
+    The file named by ``$TIMM_DROPRES_PUBLISHED`` (if set) is read after the first one and merged tag by
+    tag; where both define the same ``<model>.<tag>``, the extra file wins and a warning is logged. Every
+    entry is validated, so a typo fails at import rather than at download time.
+
+    Args:
+        path: registry file to read instead of the shipped ``published.json``; None or empty reads the
+            shipped one.
+        known: the registered dropres model names. When given, a model outside it is an error, not an
+            ignored entry; when None, any ``<timm arch>_dropres`` name is accepted.
+
+    Returns:
+        ``{model: {tag: entry}}``, each entry a dict of ``PretrainedCfg`` fields plus the optional
+        ``"default"`` flag.
+
+    Raises:
+        FileNotFoundError: if a registry file (``path``, the shipped one, or ``$TIMM_DROPRES_PUBLISHED``)
+            does not exist.
+        ValueError: if a file is not valid JSON, or an entry is malformed: not a dropres model name, an
+            empty or dotted tag, unknown keys, no ``"<namespace>/<repo>"`` ``hf_hub_id``, a non-boolean
+            ``"default"`` or an ``input_size`` that is not ``[C, H, W]``.
     """
     known = list(known) if known is not None else None
     merged: Registry = {m: dict(t) for m, t in _read(Path(path) if path else REGISTRY_PATH, known).items()}
@@ -111,7 +130,24 @@ def load_published(path: str | os.PathLike | None = None, *, known: Iterable[str
 
 
 def published_tags(path: str | os.PathLike | None = None) -> Dict[str, str]:
-    """``{'<model>.<tag>': hf_hub_id}`` for every published tag."""
+    """Map every published ``<model>.<tag>`` name to the Hub repo its weights download from.
+
+    Args:
+        path: registry file to read instead of the shipped one (``$TIMM_DROPRES_PUBLISHED`` is still read
+            after it, as in ``load_published``).
+
+    Returns:
+        ``{'<model>.<tag>': hf_hub_id}``; empty when nothing is published.
+
+    Raises:
+        FileNotFoundError: if a registry file does not exist.
+        ValueError: if a registry file is malformed (see ``load_published``).
+
+    Example:
+        >>> from timm_dropres.models.published import published_tags
+        >>> published_tags()  # doctest: +SKIP
+        {'resnet18_dropres.fmnist_ft': '<org>/resnet18_dropres.fmnist_ft'}
+    """
     return {f'{m}.{t}': e['hf_hub_id'] for m, tags in load_published(path).items() for t, e in tags.items()}
 
 
@@ -129,10 +165,26 @@ def with_published_tags(
         cfgs: DefaultCfg | None,
         registry: Registry | None = None,
 ) -> DefaultCfg | None:
-    """``cfgs`` (the mirrored base tags of ``model``) plus the published tags of ``model``.
+    """Add the published tags of ``model`` to its pretrained cfgs, for registration with timm.
 
-    Published tags go after the base tags, or first when marked ``"default": true``. A published tag
-    that has the name of a base tag is refused: it would silently shadow the base weights.
+    Published tags go after the base tags, or first (the model's default tag) when marked
+    ``"default": true``. Each becomes a ``PretrainedCfg`` that downloads ``model.safetensors`` from its
+    ``hf_hub_id``. A model without base tags gets an untagged, weightless default first, so
+    ``pretrained=True`` without a tag does not silently pick a published tag.
+
+    Args:
+        model: the dropres model name, e.g. ``'resnet18_dropres'``.
+        cfgs: the mirrored base pretrained cfgs of ``model``, or None if it has none.
+        registry: the loaded registry; None loads it with ``load_published()``.
+
+    Returns:
+        ``cfgs`` itself when ``model`` has no published tag, else a new ``DefaultCfg`` holding the base
+        and published tags (``is_pretrained=True``).
+
+    Raises:
+        ValueError: if a published tag has the name of a base tag (it would silently shadow the base
+            weights), or if ``registry`` is None and loading it fails (see ``load_published``).
+        FileNotFoundError: if ``registry`` is None and a registry file is missing.
     """
     entries = (load_published() if registry is None else registry).get(model)
     if not entries:
@@ -154,10 +206,33 @@ def with_published_tags(
 
 
 def registry_entry(config: Mapping[str, Any], hf_hub_id: str, *, default: bool = False) -> Dict[str, Any]:
-    """The ``published.json`` entry for a folder's ``config.json`` once pushed to ``hf_hub_id``.
+    """Build the ``published.json`` entry for an exported folder once it is pushed to ``hf_hub_id``.
 
-    Copies the preprocessing and class fields so ``create_model('<arch>.<tag>', pretrained=True)``
-    builds the published head (``num_classes``) and input channels (``input_size[0]``) by default.
+    Copies the preprocessing and class fields of the folder's ``config.json`` so that
+    ``create_model('<arch>.<tag>', pretrained=True)`` builds the published head (``num_classes``) and
+    input channels (``input_size[0]``) by default, without extra arguments.
+
+    Args:
+        config: the folder's ``config.json`` as a dict (``architecture``, ``num_classes``, optional
+            ``label_names`` and ``pretrained_cfg``).
+        hf_hub_id: the Hub repo the folder was pushed to, ``'<namespace>/<repo>'``.
+        default: mark the tag as the model's default tag (``"default": true``).
+
+    Returns:
+        The entry: ``hf_hub_id``, ``hf_hub_filename='model.safetensors'``, the ``PretrainedCfg`` fields
+        of ``pretrained_cfg`` (its ``url``/hub fields excluded), ``num_classes``, ``label_names`` if
+        present, and ``"default"`` if requested.
+
+    Raises:
+        ValueError: if ``hf_hub_id`` is not ``'<namespace>/<repo>'`` or ``input_size`` is not
+            ``[C, H, W]``.
+
+    Example:
+        >>> cfg = {'architecture': 'resnet18_dropres', 'num_classes': 10,
+        ...        'pretrained_cfg': {'input_size': [1, 28, 28], 'mean': [0.5], 'std': [0.5]}}
+        >>> registry_entry(cfg, 'org/resnet18_dropres.fmnist_ft')  # doctest: +NORMALIZE_WHITESPACE
+        {'hf_hub_id': 'org/resnet18_dropres.fmnist_ft', 'hf_hub_filename': 'model.safetensors',
+         'input_size': [1, 28, 28], 'mean': [0.5], 'std': [0.5], 'num_classes': 10}
     """
     pcfg = dict(config.get('pretrained_cfg') or {})
     pcfg['num_classes'] = config.get('num_classes', pcfg.get('num_classes'))

@@ -13,7 +13,15 @@ __all__ = ['DropoutSite', 'dropout_sites', 'describe']
 
 @dataclass(frozen=True)
 class DropoutSite:
-    """One dropout module: its qualified name, placement and rate."""
+    """One dropout module of a model: where it is and how strongly it drops.
+
+    Attributes:
+        name: qualified module name, as in ``model.named_modules()`` (e.g. ``'layer1.0.res_drop'``,
+            ``'head_drop'``).
+        where: its placement, the ``ResidualDropout.where`` string (e.g. ``'after_last_bn'``,
+            ``'before_last_conv'``, ``'head_before_pool'``).
+        p: its drop probability (0 means the module is present but inactive).
+    """
 
     name: str
     where: str
@@ -21,12 +29,45 @@ class DropoutSite:
 
 
 def dropout_sites(model: nn.Module) -> List[DropoutSite]:
-    """Every ``ResidualDropout`` in ``model``, in module-registration order (head last for timm models)."""
+    """List every ``ResidualDropout`` in ``model``, so tools and tests can check the placement programmatically.
+
+    Args:
+        model: any module; only ``ResidualDropout`` children are reported (plain ``nn.Dropout`` is not).
+
+    Returns:
+        One ``DropoutSite`` per module, in module-registration order (the head last for timm models);
+        empty if the model has no dropres dropout.
+
+    Example:
+        >>> import timm, timm_dropres
+        >>> sites = timm_dropres.dropout_sites(timm.create_model('resnet18_dropres', res_drop_rate=0.1))
+        >>> len(sites), sites[0].name, sites[0].where, sites[-1].name
+        (9, 'layer1.0.res_drop', 'after_last_bn', 'head_drop')
+    """
     return [DropoutSite(n, m.where, m.p) for n, m in model.named_modules() if isinstance(m, ResidualDropout)]
 
 
 def describe(model: nn.Module) -> str:
-    """A table of the model's dropouts: ``print(timm_dropres.describe(model))``."""
+    """Describe where the model's dropouts sit, as a text table for humans (``print`` it).
+
+    Args:
+        model: any module.
+
+    Returns:
+        A header line with the model class and the number of dropout modules, then one line per
+        ``ResidualDropout`` (module name, position, rate); a one-line note if there is none.
+
+    Example:
+        >>> import timm, timm_dropres
+        >>> print(timm_dropres.describe(timm.create_model('resnet18_dropres', res_drop_rate=0.1)))  # doctest: +ELLIPSIS
+        DropResNet: 9 dropout modules
+        module             position          p
+        layer1.0.res_drop  after_last_bn     0.1
+        ...
+        head_drop          head_before_pool  0.1
+        >>> print(timm_dropres.describe(timm.create_model('resnet18')))
+        ResNet: no dropres dropout
+    """
     sites = dropout_sites(model)
     if not sites:
         return f'{type(model).__name__}: no dropres dropout'

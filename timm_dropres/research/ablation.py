@@ -63,7 +63,17 @@ HEAD_AFTER = 'after_pool'
 
 @dataclass(frozen=True)
 class AblationConfig:
-    """One placement: where residual dropout goes (or None) and where head dropout goes (or None)."""
+    """One dropout placement of the ablation: where residual dropout goes and where head dropout goes.
+
+    Attributes:
+        name: the configuration's name (a key of ``CONFIGS``, or ``'<name>@<p>'`` for a rate override).
+        residual: residual dropout position: a public ``res_drop_pos`` (``'auto'``, ``'after_last_bn'``,
+            ``'before_last_conv'``), one of the hook-placed hazards (``'before_every_bn'``,
+            ``'after_add'``), or None for no residual dropout.
+        head: head dropout position, ``'before_pool'`` or ``'after_pool'``, or None for no head dropout.
+        label: a human-readable description for the report.
+        rate: if set, overrides the spec's residual and head rates (set by ``get_config('<name>@<p>')``).
+    """
 
     name: str
     residual: Optional[str]
@@ -93,8 +103,28 @@ CONFIG_ORDER: Tuple[str, ...] = tuple(CONFIGS)
 
 
 def get_config(name: str) -> AblationConfig:
-    """A configuration by name; ``'<name>@<p>'`` is that configuration with both its rates set to ``p``
-    (a rate sweep inside one ablation, e.g. ``default@0.1``)."""
+    """Look up a configuration by name, with an optional ``@<p>`` rate override for rate sweeps.
+
+    ``'<name>@<p>'`` is that configuration with both its rates set to ``p``, so one ablation can sweep the
+    rate (e.g. ``default@0.1``, ``default@0.3``) next to the placements.
+
+    Args:
+        name: a key of ``CONFIGS``, optionally suffixed ``@<p>`` with ``p`` in [0, 1).
+
+    Returns:
+        The configuration; with a suffix, a copy named ``name`` with ``rate=p`` and ``, p = <p>`` appended
+        to its label.
+
+    Raises:
+        ValueError: if the base name is unknown, or the rate after ``@`` is not a number in [0, 1).
+
+    Example:
+        >>> get_config('none').residual is None
+        True
+        >>> c = get_config('default@0.1')
+        >>> c.name, c.residual, c.head, c.rate
+        ('default@0.1', 'auto', 'before_pool', 0.1)
+    """
     base, sep, rate = name.partition('@')
     if base not in CONFIGS:
         raise ValueError(f'unknown configuration {name!r}; valid: {list(CONFIGS)}, optionally suffixed @<rate>')
@@ -113,7 +143,18 @@ def get_config(name: str) -> AblationConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 class AblationDropout(nn.Dropout):
-    """Inverted dropout that a hook applies; a child of the hooked module so ``train()``/``eval()`` reach it."""
+    """Inverted dropout applied by an ablation hook, at positions the public API deliberately does not offer.
+
+    It is registered as a child (``ablation_drop``) of the hooked module, so ``train()``/``eval()`` reach it
+    and it is active in training only, like any ``nn.Dropout``.
+
+    Args:
+        p: drop probability, in [0, 1).
+        where: the placement, shown by ``print(model)`` (e.g. ``'before_bn'``, ``'after_add'``).
+
+    Raises:
+        ValueError: if ``p`` is not in [0, 1).
+    """
 
     def __init__(self, p: float, where: str) -> None:
         super().__init__(p=check_rate('p', p))
@@ -132,9 +173,21 @@ def _drop_output(module: nn.Module, _args: Tuple[Any, ...], output: torch.Tensor
 
 
 def place_before_every_bn(model: nn.Module, p: float) -> List[nn.Module]:
-    """Drop the input of every BN inside every residual branch (forward pre-hooks). Returns the hooked BNs.
+    """Add the "dropout before every BN" hazard: drop the input of every BN inside every residual branch.
 
-    The hook replaces only the BN's input: a pre-activation block's shortcut still sees the undropped tensor.
+    Forward pre-hooks replace only the BN's input: a pre-activation block's shortcut still sees the
+    undropped tensor. The hooks stay for the model's lifetime (their handles are not kept).
+
+    Args:
+        model: a supported ResNet-family model (see ``residual_blocks``); modified in place.
+        p: drop probability, in [0, 1).
+
+    Returns:
+        The hooked BN modules, in forward order.
+
+    Raises:
+        TypeError: if the model type is not supported.
+        ValueError: if ``p`` is not in [0, 1).
     """
     hooked = []
     for _, block in residual_blocks(model):
@@ -146,7 +199,22 @@ def place_before_every_bn(model: nn.Module, p: float) -> List[nn.Module]:
 
 
 def place_after_add(model: nn.Module, p: float) -> List[nn.Module]:
-    """Drop every residual block's output, i.e. after the addition (and the post-activation ReLU)."""
+    """Add the "dropout after the addition" hazard: drop every residual block's output with a forward hook.
+
+    The dropout acts after the residual addition (and, in post-activation blocks, after the final ReLU),
+    so it reaches the shortcut path and the next block's first BN.
+
+    Args:
+        model: a supported ResNet-family model (see ``residual_blocks``); modified in place.
+        p: drop probability, in [0, 1).
+
+    Returns:
+        The hooked blocks, in forward order.
+
+    Raises:
+        TypeError: if the model type is not supported.
+        ValueError: if ``p`` is not in [0, 1).
+    """
     hooked = []
     for _, block in residual_blocks(model):
         block.ablation_drop = AblationDropout(p, 'after_add')
@@ -164,7 +232,19 @@ def _global_pool(model: nn.Module) -> nn.Module:
 
 
 def place_head_after_pool(model: nn.Module, p: float) -> nn.Module:
-    """Drop the pooled features (what timm's ``drop_rate`` does), via a hook on the global pool."""
+    """Add head dropout after global pooling (what timm's ``drop_rate`` does), via a hook on the global pool.
+
+    Args:
+        model: a timm ``ResNet`` or ``ResNetV2`` (dropres or not); modified in place.
+        p: drop probability, in [0, 1).
+
+    Returns:
+        The hooked global-pool module.
+
+    Raises:
+        TypeError: if the model is not a timm ``ResNet``/``ResNetV2``.
+        ValueError: if ``p`` is not in [0, 1).
+    """
     pool = _global_pool(model)
     pool.ablation_drop = AblationDropout(p, 'head_after_pool')
     pool.register_forward_hook(_drop_output)
@@ -176,6 +256,17 @@ def small_input_stem(model: nn.Module, stride: int) -> nn.Module:
 
     timm's ResNet/ResNetV2 have no option for this (their stems always reduce by 4), and at 28x28 that
     would leave a 1x1 final map on which head dropout before and after pooling are the same thing.
+
+    Args:
+        model: a timm ``ResNet`` or ``ResNetV2``; modified in place.
+        stride: stride of the stem's first conv, 1 or 2.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: if ``stride`` is not 1 or 2.
+        TypeError: if the model is not a timm ``ResNet``/``ResNetV2``.
     """
     if stride not in (1, 2):
         raise ValueError(f'stem_stride must be 1 or 2, got {stride!r}')
@@ -197,7 +288,15 @@ def small_input_stem(model: nn.Module, stride: int) -> nn.Module:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """One architecture: a timm ``*_dropres`` name, extra create_model kwargs, and the stem adaptation."""
+    """One architecture of an ablation (an entry of the YAML's ``architectures`` list).
+
+    Attributes:
+        name: short unique name, used in run paths and reports.
+        model: the timm ``*_dropres`` model name passed to ``timm.create_model``.
+        model_kwargs: extra ``timm.create_model`` keyword arguments.
+        stem_stride: if set, ``small_input_stem`` adapts the stem to 28x28 inputs with this stride (1 or 2).
+        label: description shown in the report.
+    """
 
     name: str
     model: str
@@ -208,7 +307,25 @@ class ArchSpec:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Training schedule, identical for every configuration and seed."""
+    """Training schedule (the YAML's ``schedule``), identical for every configuration and seed.
+
+    Attributes:
+        epochs: training epochs.
+        batch_size: training batch size; the last partial batch of an epoch is dropped.
+        opt: optimizer name for timm's ``create_optimizer_v2``.
+        lr: peak learning rate.
+        weight_decay: weight decay.
+        momentum: optimizer momentum.
+        sched: scheduler name for timm's ``create_scheduler_v2`` (stepped per update).
+        warmup_epochs: warmup length in epochs.
+        warmup_lr: learning rate at the start of warmup.
+        min_lr: final learning rate.
+        augment: random translation by up to 2 pixels and horizontal flip of every training batch.
+        curve_every: every this many epochs (and at the last), record the train loss and test NLL/top-1 on
+            ``curve_images`` test images (0: off); the over-fitting study uses it to show the test NLL of
+            the no-dropout model rising.
+        curve_images: number of test images for the curve.
+    """
 
     epochs: int = 2
     batch_size: int = 128
@@ -229,10 +346,23 @@ class Schedule:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Fashion-MNIST subset: ``train_subset`` training images (None = all 60k), ``test_subset`` (None = all 10k).
+    """The Fashion-MNIST subset an ablation trains and tests on (the YAML's ``data``).
 
-    The subsets are drawn once with ``data_seed`` and shared by every run; ``vs_images`` training images
-    (unaugmented) feed the variance-shift measurement.
+    The subsets are drawn once with ``data_seed`` and shared by every run, so every configuration and
+    seed sees the same images.
+
+    Attributes:
+        train_subset: number of randomly drawn training images (None: all of them).
+        test_subset: number of randomly drawn test images (None: all of them).
+        data_seed: seed of the subset draws.
+        vs_images: unaugmented training images that feed the variance-shift measurement.
+        train_per_class: a class-balanced training subset of this many images per class, instead of
+            ``train_subset``.
+        classes: train and test on these classes only (labels renumbered 0..k-1 in this order); None: all ten.
+
+    Raises:
+        ValueError: if both ``train_subset`` and ``train_per_class`` are given, or ``classes`` is not at
+            least two distinct integers in 0..9.
     """
 
     train_subset: Optional[int] = None
@@ -257,7 +387,22 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class AblationSpec:
-    """Everything that defines an ablation; ``fingerprint`` of a run is derived from it."""
+    """Everything that defines an ablation (one YAML file); each run's fingerprint is derived from it.
+
+    Attributes:
+        architectures: the networks to train; names must be unique.
+        configs: configuration names (see ``get_config``), in report order.
+        seeds: seeds; each seed fixes initial weights, data order and augmentation for every configuration.
+        res_drop_rate: residual dropout rate (unless a configuration sets ``@<p>``).
+        head_drop_rate: head dropout rate (unless a configuration sets ``@<p>``).
+        schedule: the training schedule.
+        data: the data subset.
+        alpha: family-wise error rate of the Holm-corrected paired t-tests in the report.
+
+    Raises:
+        ValueError: if ``architectures`` or ``seeds`` is empty, a configuration is unknown, a rate is not
+            in [0, 1), or architecture names repeat.
+    """
 
     architectures: Tuple[ArchSpec, ...]
     configs: Tuple[str, ...] = tuple(CONFIGS)
@@ -295,7 +440,25 @@ def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
 
 
 def load_spec(path: str | os.PathLike) -> AblationSpec:
-    """Read an ablation YAML (see ``configs/ablation_fmnist.yaml``); unknown keys are errors, not ignored."""
+    """Read an ablation specification from YAML; unknown keys are errors, so a typo cannot pass silently.
+
+    Args:
+        path: the YAML file (see ``configs/ablation_fmnist.yaml``): top-level ``AblationSpec`` fields, with
+            ``architectures`` a list of ``ArchSpec`` mappings and ``schedule``/``data`` mappings.
+
+    Returns:
+        The validated specification.
+
+    Raises:
+        OSError: if the file cannot be opened.
+        yaml.YAMLError: if the file is not valid YAML.
+        ValueError: if the top level is not a mapping, a key is unknown, the retired ``significance_k``
+            key is present, or a value is invalid (see ``AblationSpec``, ``DataSpec``).
+
+    Example:
+        >>> spec = load_spec('configs/ablation_fmnist.yaml')  # doctest: +SKIP
+        >>> [a.name for a in spec.architectures]  # doctest: +SKIP
+    """
     import yaml
 
     with open(path) as f:
@@ -322,7 +485,16 @@ def load_spec(path: str | os.PathLike) -> AblationSpec:
 
 @dataclass
 class AblationData:
-    """Normalized float tensors ``[N, 1, H, W]`` and int64 labels; ``pad_value`` is the normalized black."""
+    """The ablation's data, in memory and normalized once.
+
+    Attributes:
+        train_x: normalized float training images ``[N, 1, 28, 28]``.
+        train_y: int64 training labels ``[N]``.
+        test_x: normalized float test images ``[M, 1, 28, 28]``.
+        test_y: int64 test labels ``[M]``.
+        pad_value: the normalized value of a black pixel, used to pad for the random-crop augmentation.
+        num_classes: number of classes (labels are ``0..num_classes-1``).
+    """
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -333,7 +505,29 @@ class AblationData:
 
 
 def load_fmnist_data(spec: DataSpec, root: Optional[str | os.PathLike] = None) -> AblationData:
-    """Fashion-MNIST as in-memory tensors, normalized once with the full training split's mean/std."""
+    """Load Fashion-MNIST as in-memory tensors for the ablation, subset as ``spec`` says.
+
+    Normalization uses the mean and std of the full training split (all classes), so a subset does not
+    change the input scale. Subsets are applied in this order: ``classes``, then ``train_per_class``,
+    then ``train_subset``/``test_subset``, all drawn from one generator seeded with ``spec.data_seed``.
+
+    Args:
+        spec: which classes and how many images.
+        root: folder holding the four idx files; None searches ``$FASHION_MNIST_DIR`` and Debian's path.
+
+    Returns:
+        The normalized tensors and labels.
+
+    Raises:
+        FileNotFoundError: if the Fashion-MNIST idx files are not found (``FashionMNISTNotFound``).
+        ValueError: if a subset size is out of range, a class has fewer than ``train_per_class`` images, or
+            an idx file is malformed.
+
+    Example:
+        >>> data = load_fmnist_data(DataSpec(train_per_class=100, classes=(0, 1)))  # doctest: +SKIP
+        >>> data.train_x.shape, data.num_classes  # doctest: +SKIP
+        (torch.Size([200, 1, 28, 28]), 2)
+    """
     from ..training.fmnist import load_fashion_mnist
 
     tr_x, tr_y = load_fashion_mnist('train', root)
@@ -367,7 +561,22 @@ def load_fmnist_data(spec: DataSpec, root: Optional[str | os.PathLike] = None) -
 
 
 def select_classes(x: torch.Tensor, y: torch.Tensor, classes: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The samples of ``classes`` only, relabelled ``0..len(classes)-1`` in the order given."""
+    """Keep the samples of ``classes`` only, relabelled ``0..len(classes)-1`` in the order given.
+
+    Args:
+        x: samples, indexed along the first dimension.
+        y: integer labels ``[N]``.
+        classes: the original labels to keep; their position becomes the new label.
+
+    Returns:
+        ``(x, y)`` restricted to those classes, in the original sample order, with the new labels.
+
+    Example:
+        >>> import torch
+        >>> x, y = select_classes(torch.arange(5), torch.tensor([3, 1, 3, 0, 1]), [3, 1])
+        >>> x.tolist(), y.tolist()
+        ([0, 1, 2, 4], [0, 1, 0, 1])
+    """
     table = torch.full((int(y.max()) + 1,), -1, dtype=torch.long)
     table[torch.tensor(list(classes))] = torch.arange(len(classes))
     new = table[y]
@@ -376,10 +585,24 @@ def select_classes(x: torch.Tensor, y: torch.Tensor, classes: Sequence[int]) -> 
 
 
 def per_class_subset(y: torch.Tensor, per_class: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of ``per_class`` randomly drawn samples of every class present in ``y``, in class order.
+    """Draw a class-balanced subset: ``per_class`` random samples of every class present in ``y``.
+
+    Args:
+        y: integer labels ``[N]``.
+        per_class: samples to draw from each class.
+        generator: the RNG of the draw (the same generator state gives the same subset).
+
+    Returns:
+        int64 indices into ``y``, grouped by class in ascending label order (``per_class`` per class).
 
     Raises:
         ValueError: if a class has fewer than ``per_class`` samples.
+
+    Example:
+        >>> import torch
+        >>> idx = per_class_subset(torch.tensor([0, 1, 0, 1, 0]), 2, torch.Generator().manual_seed(0))
+        >>> torch.tensor([0, 1, 0, 1, 0])[idx].tolist()
+        [0, 0, 1, 1]
     """
     out = []
     for c in torch.unique(y).tolist():
@@ -417,7 +640,35 @@ def build_model(
         arch: ArchSpec, config: AblationConfig, *, res_drop_rate: float, head_drop_rate: float, num_classes: int = 10,
         in_chans: int = 1,
 ) -> nn.Module:
-    """The network for one configuration; identical parameters for every configuration at a given RNG state."""
+    """Build the network of one configuration; every configuration gets identical parameters at a given RNG state.
+
+    Public positions go through ``timm.create_model`` (``res_drop_rate``/``res_drop_pos``, and ``drop_rate``
+    for head dropout before pooling); the hazards and head dropout after pooling are added with hooks,
+    which add no parameters. ``arch.stem_stride`` adapts the stem with ``small_input_stem``.
+
+    Args:
+        arch: the architecture.
+        config: the placement.
+        res_drop_rate: residual dropout rate (used only if the configuration has residual dropout).
+        head_drop_rate: head dropout rate (used only if the configuration has head dropout).
+        num_classes: classifier outputs.
+        in_chans: input channels.
+
+    Returns:
+        The model, with any hooks and the stem adaptation applied.
+
+    Raises:
+        ValueError: if a rate is not in [0, 1).
+        TypeError: if the architecture is not a supported timm ``ResNet``/``ResNetV2`` for the hooks or
+            the stem adaptation.
+
+    Example:
+        >>> import torch
+        >>> arch = ArchSpec('r18', 'resnet18_dropres', stem_stride=1)
+        >>> model = build_model(arch, get_config('default'), res_drop_rate=0.1, head_drop_rate=0.1)
+        >>> model(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
     public_pos = config.residual in (AUTO, AFTER_LAST_BN, BEFORE_LAST_CONV)
     model = timm.create_model(
         arch.model, num_classes=num_classes, in_chans=in_chans,
@@ -437,11 +688,22 @@ def build_model(
 
 
 def configs_for(arch: ArchSpec, names: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
-    """The configurations that are distinct networks for ``arch``, and why any others were left out.
+    """Keep the configurations that are distinct networks for ``arch``, and say why any others were left out.
 
     A pre-activation branch has one candidate position, so 'after_last_bn', 'before_last_conv' and 'residual'
     (the 'auto' position) are the same network there, and training it twice would only waste compute. Of such
     duplicates, 'residual' is kept, else the one named after the position it resolves to, else the first.
+    Three probe models of ``arch`` are built to find the resolved positions.
+
+    Args:
+        arch: the architecture.
+        names: configuration names (see ``get_config``).
+
+    Returns:
+        ``(kept, skipped)``: the kept names in the given order, and ``{left-out name: reason}``.
+
+    Raises:
+        ValueError: if a configuration name is unknown.
     """
     probe_pos = {}
     for pos in (AUTO, AFTER_LAST_BN, BEFORE_LAST_CONV):
@@ -502,7 +764,27 @@ def run_one(
 
     ``seed`` fixes the initial weights (the same for every configuration, since dropout adds no parameters),
     the data order and augmentation (a dedicated generator, so dropout masks cannot perturb it), and the
-    dropout masks (the global RNG, re-seeded after the model is built).
+    dropout masks (the global RNG, re-seeded after the model is built). After training, the last weights
+    are evaluated on the test set and on the first 2000 training images, and the eval-mode variance shift
+    of every BN is measured on the first ``spec.data.vs_images`` unaugmented training images.
+
+    Args:
+        spec: the ablation (schedule, rates, data settings).
+        arch: the architecture.
+        config: the placement.
+        seed: the run's seed.
+        data: the in-memory data.
+        log: called with a one-line summary when the run is done.
+
+    Returns:
+        The JSON-serialisable run record: ``arch``, ``config``, ``seed``, ``fingerprint``,
+        ``resolved_res_pos``, test ``top1`` (%) and ``nll``, ``vs_mean``/``vs_max``/``vs_layers`` (variance
+        shift), ``train_nll``/``train_top1``/``train_loss_last_epoch``, ``steps``, the rates used, ``curve``
+        (if ``schedule.curve_every``), wall times and the software/thread versions.
+
+    Raises:
+        ValueError: if ``schedule.batch_size`` is larger than the training set.
+        FloatingPointError: if the training loss becomes NaN or infinite.
     """
     t0 = time.time()
     sch = spec.schedule
@@ -581,6 +863,24 @@ def run_ablation(
 
     Seeds are the outer loop, so an ablation stopped early has complete seeds rather than complete configs.
     A JSON written under a different specification (fingerprint mismatch) is an error, not silently reused.
+    Several processes can share one ``runs_dir``: each run is claimed with a ``.claim`` file holding the
+    pid, and a run claimed by another live process is skipped (and missing from the returned records).
+
+    Args:
+        spec: the ablation.
+        runs_dir: where run records go, as ``<runs_dir>/<arch>/<config>_seed<seed>.json``.
+        data: the in-memory data.
+        log: progress messages.
+        only_arch: run only the architectures with these names (None: all).
+
+    Returns:
+        ``(records, skipped)``: the records of this pass (existing and new), and per architecture
+        ``{configuration: why it was left out}`` (see ``configs_for``).
+
+    Raises:
+        ValueError: if an existing record has another fingerprint or cannot be read, or a configuration is
+            unknown.
+        FloatingPointError: if a run's loss diverges (see ``run_one``).
     """
     runs_dir = Path(runs_dir)
     plan = []
@@ -652,5 +952,15 @@ def _alive(pid: int) -> bool:
 
 
 def read_records(runs_dir: str | os.PathLike) -> List[Dict[str, Any]]:
-    """Every run JSON under ``runs_dir`` (for re-making the report without training)."""
+    """Read every run record under ``runs_dir``, to re-make the report without training.
+
+    Args:
+        runs_dir: the folder of ``<arch>/<config>_seed<seed>.json`` files; a missing folder gives no records.
+
+    Returns:
+        The records, sorted by path.
+
+    Raises:
+        ValueError: if a record cannot be read or is not valid JSON.
+    """
     return [read_json(p, 'run record') for p in sorted(Path(runs_dir).glob('*/*.json'))]

@@ -64,7 +64,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BNShift:
-    """Variance shift of one BN layer (see the module docstring for the exact reduction)."""
+    """Variance shift of one BN layer (see the module docstring for the exact reduction).
+
+    Attributes:
+        name: the BN's qualified module name.
+        metric: mean over channels of ``max(real_c / running_c, running_c / real_c)``; 1.0 = no shift.
+        real_var: channel mean of the eval-mode variance of the BN's input.
+        running_var: channel mean of the BN's running variance.
+        worst_channel: the largest per-channel ratio.
+    """
 
     name: str
     metric: float
@@ -73,6 +81,7 @@ class BNShift:
     worst_channel: float
 
     def as_dict(self) -> Dict[str, Any]:
+        """The fields as a plain, JSON-serialisable dict."""
         return asdict(self)
 
 
@@ -117,8 +126,23 @@ def _mode(model: nn.Module, training: bool) -> Iterator[None]:
 def calibrate_bn(model: nn.Module, batches: Iterable[Any]) -> int:
     """Reset every BN's running statistics and re-estimate them in train mode (dropout active).
 
-    ``momentum=None`` makes the estimate an exact cumulative average over the batches, independent of
-    the number of batches, which a momentum of 0.1 would not be. Returns the number of batches used.
+    This gives a freshly built model the statistics training would give it. ``momentum=None`` makes the
+    estimate an exact cumulative average over the batches, independent of the number of batches, which a
+    momentum of 0.1 would not be. The BN buffers are modified in place; each module's train/eval flag
+    and each BN's momentum are restored afterwards.
+
+    Args:
+        model: the network; BN layers without running statistics are left alone.
+        batches: tensors, ``(input, target, ...)`` tuples/lists, or dicts with ``'pixel_values'``; moved to
+            the model's device.
+
+    Returns:
+        The number of batches used.
+
+    Raises:
+        ValueError: if the model has no BN layer with running statistics, or ``batches`` is empty (the
+            statistics have then already been reset).
+        TypeError: if a batch is none of the accepted forms.
     """
     bns = _bn_layers(model)
     if not bns:
@@ -168,19 +192,25 @@ def run_with_input_hooks(
         on_input: Callable[[str, torch.Tensor], None], *, training: bool = False,
         on_output: Callable[[torch.Tensor], None] | None = None,
 ) -> int:
-    """Run ``model`` over ``batches`` (in train or eval mode) with ``on_input(name, x)`` called on the input of
-    each module of ``modules`` at every forward; the hooks are removed and the mode restored afterwards.
+    """Run ``model`` over ``batches`` and call ``on_input(name, x)`` with the input of each observed module.
+
+    The building block of the module tests: forward pre-hooks on ``modules`` report every input they
+    see. The hooks are removed and every module's train/eval flag restored afterwards, also on error.
+    Gradients are not disabled here: wrap the call in ``torch.no_grad()`` when they are not needed.
 
     Args:
-        model: the network to run (moved batches go to its device).
+        model: the network to run (batches are moved to its device).
         modules: the modules to observe, by name.
-        batches: tensors or ``(tensor, target)`` pairs.
-        on_input: called with the module's name and its first positional input.
+        batches: tensors, ``(tensor, target, ...)`` tuples/lists, or dicts with ``'pixel_values'``.
+        on_input: called with the module's name and its first positional input, at every forward.
         training: run in train mode (dropout active, BN batch statistics) instead of eval mode.
         on_output: called with the model's output of every batch.
 
     Returns:
         The number of batches run.
+
+    Raises:
+        TypeError: if a batch is none of the accepted forms.
     """
     handles = [m.register_forward_pre_hook(partial(_call_with_name, on_input, name)) for name, m in modules.items()]
     device = _device(model)
@@ -211,7 +241,34 @@ def variance_shift(
         calibrate_batches: Iterable[Any] | None = None,
         eps: float = 1e-12,
 ) -> List[BNShift]:
-    """Eval-mode variance shift of every BN layer, in forward order. See the module docstring."""
+    """Measure the eval-mode variance shift of every BN layer, in forward order (see the module docstring).
+
+    The model runs in eval mode on ``batches``; for each BN, the per-channel variance of its input pooled
+    over all batches is compared with its running variance.
+
+    Args:
+        model: the network. With ``calibrate_batches`` its BN buffers are re-estimated in place first.
+        batches: measurement batches: tensors, ``(input, target, ...)`` tuples/lists, or dicts with
+            ``'pixel_values'``; iterated once.
+        calibrate_batches: if given, reset and re-estimate the BN statistics in train mode on these batches
+            first (see ``calibrate_bn``); use different batches from ``batches``.
+        eps: added to both variances before taking their ratio, so zero-variance channels do not divide by 0.
+
+    Returns:
+        One ``BNShift`` per BN layer that tracks running statistics and was reached by the forward pass, in
+        the order the forward pass reached them.
+
+    Raises:
+        ValueError: if the model has no BN layer with running statistics, or ``batches`` (or
+            ``calibrate_batches``) is empty.
+        TypeError: if a batch is none of the accepted forms.
+
+    Example:
+        >>> import timm
+        >>> records = variance_shift(timm.create_model('resnet18'), gaussian_batches(2, 8, (3, 64, 64)))
+        >>> len(records), records[0].name
+        (20, 'bn1')
+    """
     if calibrate_batches is not None:
         calibrate_bn(model, calibrate_batches)
     bns = _bn_layers(model)
@@ -242,21 +299,57 @@ def variance_shift(
 
 
 def shift_mean(records: Sequence[BNShift]) -> float:
-    """Mean of ``metric`` over BN layers (the summary Li et al. and PAPER.md quote)."""
+    """Average the variance shift over BN layers (the summary Li et al. and PAPER.md quote).
+
+    Args:
+        records: per-layer results of ``variance_shift``.
+
+    Returns:
+        The mean of ``metric`` over the layers.
+
+    Raises:
+        ValueError: if ``records`` is empty.
+
+    Example:
+        >>> recs = [BNShift('bn1', 1.0, 1.0, 1.0, 1.0), BNShift('bn2', 1.5, 1.5, 1.0, 2.0)]
+        >>> shift_mean(recs), shift_max(recs)
+        (1.25, 1.5)
+    """
     if not records:
         raise ValueError('no variance-shift records')
     return sum(r.metric for r in records) / len(records)
 
 
 def shift_max(records: Sequence[BNShift]) -> float:
-    """The worst layer's ``metric``."""
+    """Return the worst layer's variance shift.
+
+    Args:
+        records: per-layer results of ``variance_shift``.
+
+    Returns:
+        The largest ``metric`` over the layers.
+
+    Raises:
+        ValueError: if ``records`` is empty.
+    """
     if not records:
         raise ValueError('no variance-shift records')
     return max(r.metric for r in records)
 
 
 def format_shift_table(records: Sequence[BNShift], title: str = '') -> str:
-    """A per-layer text table with the mean/max summary at the bottom."""
+    """Format variance-shift records as a per-layer text table, with the mean/max summary at the bottom.
+
+    Args:
+        records: per-layer results of ``variance_shift``.
+        title: optional first line.
+
+    Returns:
+        The table: one row per layer (shift, worst channel, real and running variance), then mean and max.
+
+    Raises:
+        ValueError: if ``records`` is empty.
+    """
     width = max([len(r.name) for r in records] + [5])
     lines = [title] if title else []
     lines.append(f'{"BN layer":<{width}}  {"shift":>7}  {"worst ch":>8}  {"real var":>10}  {"running var":>11}')
@@ -272,8 +365,26 @@ def format_shift_table(records: Sequence[BNShift], title: str = '') -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 def dropout_train_var(var: float, mean: float, p: float) -> float:
-    """Train-mode variance of inverted dropout (keep prob ``q = 1 - p``) on an input with ``mean``/``var``:
-    ``(var + mean**2) / q - mean**2`` (Li et al.). The eval-mode variance is ``var``."""
+    """Return the train-mode variance of inverted dropout's output, the quantity behind variance shift.
+
+    With keep probability ``q = 1 - p``, dropout on an input with mean ``mean`` and variance ``var`` gives
+    ``(var + mean**2) / q - mean**2`` in train mode (Li et al.); the eval-mode variance is ``var``.
+
+    Args:
+        var: variance of the input.
+        mean: mean of the input.
+        p: drop probability, in [0, 1).
+
+    Returns:
+        The train-mode variance.
+
+    Raises:
+        ValueError: if ``p`` is not in [0, 1).
+
+    Example:
+        >>> dropout_train_var(1.0, 0.0, 0.5), dropout_train_var(1.0, 1.0, 0.5)
+        (2.0, 3.0)
+    """
     q = 1.0 - check_rate('p', p)
     return (var + mean * mean) / q - mean * mean
 
@@ -281,7 +392,23 @@ def dropout_train_var(var: float, mean: float, p: float) -> float:
 def gaussian_batches(
         n_batches: int, batch_size: int, shape: Sequence[int], *, mean: float = 0.0, std: float = 1.0, seed: int = 0,
 ) -> List[torch.Tensor]:
-    """``n_batches`` i.i.d. Gaussian batches of ``(batch_size, *shape)``, reproducible from ``seed``."""
+    """Draw i.i.d. Gaussian batches ``N(mean, std**2)``, reproducible from ``seed``, as module-test input.
+
+    Args:
+        n_batches: number of batches.
+        batch_size: samples per batch.
+        shape: the shape of one sample, e.g. ``(C, H, W)``.
+        mean: mean of every element.
+        std: standard deviation of every element.
+        seed: seed of a private generator (the global RNG is untouched).
+
+    Returns:
+        ``n_batches`` float tensors of shape ``(batch_size, *shape)``.
+
+    Example:
+        >>> [tuple(b.shape) for b in gaussian_batches(2, 4, (3, 8, 8))]
+        [(4, 3, 8, 8), (4, 3, 8, 8)]
+    """
     g = torch.Generator().manual_seed(seed)
     return [torch.randn((batch_size, *shape), generator=g) * std + mean for _ in range(n_batches)]
 
@@ -290,8 +417,33 @@ def image_batches(
         source: str, n_batches: int, batch_size: int, input_size: Sequence[int], *,
         mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,), seed: int = 0,
 ) -> List[torch.Tensor]:
-    """Real images for the module tests: ``'fmnist'`` (Debian's Fashion-MNIST test split, resized to
-    ``input_size`` and repeated over channels, then normalised) or ``'gaussian'``."""
+    """Make input batches for the module tests: real Fashion-MNIST images or standard Gaussian noise.
+
+    ``'fmnist'`` takes random images of the Fashion-MNIST test split (Debian's ``dataset-fashion-mnist``,
+    or ``$FASHION_MNIST_DIR``), scales them to [0, 1], resizes them bilinearly to ``input_size``, repeats
+    the gray channel over ``C`` channels and normalises them with ``mean``/``std``.
+
+    Args:
+        source: ``'fmnist'`` or ``'gaussian'``.
+        n_batches: number of batches (with ``'fmnist'``, at most 10,000 images in all are available, so
+            fewer or smaller batches may come back).
+        batch_size: images per batch.
+        input_size: ``(C, H, W)``.
+        mean: normalisation mean, one value per channel or a single value for all; ``'fmnist'`` only.
+        std: normalisation std, one value per channel or a single value for all; ``'fmnist'`` only.
+        seed: seed of the image draw, or of the Gaussian generator.
+
+    Returns:
+        Float tensors ``[batch_size, C, H, W]``. ``'gaussian'`` gives ``N(0, 1)`` and ignores ``mean``/``std``.
+
+    Raises:
+        ValueError: if ``source`` is not ``'fmnist'`` or ``'gaussian'``.
+        FileNotFoundError: if ``source`` is ``'fmnist'`` and the Fashion-MNIST files are not installed.
+
+    Example:
+        >>> batches = image_batches('fmnist', 2, 16, (3, 224, 224), mean=(0.485, 0.456, 0.406),
+        ...                         std=(0.229, 0.224, 0.225))  # doctest: +SKIP
+    """
     chans, height, width = (int(s) for s in input_size)
     if source == 'gaussian':
         return gaussian_batches(n_batches, batch_size, (chans, height, width), seed=seed)
@@ -350,10 +502,23 @@ _CONSUMER = {
 
 
 class ModuleTestBlock(nn.Module):
-    """One basic residual block with a single ``ResidualDropout`` at a named position, followed by the
-    start of the next block (``next_bn``; post-activation: ``next_conv -> next_bn``) whose BN is "the
-    following BN" of the module test. Written out explicitly, unlike the library's blocks, because the
-    test needs positions the library deliberately does not offer."""
+    """One basic residual block with a single ``ResidualDropout`` at a named position, for the module test.
+
+    The block is followed by the start of the next block (``next_bn``; post-activation:
+    ``next_conv -> next_bn``) whose BN is "the following BN" of the module test. It is written out
+    explicitly, unlike the library's blocks, because the test needs positions the library deliberately
+    does not offer. Convs are He-initialised (``fan_out``); ``forward`` returns ``next_bn``'s output and
+    keeps the block's own output in ``block_out``.
+
+    Args:
+        channels: channels of every conv and BN (the block keeps the shape of its input).
+        pre_act: pre-activation form (BN-ReLU-conv) instead of post-activation (conv-BN-ReLU).
+        position: where the dropout sits, one of ``BLOCK_POSITIONS['pre' or 'post']`` (``'none'``: no dropout).
+        p: drop probability, in [0, 1) (ignored for ``'none'``).
+
+    Raises:
+        ValueError: if ``position`` is not valid for the form, or ``p`` is not in [0, 1).
+    """
 
     def __init__(self, channels: int, *, pre_act: bool, position: str, p: float) -> None:
         super().__init__()
@@ -378,6 +543,7 @@ class ModuleTestBlock(nn.Module):
         return self.drop(x) if here == self.position else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the block and the start of the next one; the block output is kept in ``block_out``."""
         d = self._d
         if self.pre_act:
             h = F.relu(self.bn1(d('before_bn1', x)))
@@ -399,7 +565,28 @@ class ModuleTestBlock(nn.Module):
 
 @dataclass(frozen=True)
 class BlockResult:
-    """Module-test result for one block form and dropout position (``*_pred``: analytic, None if none)."""
+    """Module-test result for one block form and dropout position.
+
+    ``*_pred`` fields are the analytic predictions, None where the path from the dropout is not linear.
+
+    Attributes:
+        form: ``'pre'`` or ``'post'`` activation.
+        position: the dropout position (``'none'``: the reference without dropout).
+        p: the drop probability (0.0 for ``'none'``).
+        guideline: whether ``position`` is the guideline position of this form (``GUIDELINE_POSITION``).
+        out_mean_train: channel mean of the block output's mean in train mode.
+        out_mean_eval: the same in eval mode.
+        out_var_train: channel mean of the block output's variance in train mode.
+        out_var_eval: the same in eval mode.
+        out_var_pred: train-mode block-output variance predicted from eval-mode moments.
+        consumer: the first BN downstream of the dropout (``'bn1'``, ``'bn2'`` or ``'next_bn'``).
+        consumer_shift: measured variance shift at ``consumer``.
+        consumer_shift_pred: predicted variance shift at ``consumer``.
+        next_bn_shift: measured variance shift at the following block's BN.
+        closed_form: Li et al.'s ``((s2 + mu^2) / q - mu^2) / s2``, where the BN sees the Gaussian input
+            directly.
+        shifts: every BN's ``BNShift``.
+    """
 
     form: str                       # 'pre' | 'post'
     position: str
@@ -418,6 +605,7 @@ class BlockResult:
     shifts: Tuple[BNShift, ...]
 
     def as_dict(self) -> Dict[str, Any]:
+        """The fields as a plain, JSON-serialisable dict (``shifts`` as a list of dicts)."""
         d = asdict(self)
         d['shifts'] = [s.as_dict() for s in self.shifts]
         return d
@@ -469,13 +657,37 @@ def residual_block_test(
         std: float = 1.0,
         seed: int = 0,
 ) -> List[BlockResult]:
-    """The paper's residual-block module test on Gaussian input ``N(mean, std**2)``.
+    """Run the paper's residual-block module test on Gaussian input ``N(mean, std**2)``.
 
     For each dropout position: build the block (same weights for every position), calibrate its BN
     statistics in train mode on ``n_batches`` batches, then on ``n_batches`` fresh batches measure the
     eval-mode variance shift of every BN and the block output's train- vs eval-mode statistics. Where the
     dropout reaches its first BN through a linear path, the shift is also predicted analytically (see
     ``_noise_var``), and where that BN sees the Gaussian input itself, by Li et al.'s closed form.
+    Fully seeded: the same arguments give the same results.
+
+    Args:
+        pre_act: test the pre-activation block form instead of the post-activation one.
+        positions: dropout positions to test (default: every one of ``BLOCK_POSITIONS`` for the form).
+        p: drop probability, in [0, 1).
+        channels: channels of the block.
+        size: height and width of the input.
+        batch_size: samples per batch.
+        n_batches: batches for calibration, and again for measurement.
+        mean: mean of the Gaussian input.
+        std: standard deviation of the Gaussian input.
+        seed: seed of weights, inputs and dropout masks.
+
+    Returns:
+        One ``BlockResult`` per position, in the order of ``positions``.
+
+    Raises:
+        ValueError: if ``p`` is not in [0, 1) or a position is not valid for the form.
+
+    Example:
+        >>> rs = residual_block_test(True, positions=['none', 'before_conv2'], size=8, batch_size=16, n_batches=2)
+        >>> [(r.position, r.consumer, r.guideline) for r in rs]
+        [('none', 'next_bn', False), ('before_conv2', 'next_bn', True)]
     """
     p = check_rate('p', p)
     form = 'pre' if pre_act else 'post'
@@ -541,7 +753,14 @@ def _bn_input_var(block: nn.Module, bn: nn.Module, batches: Sequence[torch.Tenso
 
 
 def format_block_table(results: Sequence[BlockResult]) -> str:
-    """Module-test results as a text table (``-`` where no analytic prediction exists)."""
+    """Format module-test results as a text table, with ``-`` where no analytic prediction exists.
+
+    Args:
+        results: results of ``residual_block_test``, of one or both forms.
+
+    Returns:
+        One row per result (guideline positions marked ``*``) and a legend line.
+    """
     def f(v: float | None, fmt: str = '.3f') -> str:
         return '-' if v is None else format(v, fmt)
 
@@ -570,6 +789,18 @@ class HeadResult:
     ``sum_hw a**2 / (sum_hw a)**2`` averaged as the variances are; ``ratio_iid`` is ``1 / (H * W)``, which
     it equals when every position carries the same value and approaches for independent positions with
     small spread (it is ``(1 + CV**2) / (H * W)`` in general).
+
+    Attributes:
+        p: the drop probability.
+        n_masks: number of dropout masks drawn.
+        hw: ``H * W`` of the feature maps.
+        pooled_var_before: variance of the pooled features with dropout on the feature map, before pooling.
+        pooled_var_after: variance of the pooled features with dropout after pooling.
+        ratio: ``pooled_var_before / pooled_var_after``.
+        ratio_pred: the exact expectation of ``ratio`` given the feature maps.
+        ratio_iid: ``1 / (H * W)``.
+        logit_ratio: the same ratio for the logits; None without a linear classifier.
+        logit_ratio_pred: its exact expectation; None without a linear classifier.
     """
 
     p: float
@@ -584,6 +815,7 @@ class HeadResult:
     logit_ratio_pred: float | None
 
     def as_dict(self) -> Dict[str, Any]:
+        """The fields as a plain, JSON-serialisable dict."""
         return asdict(self)
 
 
@@ -603,9 +835,31 @@ def head_variance_test(
         fc: nn.Module | None = None,
         seed: int = 0,
 ) -> HeadResult:
-    """Dropout before vs after global average pooling on ``features`` ``[N, C, H, W]``, over ``n_masks`` masks.
+    """Compare dropout before vs after global average pooling on ``features``, over random masks.
 
-    ``fc`` (an ``nn.Linear`` or 1x1 conv classifier) adds the logit variances; other heads are ignored.
+    Dropout on the feature map before pooling averages ``H * W`` independent masks per channel, so the
+    pooled features vary far less across masks than with one mask after pooling. This measures both
+    variances (float64, on CPU) over ``n_masks`` masks and compares them with the exact expectation.
+
+    Args:
+        features: final feature maps ``[N, C, H, W]``.
+        p: drop probability, in (0, 1).
+        n_masks: number of masks drawn (at least 2).
+        fc: an ``nn.Linear`` or 1x1 conv classifier, to also measure the logit variances; other heads are
+            ignored.
+        seed: seed of a private mask generator.
+
+    Returns:
+        The measured and predicted variances and ratios.
+
+    Raises:
+        ValueError: if ``p`` is not in (0, 1), ``features`` is not 4-D, or ``n_masks`` is below 2.
+
+    Example:
+        >>> import torch
+        >>> r = head_variance_test(torch.ones(2, 4, 4, 4), p=0.3, n_masks=50)
+        >>> r.hw, round(r.ratio_pred, 4), r.ratio_iid
+        (16, 0.0625, 0.0625)
     """
     p = check_rate('p', p)
     if p == 0.0:
@@ -656,7 +910,24 @@ def head_variance_test(
 def head_test_on_model(
         model: nn.Module, batches: Iterable[Any], *, p: float = 0.3, n_masks: int = 100, seed: int = 0,
 ) -> HeadResult:
-    """The head test on a model's real final feature maps (``forward_features``, eval mode) and its classifier."""
+    """Run the head test on a model's real final feature maps (``forward_features``, eval mode) and classifier.
+
+    Args:
+        model: a model with ``forward_features`` returning ``[N, C, H, W]`` maps; its ``get_classifier()``
+            (if any) is used for the logit variances when it is linear.
+        batches: input batches (tensors, ``(input, target, ...)`` tuples/lists, or dicts with
+            ``'pixel_values'``).
+        p: drop probability, in (0, 1).
+        n_masks: number of masks drawn (at least 2).
+        seed: seed of the mask generator.
+
+    Returns:
+        The head test on the concatenated feature maps of all batches.
+
+    Raises:
+        TypeError: if the model has no ``forward_features``, or a batch is none of the accepted forms.
+        ValueError: if the features are not 4-D, ``p`` is not in (0, 1), or ``n_masks`` is below 2.
+    """
     if not hasattr(model, 'forward_features'):
         raise TypeError(f'{type(model).__name__} has no forward_features(); pass feature maps to head_variance_test')
     device = _device(model)
@@ -670,7 +941,31 @@ def iid_head_sweep(
         sizes: Sequence[int] = (1, 2, 4, 8), *, p: float = 0.3, n: int = 16, channels: int = 32, n_masks: int = 200,
         mean: float = 1.0, std: float = 0.25, seed: int = 0,
 ) -> List[HeadResult]:
-    """The head test on synthetic maps with independent positions, ``|N(mean, std**2)|``, for ``H = W`` in ``sizes``."""
+    """Run the head test on synthetic maps with independent positions, for each map size.
+
+    Each map is ``|N(mean, std**2)|`` per element (non-negative, like post-ReLU features), so the measured
+    ratio approaches ``1 / (H * W)`` for small ``std / mean``.
+
+    Args:
+        sizes: ``H = W`` of the maps, one test each.
+        p: drop probability, in (0, 1).
+        n: samples per map batch.
+        channels: channels of the maps.
+        n_masks: masks per test (at least 2).
+        mean: mean of the Gaussian before the absolute value.
+        std: standard deviation of the Gaussian before the absolute value.
+        seed: seed of the maps and the masks.
+
+    Returns:
+        One ``HeadResult`` per size, in the order of ``sizes``.
+
+    Raises:
+        ValueError: if ``p`` is not in (0, 1) or ``n_masks`` is below 2.
+
+    Example:
+        >>> [r.hw for r in iid_head_sweep((1, 2, 4), n_masks=20)]
+        [1, 4, 16]
+    """
     g = torch.Generator().manual_seed(seed)
     return [head_variance_test((torch.randn(n, channels, s, s, generator=g) * std + mean).abs(), p=p,
                                n_masks=n_masks, seed=seed) for s in sizes]
@@ -690,12 +985,35 @@ def shift_by_position(
         seed: int = 0,
         **model_kwargs: Any,
 ) -> Dict[str, List[BNShift]]:
-    """Variance shift per BN of ``model_name`` (a ``*_dropres`` name) built fresh for each residual dropout
-    position, BN statistics calibrated in train mode. ``'none'`` builds it without residual dropout.
+    """Measure the variance shift per BN of a fresh ``*_dropres`` model for each residual dropout position.
 
-    The same seed gives every position the same weights, so only the placement differs. Models are built
-    with ``zero_init_last=False`` unless told otherwise: timm zero-initialises the last BN (or conv) of
-    every branch, so a fresh branch outputs zeros and ``after_last_bn`` dropout would have nothing to drop.
+    For each position the model is built anew, its BN statistics calibrated in train mode on
+    ``calibrate_batches``, then measured in eval mode on ``batches`` (see ``variance_shift``). The same seed
+    gives every position the same weights, so only the placement differs. Models are built with
+    ``zero_init_last=False`` unless told otherwise: timm zero-initialises the last BN (or conv) of every
+    branch, so a fresh branch outputs zeros and ``after_last_bn`` dropout would have nothing to drop.
+
+    Args:
+        model_name: a ``*_dropres`` model name for ``timm.create_model``.
+        positions: ``res_drop_pos`` values to compare; ``'none'`` builds the model without residual dropout.
+        batches: measurement batches (reused for every position).
+        calibrate_batches: calibration batches (reused for every position).
+        res_drop_rate: residual dropout rate, in [0, 1).
+        seed: seed of the weights (and, plus one, of the dropout masks).
+        **model_kwargs: further ``timm.create_model`` arguments; ``drop_rate``, ``res_drop_rate`` and
+            ``res_drop_pos`` are always overridden (head dropout off).
+
+    Returns:
+        ``{position: per-BN records}`` in the order of ``positions``.
+
+    Raises:
+        ValueError: if a position is unknown, a rate is invalid, or a batch list is empty.
+
+    Example:
+        >>> batches = [gaussian_batches(2, 8, (3, 64, 64), seed=s) for s in (0, 1)]
+        >>> res = shift_by_position('resnet18_dropres', ['none', 'after_last_bn'], *batches)
+        >>> list(res), shift_mean(res['after_last_bn']) > shift_mean(res['none'])
+        (['none', 'after_last_bn'], True)
     """
     import timm
 
@@ -731,7 +1049,19 @@ def _pyplot() -> Any:
 
 
 def plot_shift(results: Dict[str, List[BNShift]], path: str, title: str = '') -> str:
-    """One line per position: variance shift of every BN layer in forward order."""
+    """Plot the variance shift of every BN layer in forward order, one line per position, and save it.
+
+    Args:
+        results: ``{label: per-BN records}``, e.g. the output of ``shift_by_position``.
+        path: image file to write (format from its extension).
+        title: plot title (default: ``'variance shift per BN layer'``).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ImportError: if matplotlib is not installed (the ``plot`` extra).
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 4))
     for pos, recs in results.items():
@@ -749,7 +1079,21 @@ def plot_shift(results: Dict[str, List[BNShift]], path: str, title: str = '') ->
 
 
 def plot_block(results: Sequence[BlockResult], path: str) -> str:
-    """Bars: measured shift at the consuming BN and at the next block's BN per position; x: analytic."""
+    """Plot the module-test results, one panel per block form, and save the figure.
+
+    Bars: measured shift at the consuming BN and at the next block's BN per position; black x: the
+    analytic prediction at the consuming BN, where one exists.
+
+    Args:
+        results: results of ``residual_block_test``.
+        path: image file to write (format from its extension).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ImportError: if matplotlib is not installed (the ``plot`` extra).
+    """
     plt = _pyplot()
     forms = sorted({r.form for r in results}, reverse=True)
     fig, axes = plt.subplots(1, len(forms), figsize=(6 * len(forms), 4), squeeze=False)
@@ -773,7 +1117,22 @@ def plot_block(results: Sequence[BlockResult], path: str) -> str:
 
 
 def plot_head(sweep: Sequence[HeadResult], path: str, real: HeadResult | None = None, label: str = '') -> str:
-    """Log-log: variance ratio (before / after pooling) against H*W, with 1/(H*W) and the exact prediction."""
+    """Plot the head-test variance ratio (before / after pooling) against H*W on log-log axes, and save it.
+
+    The measured ratios are drawn with the exact prediction and ``1 / (H*W)``.
+
+    Args:
+        sweep: results of ``iid_head_sweep``.
+        path: image file to write (format from its extension).
+        real: optional result on a real model's feature maps (``head_test_on_model``), drawn as one point.
+        label: legend text for ``real``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ImportError: if matplotlib is not installed (the ``plot`` extra).
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     hw = [r.hw for r in sweep]

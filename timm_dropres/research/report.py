@@ -1,7 +1,7 @@
 """Reports for the seed-paired dropout studies: per-configuration tables, paired comparisons, CSV and PNG.
 
 Input is a list of run records (one dict per architecture x configuration x seed, as the studies write them
-to JSON). Every comparison is paired over seeds (:mod:`timm_dropres.stats`): against no dropout for every
+to JSON). Every comparison is paired over seeds (:mod:`timm_dropres.research.stats`): against no dropout for every
 configuration, and between the guideline and each wrong position, and between head dropout before and
 after pooling. Holm's correction runs over each table's family: one per architecture and metric.
 """
@@ -30,6 +30,23 @@ KEEP_MARKER = '<!-- generated above; text below this line is kept when the repor
 
 
 def config_order(name: str, order: Sequence[str]) -> Tuple[int, float]:
+    """Sort key of a configuration name in reports: its place in ``order``, then its ``@<rate>``.
+
+    Args:
+        name: a configuration name, optionally suffixed ``@<rate>`` (e.g. ``'default@0.1'``).
+        order: configuration names in report order.
+
+    Returns:
+        ``(index, rate)``: the index of the base name in ``order`` (``len(order)`` if absent), and the
+        rate (-1.0 without a suffix, so the plain configuration comes before its rate variants).
+
+    Raises:
+        ValueError: if the text after ``@`` is not a number.
+
+    Example:
+        >>> config_order('default@0.1', ['none', 'default']), config_order('other', ['none', 'default'])
+        ((1, 0.1), (2, -1.0))
+    """
     base, _, rate = name.partition('@')
     return (order.index(base) if base in order else len(order)), float(rate) if rate else -1.0
 
@@ -86,9 +103,25 @@ def _residual_reference(configs: Sequence[str], default_pos: Optional[str]) -> O
 
 
 def pair_comparisons(records: Iterable[Mapping[str, Any]], alpha: float = 0.05) -> List[Dict[str, Any]]:
-    """Guideline residual − each wrong position, and head before − head after pooling, per architecture.
+    """Compare the guideline with each wrong placement, paired over seeds, per architecture.
 
-    Holm's correction runs over each architecture's pairs, per metric.
+    The pairs are: the guideline's residual-only configuration − each wrong residual position present
+    (``'before_last_conv'``, ``'after_last_bn'``, ``'before_every_bn'``, ``'after_add'``), and
+    ``'head_before_pool'`` − ``'head_after_pool'``. The guideline's residual-only configuration is
+    ``'residual'``, else the configuration named after the position the ``'default'`` run resolved to;
+    a configuration is never compared with itself. Holm's correction runs over each architecture's pairs,
+    per metric.
+
+    Args:
+        records: run records with at least ``arch``, ``config``, ``seed``, ``top1`` and ``nll``.
+        alpha: family-wise error rate for the Holm-corrected comparisons.
+
+    Returns:
+        One dict per pair, sorted by architecture: ``arch``, ``a``, ``b`` (configuration names) and, for
+        ``top1`` and ``nll``, a ``PairedComparison`` of ``a - b`` with ``p_holm`` set.
+
+    Raises:
+        ValueError: if the two configurations of a pair share no seed.
     """
     records = list(records)
     out = []
@@ -120,7 +153,23 @@ def _fmt(mean: float, sd: float, digits: int) -> str:
 
 
 def markdown_tables(records: Sequence[Mapping[str, Any]], order: Sequence[str] = (), alpha: float = 0.05) -> str:
-    """Per-architecture tables (mean ± sd, paired Δ vs none) and the pair comparisons, in markdown."""
+    """Format the results as markdown: per-architecture tables and the pairwise comparisons.
+
+    Each architecture's table has one row per configuration with n, mean ± sd of top-1, test NLL and
+    train NLL (and the variance-shift columns when any record has them), and the paired Δ vs ``'none'``
+    with its 95 % interval and Holm-corrected p-value. A table of ``pair_comparisons`` follows.
+
+    Args:
+        records: run records (see ``summarize``).
+        order: configuration names in report order (others follow, by name).
+        alpha: family-wise error rate for the Holm-corrected comparisons.
+
+    Returns:
+        The markdown text, starting with a legend of the Δ columns.
+
+    Raises:
+        ValueError: if two compared configurations share no seed.
+    """
     rows = summarize(records, order, alpha)
     has_vs = any(r.get('vs_mean') is not None for r in records)
     lines = [f'Δ columns: mean per-seed difference [95 % t interval] and the paired t-test p-value after Holm '
@@ -153,7 +202,19 @@ def markdown_tables(records: Sequence[Mapping[str, Any]], order: Sequence[str] =
 
 
 def overfit_table(records: Sequence[Mapping[str, Any]], config: str = 'none') -> str:
-    """Mean training loss and test NLL of ``config`` along its recorded curve: shows (or not) over-fitting."""
+    """Tabulate ``config``'s recorded training curve, to show whether it over-fits (test NLL rising).
+
+    Per architecture: the mean over seeds of the training loss, test NLL and test top-1 at each recorded
+    epoch (the epochs of the first seed's curve; a seed with a shorter curve is left out of the later
+    means). Records need the ``curve`` field that ``Schedule.curve_every`` produces.
+
+    Args:
+        records: run records.
+        config: the configuration whose curve is shown.
+
+    Returns:
+        Markdown tables, one per architecture with a curve; an empty string if no record has one.
+    """
     lines = []
     for arch in sorted({r['arch'] for r in records}):
         recs = [r for r in records if r['arch'] == arch and r['config'] == config and r.get('curve')]
@@ -172,7 +233,19 @@ def overfit_table(records: Sequence[Mapping[str, Any]], config: str = 'none') ->
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """One line per (architecture, configuration) with means, sds and the paired comparisons vs none."""
+    """Write the summary rows as CSV, atomically (via a temporary file and ``os.replace``).
+
+    Columns: ``arch``, ``config``, ``n``, ``resolved_res_pos``, ``<metric>_mean``/``_sd`` for every metric
+    of ``METRICS``, and for ``top1``/``nll`` the paired comparison vs none (``_diff_vs_none``,
+    ``_ci_low``, ``_ci_high``, ``_p``, ``_p_holm``; empty for ``'none'`` itself).
+
+    Args:
+        rows: rows of ``summarize``.
+        path: the CSV file to write; its folder must exist.
+
+    Raises:
+        OSError: if the file cannot be written.
+    """
     cols = ['arch', 'config', 'n', 'resolved_res_pos']
     for m in METRICS:
         cols += [f'{m}_mean', f'{m}_sd']
@@ -195,7 +268,20 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 
 def plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str = '') -> None:
-    """Per architecture: Δ top-1 and Δ NLL vs no dropout per configuration, 95 % intervals, per-seed dots."""
+    """Plot Δ top-1 and Δ NLL vs no dropout per configuration, one row of panels per architecture, and save it.
+
+    Each configuration shows its mean paired difference with the 95 % interval (blue where significant
+    after Holm, grey otherwise) and small dots for the per-seed differences. The image is written
+    atomically (via a temporary file and ``os.replace``).
+
+    Args:
+        rows: rows of ``summarize``.
+        path: the PNG file to write; its folder must exist.
+        title: appended to the figure's footnote.
+
+    Raises:
+        ImportError: if matplotlib is not installed.
+    """
     import matplotlib
 
     matplotlib.use('Agg')

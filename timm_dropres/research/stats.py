@@ -127,6 +127,22 @@ def holm(pvalues: Sequence[float]) -> List[float]:
 
 
 def apply_holm(comparisons: Sequence[PairedComparison]) -> List[PairedComparison]:
-    """The same comparisons with ``p_holm`` set, treating them as one family."""
+    """Set ``p_holm`` on comparisons that form one family (one table column), so ``significant`` works.
+
+    Args:
+        comparisons: the family's paired comparisons, e.g. every configuration against no dropout for
+            one architecture and metric.
+
+    Returns:
+        New ``PairedComparison`` objects (the inputs are frozen and left unchanged), in the input order,
+        with ``p_holm`` from ``holm`` over their ``p`` values; NaN p-values stay NaN and do not count.
+
+    Example:
+        >>> from timm_dropres.research.stats import paired, apply_holm
+        >>> a = paired({0: 91.0, 1: 90.5, 2: 91.2}, {0: 90.0, 1: 90.1, 2: 90.2})
+        >>> b = paired({0: 90.4, 1: 90.0, 2: 90.9}, {0: 90.0, 1: 90.1, 2: 90.2})
+        >>> [round(c.p_holm, 3) for c in apply_holm([a, b])]
+        [0.114, 0.289]
+    """
     adjusted = holm([c.p for c in comparisons])
     return [replace(c, p_holm=p) for c, p in zip(comparisons, adjusted, strict=True)]

@@ -4,18 +4,19 @@ This is the product's main use measured on real data: a user takes a pretrained 
 few hundred images. One study =
 
 1. **Pretrain once per architecture** (no dropout) on every training image of ``source_classes``, with the
-   in-memory loop of :mod:`timm_dropres.ablation` (fast), and save the weights as safetensors.
-2. **Fine-tune** through the real trainer (:func:`timm_dropres.train.finetune` with ``pretrained_file``) on
-   ``shots`` images per class of ``target_classes`` for every (configuration, seed). The seed draws the
-   few-shot subset and seeds the trainer (new classifier, data order, augmentation, dropout), identically for
-   every configuration. The trainer validates on ``val_per_class`` further training images per class
-   (disjoint from the few-shot set) for its log only: nothing is selected on them or on the test set.
+   in-memory loop of :mod:`timm_dropres.research.ablation` (fast), and save the weights as safetensors.
+2. **Fine-tune** through the real trainer (:func:`timm_dropres.training.trainer.finetune` with
+   ``pretrained_file``) on ``shots`` images per class of ``target_classes`` for every (configuration, seed).
+   The seed draws the few-shot subset and seeds the trainer (new classifier, data order, augmentation,
+   dropout), identically for every configuration. The trainer validates on ``val_per_class`` further
+   training images per class (disjoint from the few-shot set) for its log only: nothing is selected on them
+   or on the test set.
 3. **Test** the last weights on every test image of the target classes with the trainer's own eval transform
-   and :func:`timm_dropres.evaluate.evaluate`.
+   and :func:`timm_dropres.training.evaluate.evaluate`.
 
-Configurations are those of :data:`timm_dropres.ablation.CONFIGS` that the trainer can build from its public
-flags: 'before_every_bn' and 'after_add' are hook-placed hazards the trainer (rightly) cannot express, so they
-are refused here and measured in the from-scratch studies. Each finished run writes one JSON; a rerun
+Configurations are those of :data:`timm_dropres.research.ablation.CONFIGS` that the trainer can build from its
+public flags: 'before_every_bn' and 'after_add' are hook-placed hazards the trainer (rightly) cannot express,
+so they are refused here and measured in the from-scratch studies. Each finished run writes one JSON; a rerun
 skips finished runs, and a JSON from a different specification is an error.
 """
 from __future__ import annotations
@@ -56,7 +57,15 @@ UNSUPPORTED = (BEFORE_EVERY_BN, AFTER_ADD)
 
 @dataclass(frozen=True)
 class TransferArch:
-    """One architecture: a timm ``*_dropres`` name, extra create_model kwargs and the input size it runs at."""
+    """One architecture of a transfer study (an entry of the YAML's ``architectures`` list).
+
+    Attributes:
+        name: short unique name, used in run and weight paths and reports.
+        model: the timm ``*_dropres`` model name.
+        model_kwargs: extra ``timm.create_model`` keyword arguments.
+        img_size: input height and width; images are resized from 28x28 to it.
+        label: description shown in the report.
+    """
 
     name: str
     model: str
@@ -72,7 +81,17 @@ class TransferArch:
 
 @dataclass(frozen=True)
 class Pretrain:
-    """Source-task training schedule (in-memory loop, no dropout, same for every architecture)."""
+    """Source-task training schedule (the YAML's ``pretrain``): in-memory loop, no dropout, same for every arch.
+
+    Attributes:
+        epochs: training epochs (cosine learning-rate schedule, stepped per update).
+        batch_size: batch size; the last partial batch of an epoch is dropped.
+        opt: optimizer name for timm's ``create_optimizer_v2``.
+        lr: peak learning rate.
+        weight_decay: weight decay.
+        momentum: optimizer momentum.
+        seed: seed of the weights, data order and flips.
+    """
 
     epochs: int = 3
     batch_size: int = 128
@@ -85,7 +104,22 @@ class Pretrain:
 
 @dataclass(frozen=True)
 class Finetune:
-    """Target-task fine-tuning settings, passed to the trainer (``FinetuneConfig``) for every run."""
+    """Target-task fine-tuning settings (the YAML's ``finetune``), passed to the trainer for every run.
+
+    Each field is the ``FinetuneConfig`` field of the same name (see ``finetune_config``).
+
+    Attributes:
+        epochs: fine-tuning epochs.
+        batch_size: batch size.
+        opt: optimizer name.
+        lr: learning rate.
+        weight_decay: weight decay.
+        warmup_epochs: warmup length in epochs.
+        smoothing: label smoothing.
+        hflip: horizontal-flip probability.
+        color_jitter: colour-jitter strength.
+        scale: ``RandomResizedCrop`` scale range.
+    """
 
     epochs: int = 30
     batch_size: int = 16
@@ -101,7 +135,27 @@ class Finetune:
 
 @dataclass(frozen=True)
 class TransferSpec:
-    """Everything that defines a transfer study; a run's ``fingerprint`` is derived from it."""
+    """Everything that defines a transfer study (one YAML file); each run's fingerprint is derived from it.
+
+    Attributes:
+        architectures: the networks to pretrain and fine-tune.
+        configs: configuration names (see ``ablation.get_config``); the hook-placed hazards in
+            ``UNSUPPORTED`` are refused.
+        seeds: seeds; each draws the few-shot subset and seeds the trainer, the same for every configuration.
+        res_drop_rate: residual dropout rate (unless a configuration sets ``@<p>``).
+        head_drop_rate: head dropout rate (unless a configuration sets ``@<p>``).
+        source_classes: Fashion-MNIST classes of the pretraining task.
+        target_classes: Fashion-MNIST classes of the fine-tuning task (disjoint from ``source_classes``).
+        shots: fine-tuning images per target class.
+        val_per_class: further training images per target class for the trainer's validation log.
+        pretrain: the pretraining schedule.
+        finetune: the fine-tuning settings.
+        alpha: family-wise error rate of the Holm-corrected paired t-tests in the report.
+
+    Raises:
+        ValueError: listing every problem: no architecture or seed, an unknown or unsupported configuration,
+            overlapping or invalid class lists, ``shots``/``val_per_class`` below 1; or a rate not in [0, 1).
+    """
 
     architectures: Tuple[TransferArch, ...]
     configs: Tuple[str, ...] = ('none', 'default', 'residual', 'head_before_pool', 'head_after_pool')
@@ -155,7 +209,24 @@ def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
 
 
 def load_transfer_spec(path: str | os.PathLike) -> TransferSpec:
-    """Read a transfer-study YAML (see ``configs/study_transfer.yaml``); unknown keys are errors."""
+    """Read a transfer-study specification from YAML; unknown keys are errors, so a typo cannot pass silently.
+
+    Args:
+        path: the YAML file (see ``configs/study_transfer.yaml``): top-level ``TransferSpec`` fields, with
+            ``architectures`` a list of ``TransferArch`` mappings and ``pretrain``/``finetune`` mappings.
+
+    Returns:
+        The validated specification.
+
+    Raises:
+        OSError: if the file cannot be read.
+        yaml.YAMLError: if the file is not valid YAML.
+        ValueError: if the top level is not a mapping, a key is unknown, or a value is invalid (see
+            ``TransferSpec``).
+
+    Example:
+        >>> spec = load_transfer_spec('configs/study_transfer.yaml')  # doctest: +SKIP
+    """
     import yaml
 
     raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -177,7 +248,17 @@ def load_transfer_spec(path: str | os.PathLike) -> TransferSpec:
 
 @dataclass
 class TransferData:
-    """uint8 images ``[N, 28, 28]`` and labels renumbered per task (source: 0..k-1, target: 0..m-1)."""
+    """The transfer study's data: uint8 images ``[N, 28, 28]`` and int64 labels renumbered per task.
+
+    Attributes:
+        source_x: training images of the source classes.
+        source_y: their labels, ``0..k-1`` in the order of ``source_classes``.
+        target_train_x: training images of the target classes (the few-shot pool).
+        target_train_y: their labels, ``0..m-1`` in the order of ``target_classes``.
+        test_x: test images of the target classes.
+        test_y: their labels, numbered as ``target_train_y``.
+        target_names: class names of the target classes, in label order.
+    """
 
     source_x: torch.Tensor
     source_y: torch.Tensor
@@ -189,7 +270,22 @@ class TransferData:
 
 
 def load_transfer_data(spec: TransferSpec, root: Optional[str | os.PathLike] = None) -> TransferData:
-    """Fashion-MNIST split into the source task (all its training images) and the target task."""
+    """Load Fashion-MNIST split into the source task (all its training images) and the target task.
+
+    Args:
+        spec: the study (its ``source_classes`` and ``target_classes``).
+        root: folder holding the four idx files; None searches ``$FASHION_MNIST_DIR`` and Debian's path.
+
+    Returns:
+        The source training set, the target training pool and the target test set.
+
+    Raises:
+        FileNotFoundError: if the Fashion-MNIST idx files are not found (``FashionMNISTNotFound``).
+        ValueError: if an idx file is malformed.
+
+    Example:
+        >>> data = load_transfer_data(load_transfer_spec('configs/study_transfer.yaml'))  # doctest: +SKIP
+    """
     from ..training.fmnist import CLASSES, load_fashion_mnist
     from .ablation import select_classes
 
@@ -215,9 +311,22 @@ def pretrain(spec: TransferSpec, arch: TransferArch, data: TransferData, out_fil
 
     Normalisation uses the model's own ``pretrained_cfg`` mean/std at ``arch.img_size``, the same that the
     trainer's transforms apply during fine-tuning, so the pretrained features see the same input statistics.
+    Augmentation is a random horizontal flip; the learning rate follows a cosine schedule per update.
+
+    Args:
+        spec: the study (its ``pretrain`` schedule and ``source_classes``).
+        arch: the architecture, built with ``drop_rate=0.0, res_drop_rate=0.0`` and one input channel.
+        data: the study's data (its ``source_x``/``source_y``).
+        out_file: the ``.safetensors`` file to write (atomically; folders are created); the record goes
+            to the same path with a ``.json`` suffix.
+        log: called with the mean training loss after every epoch.
 
     Returns:
-        A small record (epochs, final train loss, wall time) also written next to the weights as JSON.
+        The record: ``arch``, ``model``, ``epochs``, ``steps``, ``train_loss_last_epoch``, ``images``,
+        ``img_size``, the normalisation ``mean``/``std`` and ``wall_s``.
+
+    Raises:
+        FloatingPointError: if the training loss becomes NaN or infinite.
     """
     p = spec.pretrain
     torch.manual_seed(p.seed)
@@ -263,7 +372,25 @@ def pretrain(spec: TransferSpec, arch: TransferArch, data: TransferData, out_fil
 
 def finetune_config(spec: TransferSpec, arch: TransferArch, config_name: str, seed: int, weights: Path,
                     output_dir: Path) -> Any:
-    """The trainer configuration of one fine-tuning run (the same flags a CLI user would give)."""
+    """Build the trainer configuration of one fine-tuning run (the same flags a CLI user would give).
+
+    ``'head_after_pool'`` fine-tunes the plain timm model (``arch.base``) with timm's own ``drop_rate``;
+    every other configuration fine-tunes ``arch.model`` with the dropres flags.
+
+    Args:
+        spec: the study (rates and ``finetune`` settings).
+        arch: the architecture.
+        config_name: the configuration (see ``ablation.get_config``).
+        seed: the trainer's seed.
+        weights: the pretrained safetensors file (``pretrained_file``).
+        output_dir: the trainer's output folder.
+
+    Returns:
+        A ``FinetuneConfig`` for CPU training on the in-memory dataset.
+
+    Raises:
+        ValueError: if ``config_name`` is unknown.
+    """
     from ..training.config import FinetuneConfig
 
     c = get_config(config_name)
@@ -303,7 +430,32 @@ def _few_shot(spec: TransferSpec, data: TransferData, seed: int) -> Tuple[torch.
 
 def run_one(spec: TransferSpec, arch: TransferArch, config_name: str, seed: int, data: TransferData, weights: Path,
             work_dir: Path, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Fine-tune and test one (architecture, configuration, seed); return its record."""
+    """Fine-tune and test one (architecture, configuration, seed); return its record.
+
+    The seed draws the few-shot training set and the disjoint validation set, then seeds the trainer.
+    The last weights are evaluated with the trainer's eval transform on the target test set and on the
+    few-shot training set. The run's trainer folder is deleted afterwards; only the record is kept.
+
+    Args:
+        spec: the study.
+        arch: the architecture.
+        config_name: the configuration (see ``ablation.get_config``).
+        seed: the run's seed.
+        data: the study's data.
+        weights: the pretrained safetensors file of ``arch``.
+        work_dir: scratch folder for the trainer's output (``<work_dir>/<arch>-<config>-seed<seed>``).
+        log: called with a one-line summary when the run is done.
+
+    Returns:
+        The JSON-serialisable run record: ``arch``, ``config``, ``seed``, ``fingerprint``, ``model``,
+        ``resolved_res_pos``, test ``top1`` (%) and ``nll``, ``train_nll``/``train_top1``,
+        ``train_loss_last_epoch``, ``val_top1_last``, ``steps``, the rates used, image counts, ``wall_s``
+        and the software/thread versions.
+
+    Raises:
+        ValueError: if ``config_name`` is unknown, or a target class has fewer than
+            ``shots + val_per_class`` training images.
+    """
     from ..training.data import DataBundle, TensorImageDataset, TransformedDataset, eval_loader, resolve_transforms
     from ..training.evaluate import evaluate
     from ..training.trainer import finetune
@@ -363,8 +515,24 @@ def run_transfer(spec: TransferSpec, out_dir: str | os.PathLike, data: TransferD
                  ) -> Tuple[List[Dict[str, Any]], Dict[str, Dict[str, str]]]:
     """Pretrain (once, cached in ``<out_dir>/pretrained``), then every missing fine-tuning run; seeds outermost.
 
+    Finished runs are skipped, so rerunning resumes an interrupted study. A record written under a different
+    specification (fingerprint mismatch) is an error, not silently reused. Pretrained weights are reused
+    whenever ``<out_dir>/pretrained/<arch>.safetensors`` exists.
+
+    Args:
+        spec: the study.
+        out_dir: output folder; records go to ``<out_dir>/runs/<arch>/<config>_seed<seed>.json``.
+        data: the study's data.
+        log: progress messages.
+        only_arch: run only the architectures with these names (None: all).
+
     Returns:
-        All records of this specification and, per architecture, the configurations left out with why.
+        ``(records, skipped)``: all records of this specification, and per architecture
+        ``{configuration: why it was left out}`` (see ``ablation.configs_for``).
+
+    Raises:
+        ValueError: if an existing record has another fingerprint or cannot be read.
+        FloatingPointError: if pretraining diverges.
     """
     out = Path(out_dir)
     runs_dir = out / 'runs'
