@@ -17,6 +17,18 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state, fixed by the first Accelerator (e.g. its mixed precision); the
+    library never resets it (there is no public API), so tests that use other settings start from a clean one,
+    as accelerate's own test cases do."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models run fastest on one intra-op thread, and on a busy 2-core box two threads spin."""

@@ -250,9 +250,11 @@ def test_invalid_dropout_options(dataset, tmp_path, kw, match):
 
 
 def test_cli_reports_bad_input_cleanly(dataset, tmp_path, capsys):
-    rc = finetune_main(['--model', 'test_resnet_dropres', '--dataset', str(dataset), '--res-drop-rate', '1.5',
-                        '--output-dir', str(tmp_path / 'o'), '--cpu'])
-    assert rc == 2 and 'res_drop_rate must be in [0, 1), got 1.5' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's usage error: the config class validates on creation
+        finetune_main(['--model', 'test_resnet_dropres', '--dataset', str(dataset), '--res-drop-rate', '1.5',
+                       '--output-dir', str(tmp_path / 'o'), '--cpu'])
+    assert e.value.code == 2 and 'res_drop_rate must be in [0, 1), got 1.5' in capsys.readouterr().err
+    assert not (tmp_path / 'o').exists()  # nothing written
 
 
 def test_existing_output_is_not_overwritten(dataset, trained_run):
@@ -313,6 +315,6 @@ def test_model_kwargs_and_pad_crop_reach_the_model_and_the_loader(dataset, tmp_p
     assert summary['model_kwargs']['channels'] == [8, 8, 8, 8]
     assert summary['global_steps'] >= 1
     with pytest.raises(ValueError, match=r"--model-kwargs \['res_drop_rate'\]"):
-        finetune(tiny_config(dataset, tmp_path / 'kw2', model_kwargs=dict(res_drop_rate=0.2)))
+        finetune(tiny_config(dataset, tmp_path / 'kw2', res_drop_rate=0.1, model_kwargs=dict(res_drop_rate=0.2)))
     with pytest.raises(ValueError, match='--decay-milestones'):
         tiny_config(dataset, tmp_path / 'x', sched='multistep')
