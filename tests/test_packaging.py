@@ -18,7 +18,7 @@ from helpers_train import PYTHON, REPO, make_image_folder, subprocess_env
 
 from timm_dropres.recipes import list_recipes
 
-pytestmark = pytest.mark.slow  # a build, a venv and three fresh interpreters: about a minute on an idle 2-core box
+pytestmark = pytest.mark.slow  # a build, a venv, and three fresh interpreters that import torch
 
 RELEASE_FILES = ('pyproject.toml', 'setup.cfg', 'README.md', 'LICENSE')
 

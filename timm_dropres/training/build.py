@@ -176,8 +176,8 @@ def weights_origin(model: nn.Module, cfg: FinetuneConfig) -> Dict[str, Any] | No
         return None
     source = cfg.model if pretrained and cfg.pretrained_file is None else ''
     source = ' + '.join(x for x in [source] + files if x)
-    # a --pretrained-file replaces the registry's weights: their license is not the file's
-    from_registry = pretrained and cfg.pretrained_file is None
+    # --pretrained-file / --initial-checkpoint replace the registry's weights: their license is not the file's
+    from_registry = pretrained and cfg.pretrained_file is None and cfg.initial_checkpoint is None
     license = (getattr(model, 'pretrained_cfg', None) or {}).get('license') if from_registry else None
     return dict(finetuned_from=source, license=license)
 

@@ -473,7 +473,8 @@ def _flat_config(cfg: FinetuneConfig) -> Dict[str, Any]:
 def _progress(cfg: FinetuneConfig, acc: Accelerator, total: int, initial: int, desc: str) -> Any:
     if cfg.progress is False or not acc.is_local_main_process:
         return None
-    return progress_bar(total=total, initial=initial, desc=desc, enabled=cfg.progress)
+    bar = progress_bar(total=total, initial=initial, desc=desc, enabled=cfg.progress)
+    return None if bar.disable else bar  # no bar: the loop skips the postfix's loss.item() syncs too
 
 
 def progress_bar(*, total: int, initial: int = 0, desc: str = '', enabled: bool | None = None,
