@@ -98,7 +98,7 @@ def test_hand_built_placements(functional: bool) -> None:
 def test_inactive_dropout_is_listed_but_not_a_hazard() -> None:
     r = audit('resnet18_dropres', input_size=SMALL, res_drop_pos='before_last_conv', res_drop_rate=0.0)
     assert all(e.hazard for e in r.entries[:-1]) and not r.hazards
-    assert 'p=0, inactive' in format_report(r)
+    assert '0 (inactive)' in format_report(r)
 
 
 def test_audit_restores_model_state() -> None:
