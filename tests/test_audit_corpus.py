@@ -361,11 +361,11 @@ class _Head(nn.Module):
 class _Toy(nn.Module):
     """A model whose forward is a function of its submodules (the rule under test)."""
 
-    def __init__(self, fn: Callable[[_Toy, torch.Tensor], torch.Tensor], **mods: nn.Module) -> None:
+    def __init__(self, fn: Callable[[_Toy, torch.Tensor], torch.Tensor], **mods: nn.Module | nn.Parameter) -> None:
         super().__init__()
         self.fn = fn
         for k, v in mods.items():
-            self.add_module(k, v)
+            setattr(self, k, v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(self, x)
@@ -531,6 +531,12 @@ HAND_CASES: List[Case] = [
          lambda: _Toy(lambda s, x: s.head(s.drop(x)), drop=nn.Dropout(0.1), head=_blocks('none')), (3, 8, 8),
          # dropout on the input: stem conv, then both operands of the first merge; the branch's conv1 -> bn1
          [Site(r'drop', 'Dropout', STEM, HAZARD, 1, 'head.body.0.bn1')]),
+    Case('toy: dropout of a parameter added to the input', 'hand-built',
+         lambda: _Toy(lambda s, x: s.net(x + s.drop(s.bias)), bias=nn.Parameter(torch.zeros(3, 1, 1)),
+                      drop=nn.Dropout(0.1), net=_blocks('none')), (3, 8, 8),
+         # like a dropped position embedding: an add with an untraced operand is no merge; the stem conv feeds
+         # both operands of the first residual merge, and that block's conv1 -> bn1
+         [Site(r'drop', 'Dropout', STEM, HAZARD, 1, 'net.body.0.bn1')]),
     Case('toy: dropout on the logits', 'hand-built',
          lambda: _Toy(lambda s, x: s.drop(s.net(x)), net=_blocks('none'), drop=nn.Dropout(0.1)), (3, 8, 8),
          [Site(r'drop', 'Dropout', HEAD_AFTER, OFF)]),                          # the head pool lies upstream
@@ -648,14 +654,24 @@ def _dropres_sites(model: nn.Module) -> List[Site]:
     return sites
 
 
-@pytest.mark.parametrize('pos', POSITIONS)
 @pytest.mark.parametrize('name', timm_dropres.registered_models())
-def test_dropres_variant(name: str, pos: str) -> None:
+def test_dropres_variant(name: str) -> None:
+    """Both positions: one built by the registered entrypoint, the other by converting that model in place
+    (``convert`` replaces the position; ``create_model(x_dropres)`` is ``convert(create_model(x))`` by
+    construction). Which position comes from the entrypoint alternates along the registry, so both do."""
     torch.set_num_threads(1)
-    model = timm.create_model(name, res_drop_pos=pos, **_reduced(name))
-    # ImageNet variants at 64 px (a 2x2 final map); the CIFAR ones at their own size from resolve_model_data_config
-    report = audit(model, input_size=None if name.endswith('_cifar_dropres') else (3, 64, 64))
-    problems = check(report, _dropres_sites(model), model)
-    assert not problems, f'{name} {pos}:\n' + '\n'.join(problems)
-    if all(isinstance(b, PRE_ACT) for _, b in timm_dropres.residual_blocks(model)) or pos == 'after_last_bn':
-        assert report.compliant                                    # the README: "the *_dropres models are all ok"
+    index = timm_dropres.registered_models().index(name)
+    first, second = POSITIONS if index % 2 == 0 else POSITIONS[::-1]
+    model = timm.create_model(name, res_drop_pos=first, **_reduced(name))
+    rates = timm_dropres.dropout_args(model)
+    for pos in (first, second):
+        if pos == second:
+            timm_dropres.convert(model, res_drop_rate=rates['res_drop_rate'], drop_rate=rates['drop_rate'],
+                                 res_drop_pos=pos)
+        # ImageNet variants at 64 px (2x2 final map); CIFAR ones at their own size (resolve_model_data_config)
+        report = audit(model, input_size=None if name.endswith('_cifar_dropres') else (3, 64, 64))
+        problems = check(report, _dropres_sites(model), model)
+        assert not problems, f'{name} {pos}:\n' + '\n'.join(problems)
+        pre_act = all(isinstance(b, PRE_ACT) for _, b in timm_dropres.residual_blocks(model))
+        if pre_act or pos == 'after_last_bn':
+            assert report.compliant                                # the README: "the *_dropres models are all ok"

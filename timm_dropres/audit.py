@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Set,
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
@@ -46,8 +47,8 @@ HEAD_BEFORE, HEAD_AFTER, HEAD_1X1, HEAD = 'head, before pooling', 'head, after p
 #: Verdict -> its rule. Every active dropout gets exactly one.
 VERDICTS: Dict[str, str] = {
     HAZARD: 'a BatchNorm with running statistics reads the dropped activations before they reach a residual '
-            'merge or a global pool over more than one position (variance shift); weight layers, activations '
-            'and sums of parallel branches in between do not stop it',
+            'merge or a global pool over more than one position (variance shift); weight layers, activations, '
+            'concatenations and sums of parallel branches in between do not stop it',
     OK: 'no hazard, and the location is one of the guideline positions: residual branch, head before '
         'pooling, head on a 1x1 map',
     OFF: 'no hazard, but not where the paper puts dropout (any other location)',
@@ -78,14 +79,16 @@ GUIDELINE_LOCATIONS = (BRANCH, HEAD_BEFORE, HEAD_1X1)
 
 #: Terms the rules use, defined once.
 TERMS: Dict[str, str] = {
-    'residual merge': 'an addition of a branch and its skip path: the two operands share a fork (their latest '
-                      'common ancestor); the skip is the fork itself or reaches it through no weight layer, or '
-                      'through one (a projection) where the block changes shape; the branch is not skip-like. '
-                      'A sum of two parallel branches (both or neither skip-like) is no residual merge',
-    'global pool': 'an average/max pool, mean/sum/max reduction or class-token selection that collapses every '
-                   'position of a map (B, C, H, W) or token sequence (B, N, C) to one per channel; it averages '
-                   'N positions, N >= 1',
-    'head pool': 'a global pool whose output never meets a multi-position map again (not a squeeze-excitation)',
+    'residual merge': "an addition of a branch and its skip path. The fork is the two operands' latest common "
+                      'ancestor; an operand is skip-like when the paths from the fork to it hold no weight layer, '
+                      "or exactly one while the sum's shape differs from the fork's (a projection shortcut). A "
+                      'residual merge has exactly one skip-like operand; a sum of two parallel branches (both or '
+                      'neither skip-like) is none',
+    'global pool': 'an average/max pool, a mean/sum/max reduction or a class-token selection that collapses every '
+                   'position of a map (B, C, H, W) or token sequence (B, N, C) to one value per channel; it '
+                   'averages N positions, N >= 1',
+    'head pool': 'a global pool from whose output no multi-position tensor is computed again (unlike a '
+                 'squeeze-excitation gate)',
 }
 
 #: Columns of the table; ``AuditEntry.row()`` and the JSON entries carry the same keys.
@@ -247,15 +250,21 @@ def _arg(args: Sequence[Any], kwargs: Dict[str, Any], pos: int, key: str, defaul
     return args[pos] if len(args) > pos else default
 
 
-def _tensors(obj: Any) -> Iterable[torch.Tensor]:
+def _tensors(obj: Any) -> List[torch.Tensor]:
+    """The tensors in ``obj`` (nested lists, tuples, dicts), left to right."""
     if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    elif not isinstance(obj, (list, tuple)) or isinstance(obj, torch.Size):
+        return []
+    found: List[torch.Tensor] = []
+    for o in obj:
+        if isinstance(o, torch.Tensor):
+            found.append(o)
+        elif isinstance(o, (list, tuple, dict)):
+            found.extend(_tensors(o))
+    return found
 
 
 def _multi_position(shape: Sequence[int]) -> bool:
@@ -327,6 +336,13 @@ class _Tracer(TorchFunctionMode):
         self.atomic = 0
         self.paused = False
         self.outputs: List[int] = []             # nodes whose tensors the model returns
+        self.kinds: Dict[nn.Module, Tuple[bool, float | None]] = {}   # _dropout_module_p, once per module
+
+    def _dropout_kind(self, module: nn.Module) -> Tuple[bool, float | None]:
+        kind = self.kinds.get(module)
+        if kind is None:
+            kind = self.kinds[module] = _dropout_module_p(module)
+        return kind
 
     def _add(self, kind: str, name: str, op: str, inputs: List[int], in_shape: Tuple[int, ...],
              outputs: Iterable[torch.Tensor], **extra: Any) -> _Node:
@@ -342,10 +358,10 @@ class _Tracer(TorchFunctionMode):
     def source(self, t: torch.Tensor) -> None:
         self._add('input', 'input', 'input', [], tuple(t.shape), [t])
 
-    def _inputs(self, args: Any) -> Tuple[List[int], Tuple[int, ...]]:
+    def _inputs(self, args: Any, kwargs: Dict[str, Any] | None = None) -> Tuple[List[int], Tuple[int, ...]]:
         idxs: List[int] = []
         shape: Tuple[int, ...] = ()
-        for t in _tensors(args):
+        for t in _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args):
             if id(t) in self.producer and t.numel() > 0:   # an empty slice carries nothing
                 if not idxs:
                     shape = tuple(t.shape)
@@ -365,7 +381,7 @@ class _Tracer(TorchFunctionMode):
     # module hooks ------------------------------------------------------------------------------------
     def pre_hook(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         self.stack.append(module)
-        if self.atomic == 0 and _dropout_module_p(module)[0]:
+        if self.atomic == 0 and self._dropout_kind(module)[0]:
             self.atomic += 1
             with self._paused():
                 inputs, shape = self._inputs(args)
@@ -382,12 +398,12 @@ class _Tracer(TorchFunctionMode):
         if not recorded:
             return None
         self.atomic -= 1
-        if not isinstance(output, torch.Tensor) or not inputs:
+        if not isinstance(output, torch.Tensor):
             return None
         with self._paused():
             out = output.view_as(output)  # a fresh tensor object, so identity-returning modules get their own node
             self._add('dropout', self.names.get(module, type(module).__name__), type(module).__name__, inputs,
-                      in_shape, [out], p=_dropout_module_p(module)[1])
+                      in_shape, [out], p=self._dropout_kind(module)[1])
         return out
 
     @contextlib.contextmanager
@@ -404,7 +420,7 @@ class _Tracer(TorchFunctionMode):
         result = func(*args, **kwargs)
         if self.paused or self.atomic:
             return result
-        outs = list(_tensors(result))
+        outs = _tensors(result)
         if not outs:
             return result
         op = getattr(func, '__name__', str(func))
@@ -413,8 +429,8 @@ class _Tracer(TorchFunctionMode):
             return result
         if func in _FACTORY_FNS:
             return result
-        inputs, in_shape = self._inputs((args, kwargs))
-        if not inputs:
+        inputs, in_shape = self._inputs(args, kwargs)
+        if not inputs and func not in _DROPOUT_FNS:       # a dropout of a parameter (a position embedding) counts
             return result
         random_in = [i for i in inputs if self.nodes[i].random]
         data_in = [i for i in inputs if not self.nodes[i].random]
@@ -774,37 +790,39 @@ def audit(
     module, label = load_model(model, **model_kwargs)
     _check_forward(module, label)
     shape = _input_shape(module, input_size, batch_size, model_kwargs)
-    names = {m: (n or type(module).__name__) for n, m in module.named_modules()}
+    named = list(module.named_modules())
+    names = {m: (n or type(module).__name__) for n, m in named}
     tracer = _Tracer(names, module)
-    handles = []
-    for m in module.modules():
-        handles.append(m.register_forward_pre_hook(tracer.pre_hook))
-        handles.append(m.register_forward_hook(tracer.post_hook))
-    flags = {m: m.training for m in module.modules()}
-    buffers = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()
-               if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)}
+    was_training = [m for _, m in named if m.training]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    # process-wide module hooks: two registrations instead of two per module
+    handles = [register_module_forward_pre_hook(tracer.pre_hook), register_module_forward_hook(tracer.post_hook)]
     try:
         device = next(iter(module.parameters()), torch.empty(0)).device
-        x = torch.randn(shape, device=device)
-        tracer.source(x)
-        module.train()
+        if len(was_training) < len(named):
+            module.train()
         forked = [] if device.type in ('cpu', 'meta') else [device]
-        with torch.random.fork_rng(devices=forked), torch.no_grad(), tracer:
-            module(x)
+        with torch.random.fork_rng(devices=forked):                 # the input and the dropout masks
+            x = torch.randn(shape, device=device)
+            tracer.source(x)
+            with torch.no_grad(), tracer:
+                module(x)
     except Exception as e:  # noqa: BLE001 - any failure of a user model becomes one clear message
         raise AuditError(
             f'could not trace {label}: a train-mode forward pass on a random input of shape {tuple(shape)} raised '
-            f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}. If the model needs another input, '
-            'pass input_size=(C, H, W) (CLI: --input-size C H W).') from e
+            f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}. The audit feeds one float image '
+            'batch; if the model needs another size, pass input_size=(C, H, W) (CLI: --input-size C H W); '
+            'models whose forward needs other inputs (token ids, masks) are not supported.') from e
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags.items():
-            m.training = flag
+        if len(was_training) < len(named):
+            module.eval()
+            for m in was_training:
+                m.training = True
         with torch.no_grad(), contextlib.suppress(Exception):
-            state = module.state_dict(keep_vars=True)
-            for k, v in buffers.items():
-                state[k].copy_(v)
+            for b, saved in buffers:
+                b.copy_(saved)
 
     graph = _Graph(tracer.nodes, tracer.outputs)
     drops = [n for n in tracer.nodes if n.kind == 'dropout']
