@@ -832,7 +832,14 @@ def audit(
 
 
 def format_p(p: float | None) -> str:
-    """The table's ``p`` cell."""
+    """The table's ``p`` cell.
+
+    Args:
+        p: a drop probability, or ``None`` when it could not be read.
+
+    Returns:
+        ``p`` in ``%g`` format, or ``'?'``.
+    """
     return '?' if p is None else f'{p:g}'
 
 
@@ -866,7 +873,11 @@ def format_report(report: AuditReport, *, verbose: bool = False) -> str:
 
 
 def describe_rules() -> str:
-    """The verdicts, locations and terms as text (the CLI's ``--help`` epilog shows it)."""
+    """The verdicts, locations and terms as text (the CLI's ``--help`` epilog shows it).
+
+    Returns:
+        One line per verdict, location (in the order they are tested) and term, with its rule.
+    """
     lines = ['verdicts:']
     lines += [f'  {k}: {v}' for k, v in VERDICTS.items()]
     lines.append('locations (tested in this order):')
