@@ -3,6 +3,12 @@
     dropres-audit resnet50 --drop-rate 0.2        # timm's head dropout: after pooling
     dropres-audit resnet50_dropres                # every dropout at a guideline position
     dropres-audit local-dir:runs/x/best --strict  # exit 1 when a BatchNorm consumes dropped activations (CI gate)
+    dropres-audit resnet51q --drop-block-rate 0.1 --json audit.json   # the table as JSON, for CI
+
+Exit codes: 0 done (and, with --strict, no hazard), 1 --strict found a hazard, 2 the model could not be built
+or traced. --json FILE writes the table's columns for every row (index, op, name, p, location, verdict, why),
+plus active, hazard, consumer, path, note; the summary line as {"ok", "hazard", "off-guideline"}; and model,
+input_shape, has_bn, hazards (docs/placement.md, "Reading the audit").
 Thin over :func:`timm_dropres.audit.audit`.
 """
 from __future__ import annotations
@@ -26,8 +32,10 @@ def _kwarg(text: str) -> tuple[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ..research.audit import describe_rules
     p = argparse.ArgumentParser(prog='dropres-audit', description=__doc__.split('\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split('\n', 1)[1] + '\n' + describe_rules())
     p.add_argument('model', help='timm model name, or local-dir:<folder> with config.json + weights')
     p.add_argument('--drop-rate', type=float, help='timm drop_rate (head dropout)')
     p.add_argument('--res-drop-rate', type=float, help='*_dropres models: residual dropout rate')
@@ -35,12 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--drop-path-rate', type=float, help='timm stochastic depth rate')
     p.add_argument('--drop-block-rate', type=float, help='timm DropBlock rate')
     p.add_argument('--kwarg', type=_kwarg, action='append', default=[], metavar='KEY=VALUE',
-                   help='any other timm.create_model keyword (repeatable; VALUE parsed as YAML)')
+                   help='any other timm.create_model keyword (repeatable; VALUE parsed as YAML), '
+                        'e.g. proj_drop_rate=0.1 or img_size=64')
     p.add_argument('--input-size', type=int, nargs=3, metavar=('C', 'H', 'W'),
-                   help="trace input size (default: the model's pretrained input size)")
+                   help='trace input size (default: timm.data.resolve_model_data_config for the model)')
     p.add_argument('--strict', action='store_true', help='exit 1 when an active dropout is a variance-shift hazard')
-    p.add_argument('--verbose', action='store_true', help='show the downstream path of hazards')
-    p.add_argument('--json', metavar='FILE', help='also write the audit as JSON')
+    p.add_argument('--verbose', action='store_true', help='show the downstream path next to each note')
+    p.add_argument('--json', metavar='FILE', help='also write the audit as JSON (same fields as the table)')
     return p
 
 
@@ -55,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit code: 0 on success, 1 with ``--strict`` when the audit finds variance-shift hazards, 2 if
-        the model cannot be built or traced (the message is printed to stderr).
+        the model cannot be built or traced or the JSON file cannot be written (the message is printed
+        to stderr).
 
     Raises:
         SystemExit: from argparse, for ``--help`` or invalid arguments.
@@ -76,7 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_report(report, verbose=args.verbose))
     if args.json:
-        Path(args.json).write_text(json.dumps(report.as_dict(), indent=1))
+        try:
+            Path(args.json).write_text(json.dumps(report.as_dict(), indent=1))
+        except OSError as e:
+            print(f'dropres-audit: error: cannot write --json {args.json!r}: {e.strerror or e}', file=sys.stderr)
+            return 2
     if args.strict and report.hazards:
         print(f'dropres-audit: --strict: {len(report.hazards)} variance-shift hazard(s)', file=sys.stderr)
         return 1
