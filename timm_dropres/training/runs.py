@@ -14,6 +14,7 @@ Three guarantees of the trainer live here, each checked before anything is writt
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -126,15 +127,24 @@ def _run_dir_of(ckpt: Path) -> Path | None:
     return ckpt.parent.parent if ckpt.parent.name == CKPT_DIR else None
 
 
-def _check_writable(out: Path) -> None:
-    """Fail now, with the path, when ``out`` cannot be created or written (read-only, no permission, a file)."""
+def _check_writable(out: Path, probe: bool) -> None:
+    """Fail now, with the path, when ``out`` cannot be created or written (read-only, no permission, a file).
+
+    Args:
+        out: the output folder (it need not exist).
+        probe: also create and remove a hidden folder in it (or in its nearest existing parent): ``os.access``
+            says yes to root on a read-only mount. Only the main process probes; the others only read.
+    """
     base = out
     while not base.exists() and base.parent != base:
         base = base.parent
     if not base.is_dir():
         raise OutputDirError(f'--output-dir {out}: {base} is a file, not a folder')
-    try:  # a real probe: os.access says yes to root on a read-only mount
-        os.rmdir(tempfile.mkdtemp(prefix='.dropres-write-test-', dir=base))
+    try:
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        if probe:
+            os.rmdir(tempfile.mkdtemp(prefix='.dropres-write-test-', dir=base))
     except OSError as e:
         raise OutputDirError(f'--output-dir {out} cannot be written ({base}: {e.strerror or e})') from None
 
@@ -165,16 +175,19 @@ class RunPlan:
         return f'{self.output_dir}: {what}{src}'
 
 
-def plan_run(output_dir: str | os.PathLike, resume_ckpt: Path | None, overwrite: bool) -> RunPlan:
+def plan_run(output_dir: str | os.PathLike, resume_ckpt: Path | None, overwrite: bool, *,
+             probe: bool = True) -> RunPlan:
     """Resolve ``--output-dir``, ``--resume`` and ``--overwrite`` into one unambiguous plan, or refuse.
 
     Args:
         output_dir: ``--output-dir``.
         resume_ckpt: the checkpoint ``--resume`` names (already resolved), or None.
         overwrite: ``--overwrite``.
+        probe: check writability by creating (and removing) a hidden folder; False on processes other than the
+            main one, which never write into the run folder.
 
     Returns:
-        The plan; nothing is written.
+        The plan; nothing is left written (the writability probe removes its folder at once).
 
     Raises:
         OutputDirError: the folder is a file, holds files a run did not write, holds another run without
@@ -185,7 +198,7 @@ def plan_run(output_dir: str | os.PathLike, resume_ckpt: Path | None, overwrite:
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f'--output-dir {out} is a file, not a folder')
-    _check_writable(out)
+    _check_writable(out, probe)
     entries = sorted(out.iterdir()) if out.is_dir() else []
     foreign = [f for e in entries for f in _foreign_inside(e)]
     ours = [e for e in entries if not _foreign_inside(e)]

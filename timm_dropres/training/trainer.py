@@ -92,13 +92,6 @@ class _Trainer:
         self.out = Path(cfg.output_dir)
         self.resume_ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
         self.resume_state = read_state(self.resume_ckpt) if self.resume_ckpt else None
-        # what happens to --output-dir is decided here and carried out only once everything is validated
-        self.plan = plan_run(self.out, self.resume_ckpt, cfg.overwrite)
-        self.resumes: List[Dict[str, Any]] = list(self.resume_state.get('resumes') or []) if self.resume_state else []
-        changed = {}
-        if self.resume_state is not None:
-            changed = check_resume_settings(self.resume_state.get('config'), cfg, self.resume_ckpt,
-                                            int(self.resume_state['epoch']))
 
         log_dir = self.out / 'logs'
         self.acc = Accelerator(
@@ -106,6 +99,13 @@ class _Trainer:
             log_with=_trackers(cfg.log_with), project_config=ProjectConfiguration(
                 project_dir=str(self.out), logging_dir=str(log_dir), automatic_checkpoint_naming=False),
             step_scheduler_with_optimizer=False)
+        # what happens to --output-dir is decided here and carried out only once everything is validated
+        self.plan = plan_run(self.out, self.resume_ckpt, cfg.overwrite, probe=self.acc.is_main_process)
+        self.resumes: List[Dict[str, Any]] = list(self.resume_state.get('resumes') or []) if self.resume_state else []
+        changed = {}
+        if self.resume_state is not None:
+            changed = check_resume_settings(self.resume_state.get('config'), cfg, self.resume_ckpt,
+                                            int(self.resume_state['epoch']))
         set_seed(cfg.seed)
         self.data = data if data is not None else resolve_data(
             cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, val_fraction=cfg.val_fraction,
