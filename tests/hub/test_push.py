@@ -316,6 +316,13 @@ def _bad_folders(root: Path, folder: Path) -> dict:
     cfg['num_classes'] = cfg['model_args']['num_classes'] = 7
     (d / 'config.json').write_text(json.dumps(cfg))
     cases['shape_mismatch'] = (d, 'does not match test_resnet_dropres.*wrong shape')
+    # passes every header check (the model builds on meta), but timm's local-dir: loader passes its own
+    # pretrained_cfg_overlay too, so users could not load it: only what loads is published (issue 13)
+    d = clone('pretrained_cfg_overlay')
+    cfg = json.loads((d / 'config.json').read_text())
+    cfg['model_args']['pretrained_cfg_overlay'] = dict(file='/home/alice/weights.safetensors')
+    (d / 'config.json').write_text(json.dumps(cfg))
+    cases['pretrained_cfg_overlay'] = (d, r'does not load with timm.create_model\("local-dir:.*pretrained_cfg_overlay')
     cases['not_a_folder'] = (root / 'missing', 'is not a folder')
     return cases
 

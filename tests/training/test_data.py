@@ -116,7 +116,7 @@ def test_class_names_force_the_model_label_order(tmp_path):
     order = ['stripes', 'circle', 'square', 'unused']
     b = resolve_data(str(root), split='val', class_names=order)
     assert b.label_names == order and b.train is None
-    names = {b.val.reader.filename(i, basename=True).split('_')[0]: int(b.val[i][1]) for i in range(len(b.val))}
+    names = {b.val.filename(i, basename=True).split('_')[0]: int(b.val[i][1]) for i in range(len(b.val))}
     assert names == {'stripes': 0, 'circle': 1, 'square': 2}
     with pytest.raises(DataError, match='does not know'):
         resolve_data(str(root), split='val', class_names=['circle', 'square'])

@@ -23,6 +23,7 @@ from timm_dropres.training.checkpoints import CheckpointError, list_checkpoints
 from timm_dropres.training.config import ValidateConfig
 from timm_dropres.training.data import DataError
 from timm_dropres.training.evaluate import validate
+from timm_dropres.training.runs import OutputDirError
 from timm_dropres.training.trainer import finetune
 
 HAS_FMNIST = fmnist.find_fashion_mnist() is not None
@@ -260,7 +261,7 @@ def test_cli_reports_bad_input_cleanly(dataset, tmp_path, capsys):
 def test_existing_output_is_not_overwritten(dataset, trained_run):
     out, _ = trained_run
     before = (out / 'summary.json').read_bytes()
-    with pytest.raises(FileExistsError, match='--overwrite'):
+    with pytest.raises(OutputDirError, match='--overwrite'):
         finetune(tiny_config(dataset, out))
     assert (out / 'summary.json').read_bytes() == before
 
@@ -270,18 +271,22 @@ def test_overwrite_replaces_only_run_artifacts(dataset, tmp_path):
     out.mkdir()
     (out / 'notes.txt').write_text('mine')
     (out / 'summary.json').write_text('{"old": true}')
-    with pytest.raises(FileExistsError):
+    for overwrite in (False, True):  # --overwrite removes only a run's outputs, so it refuses this folder
+        with pytest.raises(OutputDirError, match=r"files a run does not write: \['notes.txt'\]"):
+            finetune(tiny_config(dataset, out, overwrite=overwrite))
+    assert (out / 'notes.txt').read_text() == 'mine'
+    (out / 'notes.txt').unlink()
+    with pytest.raises(OutputDirError, match='already holds a run'):
         finetune(tiny_config(dataset, out))
     s = finetune(tiny_config(dataset, out, overwrite=True))
     assert json.loads((out / 'summary.json').read_text())['global_steps'] == s['global_steps']
-    assert (out / 'notes.txt').read_text() == 'mine'
 
 
 def test_resume_from_a_different_model_is_refused(dataset, trained_run, tmp_path):
     out, _ = trained_run
-    with pytest.raises(CheckpointError, match='different model.*architecture'):
+    with pytest.raises(CheckpointError, match="--model: checkpoint 'test_resnet_dropres', this run 'resnet10t_drop"):
         finetune(tiny_config(dataset, tmp_path / 'o', resume=str(out), model='resnet10t_dropres'))
-    with pytest.raises(CheckpointError, match='dropout_args'):
+    with pytest.raises(CheckpointError, match='--res-drop-rate: checkpoint 0.2, this run 0.3'):
         finetune(tiny_config(dataset, tmp_path / 'o', resume=str(out), res_drop_rate=0.3))
 
 
@@ -291,10 +296,10 @@ def test_corrupt_checkpoint_is_reported(dataset, trained_run, tmp_path):
     latest = list_checkpoints(run)[-1]
     weights = latest / 'model.safetensors'
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match=r'step_000000009 is corrupt.*older checkpoints to try'):
+    with pytest.raises(CheckpointError, match=r'step_000000009 is corrupt.*older complete checkpoints.*step_000000008'):
         finetune(tiny_config(dataset, run, resume=str(run), epochs=2, res_drop_rate=0.2))
     (latest / 'trainer_state.json').write_text('{not json')
-    with pytest.raises(CheckpointError, match='cannot read trainer_state.json'):
+    with pytest.raises(CheckpointError, match='cannot read trainer_state.json.*step_000000008'):
         finetune(tiny_config(dataset, run, resume=str(latest), epochs=2, res_drop_rate=0.2))
     with pytest.raises(CheckpointError, match='no checkpoints found'):
         finetune(tiny_config(dataset, tmp_path / 'o', resume=str(tmp_path)))

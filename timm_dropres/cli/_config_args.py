@@ -162,6 +162,101 @@ def build_parser(cls: Type[Any], description: str, prog: str | None = None,
     return p
 
 
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; a syntax error becomes one ``ValueError`` line with the file and position."""
+    try:
+        return yaml.safe_load(path.read_text(encoding='utf-8')) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark is not None else ''
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise ValueError(f'--config {path} is not valid YAML{where}: {problem}') from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f'--config {path} cannot be read: {e}') from None
+
+
+def _describe(value: Any) -> str:
+    """``value`` as the error shows it; a string says so (``'false'`` in quotes is not false)."""
+    return f'{value!r} (a string)' if isinstance(value, str) else repr(value)
+
+
+def _scalar(tp: Any, value: Any) -> Any:
+    """``value`` as the flag's type would give it, or ``ValueError`` saying what was expected.
+
+    YAML already typed the value, so only what the command line could also give is accepted: a real
+    boolean for a switch (``"false"`` in quotes is a string, not false), an integer for an integer option
+    (``1.7`` is refused, as ``--epochs 1.7`` is), and numbers written as strings (``1e-3`` is a string to
+    YAML 1.1) converted by the flag's own type.
+    """
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f'expected true or false, got {_describe(value)}')
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (
+                tp is int and isinstance(value, float)):
+            raise ValueError(f'expected {"an integer" if tp is int else "a number"}, got {_describe(value)}')
+        try:
+            return tp(value) if isinstance(value, str) or tp is float else value
+        except ValueError:
+            raise ValueError(f'expected {"an integer" if tp is int else "a number"}, got {_describe(value)}') from None
+    if tp is str and not isinstance(value, str):
+        raise ValueError(f'expected a string, got {_describe(value)}')
+    return value
+
+
+def check_yaml_types(cls: Type[Any], values: Dict[str, Any], path: str | Path) -> Dict[str, Any]:
+    """Give every YAML value the type and choice checks its command-line flag has.
+
+    argparse converts and checks what is typed on the command line, but values it receives as defaults (how
+    ``--config`` works) pass unchecked; this applies the same rules, from the same dataclass fields.
+
+    Args:
+        cls: the config dataclass.
+        values: ``{field name: YAML value}``.
+        path: the YAML file (for the message).
+
+    Returns:
+        The values, converted (``'1e-3'`` -> 0.001).
+
+    Raises:
+        ValueError: ``--config <path>: <key>: expected ..., got ...``, naming the valid choices when there are some.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        f = fields[key]
+        tp, optional = _base_type(hints[key])
+        try:
+            if value is None:
+                if not optional:
+                    raise ValueError('expected a value, got null')
+            elif typing.get_origin(tp) in (dict, typing.Dict):
+                if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+                    raise ValueError(f'expected a mapping of name: value, got {_describe(value)}')
+            elif typing.get_origin(tp) in (list, typing.List):
+                nargs = f.metadata.get('nargs', '+')
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                if not isinstance(value, list):
+                    raise ValueError(f'expected a list, got {_describe(value)}')
+                if isinstance(nargs, int) and len(value) != nargs:
+                    raise ValueError(f'expected a list of {nargs} values, got {value!r}')
+                if nargs == '+' and not value and default != []:
+                    raise ValueError('expected a list of at least one value, got []')
+                elem = typing.get_args(tp)[0]
+                value = [_scalar(elem, v) for v in value]
+            else:
+                value = _scalar(tp, value)
+            choices = f.metadata.get('choices')
+            if choices is not None and value is not None and value not in choices:
+                raise ValueError(f'got {value!r}; valid choices: {list(choices)}')
+        except ValueError as e:
+            raise ValueError(f'--config {path}: {key}: {e}') from None
+        out[key] = value
+    return out
+
+
 def load_yaml(path: str | Path, cls: Type[Any]) -> Dict[str, Any]:
     """Read a YAML mapping of options; keys may use dashes or underscores, or be timm's flag names.
 
@@ -180,7 +275,7 @@ def load_yaml(path: str | Path, cls: Type[Any]) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'--config {path} does not exist')
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _read_yaml(path)
     if not isinstance(data, dict):
         raise ValueError(f'--config {path} must hold a mapping of option: value, got {type(data).__name__}')
     names = {f.name for f in dataclasses.fields(cls)}
@@ -194,7 +289,7 @@ def load_yaml(path: str | Path, cls: Type[Any]) -> Dict[str, Any]:
         if key in out:
             raise ValueError(f'--config {path}: {key!r} is given twice (as {k!r} and under another name)')
         out[key] = v
-    return out
+    return check_yaml_types(cls, out, path)
 
 
 def parse_config(cls: Type[T], argv: Sequence[str] | None, description: str, prog: str | None = None,

@@ -11,6 +11,7 @@ from typing import Sequence
 from ..training.checkpoints import CheckpointError
 from ..training.config import FinetuneConfig
 from ..training.data import DataError
+from ..training.runs import OutputDirError, TrainingDiverged, error_line
 from ..training.trainer import finetune
 from ._config_args import parse_config
 
@@ -24,9 +25,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger('accelerate').setLevel(logging.WARNING)  # per-file checkpoint chatter
     try:
         summary = finetune(cfg)
-    except (DataError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f'dropres-finetune: error: {e}', file=sys.stderr)
+    except (DataError, CheckpointError, OutputDirError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f'dropres-finetune: error: {error_line(e)}', file=sys.stderr)
         return 2
+    except (TrainingDiverged, OSError) as e:  # a run that failed (diverged, disk full): exit 1, never 0
+        print(f'dropres-finetune: error: {error_line(e)}', file=sys.stderr)
+        return 1
     return 0 if summary is not None else 1
 
 

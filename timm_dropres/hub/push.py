@@ -115,6 +115,22 @@ def _build_meta(config: Mapping[str, Any]) -> nn.Module:
         raise PushError(f'config.json model_args {args} do not build {config["architecture"]}: {e}') from None
 
 
+def _check_loads(folder: Path) -> None:
+    """Load the folder once as its users will, so that only what loads is published.
+
+    The checks above read the config and the weights' header; this runs timm's own path
+    (``timm.create_model('local-dir:<folder>', pretrained=True)`` with the plugin imported), which also
+    catches config fields timm handles specially, e.g. a ``pretrained_cfg_overlay`` in ``model_args``.
+    """
+    try:
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    except Exception as e:  # TypeError, RuntimeError, ValueError...: whatever users would see
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise PushError(f'{folder} does not load with timm.create_model("local-dir:{folder}", pretrained=True): '
+                        f'{type(e).__name__}: {first}. Only folders that load are published; re-export it with '
+                        'timm_dropres.hub.export.save_pretrained_folder') from None
+
+
 def inspect_folder(folder: str | os.PathLike) -> FolderInfo:
     """Validate a folder written by ``save_pretrained_folder`` and read its ``summary.json`` if there is one."""
     folder = Path(folder)
@@ -166,6 +182,8 @@ def inspect_folder(folder: str | os.PathLike) -> FolderInfo:
         wrong = sorted(k for k in set(shapes) & set(expected) if shapes[k] != expected[k])[:5]
         raise PushError(f'{weights} does not match {arch} as config.json builds it: missing {missing}, '
                         f'unexpected {extra}, wrong shape {[(k, shapes[k], expected[k]) for k in wrong]}')
+
+    _check_loads(folder)
 
     summary_path = find_summary(folder)
     summary = read_summary(summary_path) if summary_path else None

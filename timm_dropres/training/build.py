@@ -41,7 +41,11 @@ def check_model_name(name: str) -> None:
         folder = Path(name[len('local-dir:'):])
         if not folder.is_dir():
             raise FileNotFoundError(f'model folder {folder} does not exist (from --model {name})')
-        read_folder_config(folder)
+        arch = read_folder_config(folder).get('architecture')
+        if not isinstance(arch, str) or not timm.is_model(arch):
+            known = timm.list_models('*_dropres')[:3]
+            raise ValueError(f'{folder}/config.json: architecture {arch!r} is not a registered timm model, so the '
+                             f'folder cannot be loaded; expected a timm name, e.g. a dropres one like {known}')
         return
     arch = _architecture(name)
     if arch is None:
@@ -50,6 +54,13 @@ def check_model_name(name: str) -> None:
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
         hint = f'; did you mean one of {close}?' if close else '; see timm.list_models() for the names'
         raise ValueError(f'unknown model {name!r}{hint}')
+    if '.' in name:  # a pretrained tag: timm raises a bare RuntimeError for an unknown one, at creation
+        try:
+            timm.models.get_pretrained_cfg(name)
+        except RuntimeError:
+            tags = [m.split('.', 1)[1] for m in timm.list_models(arch, include_tags=True) if '.' in m]
+            raise ValueError(f'unknown pretrained tag {name.split(".", 1)[1]!r} for {arch} (from --model '
+                             f'{name}); valid tags: {tags or "none (give the name without a tag)"}') from None
 
 
 def check_compile_backend(backend: str) -> str:

@@ -7,6 +7,7 @@ optimizer, scaler and RNG states into it; the trainer adds ``trainer_state.json`
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List
@@ -28,6 +29,25 @@ CKPT_PREFIX = 'step_'
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed: missing, corrupt, or from a different model."""
 
+    @classmethod
+    def corrupt(cls, ckpt: Path, reason: str) -> CheckpointError:
+        """The error for a damaged checkpoint, naming the older complete checkpoints of its run to resume instead.
+
+        Args:
+            ckpt: the checkpoint folder.
+            reason: what is wrong with it.
+        """
+        run = ckpt.parent.parent if ckpt.parent.name == CKPT_DIR else None
+        older = [p for p in list_checkpoints(run) if p.name < ckpt.name] if run is not None else []
+        if older:
+            hint = (f'; older complete checkpoints of this run: {[p.name for p in older]}. Resume the newest of them '
+                    f'into a new folder: --resume {older[-1]} --output-dir <new folder>')
+        else:
+            hint = '; this run has no older checkpoint to fall back to'
+        lines = reason.strip().splitlines() or ['']
+        reason = lines[0] if len(lines[0]) <= 300 else lines[0][:300] + '...'  # torch's messages run for paragraphs
+        return cls(f'checkpoint {ckpt} is corrupt or incomplete: {reason}{hint}')
+
 def list_checkpoints(run_dir: str | os.PathLike) -> List[Path]:
     """Complete checkpoints of a run, oldest first (incomplete ones are dot-prefixed temp folders)."""
     d = Path(run_dir) / CKPT_DIR
@@ -37,12 +57,22 @@ def list_checkpoints(run_dir: str | os.PathLike) -> List[Path]:
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from ``path``: itself, or the latest checkpoint of a run folder."""
+    """A checkpoint folder from ``path``: itself, or the latest checkpoint of a run folder.
+
+    Raises:
+        CheckpointError: ``path`` does not exist, holds no checkpoint, or is an incomplete checkpoint (a
+            ``.tmp-`` folder of an interrupted write, or a checkpoint without its trainer state).
+    """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f'--resume {p} does not exist')
+    if p.name.startswith(f'.tmp-{CKPT_PREFIX}'):
+        raise CheckpointError(f'--resume {p} is a checkpoint whose write was interrupted (a .tmp- folder); resume '
+                              f'the run folder {p.parent.parent} or one of its {CKPT_PREFIX}* checkpoints')
     if (p / STATE_FILE).is_file():
         return p
+    if p.name.startswith(CKPT_PREFIX) and p.parent.name == CKPT_DIR:
+        raise CheckpointError.corrupt(p, f'{STATE_FILE} is missing')
     ckpts = list_checkpoints(p)
     if not ckpts:
         raise CheckpointError(f'--resume {p}: no checkpoints found (expected {p}/{CKPT_DIR}/{CKPT_PREFIX}*/'
@@ -50,13 +80,45 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     return ckpts[-1]
 
 
+#: trainer_state.json fields that must be non-negative integers, and those that must be numbers
+_STATE_COUNTS = ('epoch', 'batches_done', 'global_step', 'epoch_loss_batches', 'train_images', 'num_processes')
+_STATE_NUMBERS = ('epoch_loss_sum', 'train_time_s')
+
+
+def _state_problems(state: Any) -> List[str]:
+    if not isinstance(state, dict):
+        return [f'a JSON {type(state).__name__}, not an object']
+    problems = []
+    for k in _STATE_COUNTS:
+        v = state.get(k, 0 if k not in ('epoch', 'batches_done', 'global_step') else None)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            problems.append(f'{k}={v!r} (expected a non-negative integer)')
+    for k in _STATE_NUMBERS:
+        v = state.get(k, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            problems.append(f'{k}={v!r} (expected a finite number)')
+    if not isinstance(state.get('history', []), list):
+        problems.append('history is not a list')
+    if not isinstance(state.get('best') or {}, dict):
+        problems.append('best is not an object')
+    for k in ('config', 'identity', 'data', 'resumes'):
+        if state.get(k) is not None and not isinstance(state[k], (dict, list)):
+            problems.append(f'{k} is not an object')
+    return problems
+
+
 def read_state(ckpt: Path) -> Dict[str, Any]:
-    """The trainer state of checkpoint ``ckpt``.
+    """The trainer state of checkpoint ``ckpt``, checked field by field.
 
     Raises:
-        CheckpointError: the file is missing or not valid JSON.
+        CheckpointError: the file is missing, not valid JSON, or not a trainer state; the message names the
+            older complete checkpoints of the run.
     """
     try:
-        return json.loads((ckpt / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f'checkpoint {ckpt} is corrupt: cannot read {STATE_FILE} ({e})') from e
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError.corrupt(ckpt, f'cannot read {STATE_FILE} ({e})') from e
+    problems = _state_problems(state)
+    if problems:
+        raise CheckpointError.corrupt(ckpt, f'{STATE_FILE} is not a trainer state: {"; ".join(problems)}')
+    return state

@@ -6,8 +6,10 @@ created, whichever way the config was made.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from ..models.layers import RES_DROP_POSITIONS, check_dropout_args
 from .build import check_compile_backend, check_model_name, checkpoint_file, dropout_kwargs
@@ -32,6 +34,32 @@ def config_field(default: Any, help: str, **kw: Any) -> Any:
 
 
 _f = config_field
+
+
+def check_numbers(cfg: Any, *, non_negative: Sequence[str] = (), positive: Sequence[str] = (),
+                  unit: Sequence[str] = ()) -> None:
+    """Every float option finite, and the named ones in range (NaN and inf pass ``<``/``>`` tests unnoticed).
+
+    Args:
+        cfg: a config dataclass instance.
+        non_negative: options that must be >= 0 when set.
+        positive: options that must be > 0 (integers: >= 1) when set.
+        unit: options that must lie in [0, 1] when set.
+
+    Raises:
+        ValueError: naming the flag and the value.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f'--{f.name.replace("_", "-")} must be a finite number, got {value}')
+    for names, ok, want in ((non_negative, lambda v: v >= 0, '>= 0'), (positive, lambda v: v > 0, '> 0'),
+                            (unit, lambda v: 0 <= v <= 1, 'in [0, 1]')):
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None and not ok(value):
+                raise ValueError(f'--{name.replace("_", "-")} must be {want}, got {value}')
 
 
 @dataclass
@@ -129,6 +157,10 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         """Reject bad values up front, naming the flag, before any process builds anything."""
+        check_numbers(self, non_negative=('weight_decay', 'momentum', 'warmup_epochs', 'warmup_lr', 'min_lr',
+                                          'color_jitter', 'mixup', 'cutmix'),
+                      positive=('eval_batch_size', 'img_size', 'crop_pct', 'layer_decay', 'clip_grad',
+                                'train_subset', 'val_subset'), unit=('hflip', 'reprob'))
         check_dropout_args(self.drop_rate, self.res_drop_rate, self.res_drop_pos)
         positive = ('epochs', 'batch_size', 'grad_accum_steps', 'keep_checkpoints')
         for name in positive:
@@ -195,6 +227,7 @@ class ValidateConfig:
     overwrite: bool = _f(False, 'allow replacing an existing --results-file')
 
     def __post_init__(self) -> None:
+        check_numbers(self, positive=('num_classes', 'img_size', 'crop_pct', 'val_subset'))
         if not self.model:
             raise ValueError('no model given: pass --model (a timm name or local-dir:<folder>)')
         if self.batch_size < 1:

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
@@ -38,10 +39,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import fmnist
 
 __all__ = [
-    'DataBundle', 'DataError', 'EpochSeededDataset', 'TransformedDataset', 'EpochSeededSampler', 'TensorImageDataset',
+    'DataBundle', 'DataError', 'ImageFiles', 'EpochSeededDataset', 'TransformedDataset', 'EpochSeededSampler',
+    'TensorImageDataset',
     'FMNIST_NAMES', 'TIMM_PREFIXES', 'VAL_FOLDERS', 'TRAIN_FOLDERS',
     'resolve_data', 'subset', 'resolve_transforms', 'create_mixup', 'train_loader', 'eval_loader',
-    'dataset_kind', 'image_folder_classes',
+    'dataset_kind', 'image_folder_classes', 'scan_images', 'data_signature',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -100,6 +102,81 @@ class TensorImageDataset(Dataset):
         if self.as_pil:
             img = Image.fromarray(img.numpy())
         return img, int(self.targets[index])
+
+
+class ImageFiles(Dataset):
+    """Image files with their class index, read with PIL and converted to one mode (``'RGB'`` or ``'L'``).
+
+    timm's ``ImageDataset`` logs a warning for an unreadable file and returns the next sample in its place,
+    so a corrupt image is silently counted twice. Here an unreadable file raises :class:`DataError` naming
+    it: every image is used exactly once, or the run stops and says which file is bad.
+    """
+
+    def __init__(self, root: str | os.PathLike, samples: Sequence[Tuple[str, int]], mode: str) -> None:
+        """Args:
+            root: the folder the samples were found in (file names are reported relative to it).
+            samples: ``(path, class index)`` pairs.
+            mode: the PIL mode every image is converted to.
+        """
+        self.root, self.mode = Path(root), mode
+        self.samples = [(str(p), int(t)) for p, t in samples]
+        self.targets_list = [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
+        """The file of sample ``index`` (as timm's ``ImageDataset.filename``).
+
+        Args:
+            index: the sample.
+            basename: only the file name.
+            absolute: the full path; otherwise relative to ``root``.
+        """
+        path = self.samples[index][0]
+        if basename:
+            return os.path.basename(path)
+        return path if absolute else os.path.relpath(path, self.root)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as im:
+                img = im.convert(self.mode)
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            raise DataError(f'cannot read image {path}: {type(e).__name__}: {e}') from e
+        return img, target
+
+
+def scan_images(paths: Sequence[str], what: str = 'images') -> List[str]:
+    """The PIL mode of every file in ``paths``, from the headers only (PIL opens lazily; threads hide the I/O).
+
+    Args:
+        paths: the image files.
+        what: how the error names them (e.g. the dataset folder).
+
+    Returns:
+        The modes, in ``paths`` order.
+
+    Raises:
+        DataError: files PIL cannot identify (empty, not an image, a damaged header), all named up to ten.
+    """
+    def head(path: str) -> Tuple[str | None, str | None]:
+        try:
+            with Image.open(path) as im:
+                return im.mode, None
+        except Exception as e:  # noqa: BLE001 - reported below, with the file
+            return None, f'{type(e).__name__}: {e}'
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
+        results = list(pool.map(head, paths))
+    bad = [(p, err) for p, (_, err) in zip(paths, results, strict=True) if err is not None]
+    if bad:
+        shown = '; '.join(f'{p} ({err})' for p, err in bad[:10]) + (f'; ... {len(bad) - 10} more' if len(bad) > 10
+                                                                   else '')
+        raise DataError(f'{len(bad)} of {len(paths)} files in {what} cannot be read as images: {shown}. Every '
+                        f'image is used exactly once (none is skipped or replaced), so delete or repair these files')
+    return [m for m, _ in results]
 
 
 class _Remapped(Dataset):
@@ -294,13 +371,15 @@ def _find_sub(root: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
-def _image_mode(paths: Sequence[str]) -> str:
-    """'L' when every sampled image is single-channel, else 'RGB'."""
-    for p in paths:
-        with Image.open(p) as im:
-            if im.mode not in _GRAY_MODES:
-                return 'RGB'
-    return 'L'
+def _image_mode(modes: Sequence[str]) -> str:
+    """'L' when every image is single-channel, else 'RGB' (the gray ones are converted)."""
+    gray = sum(m in _GRAY_MODES for m in modes)
+    if gray == len(modes):
+        return 'L'
+    if gray:
+        _logger.info('%d of %d images are grayscale and %d in colour: all are read as RGB', gray, len(modes),
+                     len(modes) - gray)
+    return 'RGB'
 
 
 def _folder_data(
@@ -342,15 +421,19 @@ def _folder_data(
         label_names = classes
     class_map = {c: i for i, c in enumerate(label_names)}
 
-    def make(folder: Path, mode: str) -> Dataset:
-        ds = create_dataset('', root=str(folder), split='', search_split=False, class_map=class_map,
-                            input_img_mode=mode)
-        return ds
+    def find(folder: Path) -> List[Tuple[str, int]]:  # timm's folder reader finds the files and their classes
+        return list(create_dataset('', root=str(folder), split='', search_split=False, class_map=class_map
+                                   ).reader.samples)
 
-    probe = make(ref_root, 'RGB')
-    sample_paths = [s[0] for s in probe.reader.samples[:16]]
-    mode = _image_mode(sample_paths)
+    found = {folder: find(folder) for folder in (train_root, val_root) if folder is not None}
+    # every header, not a sample of them: one colour image among gray ones makes the whole set RGB
+    mode = _image_mode([m for folder, samples in found.items()
+                        for m in scan_images([p for p, _ in samples], str(folder))])
     in_chans = 1 if mode == 'L' else 3
+
+    def make(folder: Path, mode: str) -> Dataset:
+        return ImageFiles(folder, found[folder], mode)
+
     info: Dict[str, Any] = dict(kind='folder', root=str(root), image_mode=mode)
 
     if train_root is None:
@@ -520,6 +603,38 @@ def _remap(bundle: DataBundle, class_names: Sequence[str]) -> DataBundle:
         bundle.train = _Remapped(bundle.train, table)
     bundle.label_names = list(class_names)
     return bundle
+
+
+def _sample_keys(ds: Dataset) -> List[str] | None:
+    """One string per sample that changes when the image file or its label does (None when unknown)."""
+    if isinstance(ds, ImageFiles):
+        return [f'{ds.filename(i)}\t{t}' for i, (_, t) in enumerate(ds.samples)]
+    if isinstance(ds, _Subset):
+        base = _sample_keys(ds.base)
+        if base is not None:
+            return [base[i] for i in ds.indices]
+    targets = _targets(ds)
+    return None if targets is None else [str(t) for t in targets]
+
+
+def _digest(ds: Dataset | None) -> str | None:
+    keys = _sample_keys(ds) if ds is not None else None
+    return None if keys is None else hashlib.sha256('\n'.join(keys).encode()).hexdigest()[:16]
+
+
+def data_signature(bundle: DataBundle) -> Dict[str, Any]:
+    """What identifies the data a run trains on, for resume to compare: classes, sizes, and a digest of the
+    samples (file paths relative to the dataset folder, so the folder may move, and labels).
+
+    Args:
+        bundle: the resolved data.
+
+    Returns:
+        A JSON-able dict (stored in each checkpoint's ``trainer_state.json``).
+    """
+    return dict(label_names=list(bundle.label_names), in_chans=bundle.in_chans,
+                train_size=len(bundle.train) if bundle.train is not None else 0, val_size=len(bundle.val),
+                train_files=_digest(bundle.train), val_files=_digest(bundle.val))
 
 
 # ----------------------------------------------------------------------------------------------

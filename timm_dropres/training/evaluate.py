@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Sequence
 
@@ -22,7 +23,8 @@ from ..files import write_json_atomic
 from ..hub.export import read_folder_config
 from .build import check_model_name, in_chans_of
 from .config import ValidateConfig
-from .data import TransformedDataset, eval_loader, resolve_data, resolve_transforms
+from .data import DataError, TransformedDataset, eval_loader, resolve_data, resolve_transforms
+from .runs import model_load_error
 
 __all__ = ['EvalResult', 'evaluate', 'ValidateConfig', 'validate', 'format_results']
 
@@ -141,7 +143,10 @@ def validate(cfg: ValidateConfig) -> Dict[str, Any]:
         model_kwargs['in_chans'] = data.in_chans
     model_kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
     pretrained = cfg.pretrained or is_folder or cfg.model.startswith('hf-hub:')
-    model = timm.create_model(cfg.model, pretrained=pretrained, **model_kwargs)
+    try:
+        model = timm.create_model(cfg.model, pretrained=pretrained, **model_kwargs)
+    except (TypeError, RuntimeError, pickle.UnpicklingError) as e:  # see runs.model_load_error
+        raise ValueError(model_load_error(cfg.model, e)) from e
     model_in_chans = in_chans_of(model)
     if model_in_chans != data.in_chans:
         raise ValueError(f'{cfg.model} takes {model_in_chans}-channel input but {cfg.dataset} has {data.in_chans}')
@@ -155,6 +160,8 @@ def validate(cfg: ValidateConfig) -> Dict[str, Any]:
     model, loader = accelerator.prepare(model, loader)
     result = evaluate(model, loader, accelerator=accelerator, label_names=data.label_names,
                       num_classes=model.num_classes if label_names is None else len(label_names))
+    if result.num_samples != len(data.val):  # every image counts exactly once (never a substitute)
+        raise DataError(f'evaluated {result.num_samples} images, but the split has {len(data.val)}')
     out = dict(model=cfg.model, dataset=cfg.dataset, split=cfg.split, data=data.description,
                input_size=list(data_cfg['input_size']), num_processes=accelerator.num_processes, **result.to_dict())
     if accelerator.is_main_process:

@@ -14,7 +14,9 @@ import dataclasses
 import io
 import math
 import os
+import pickle
 import platform
+import random
 import shutil
 import sys
 import time
@@ -22,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, TextIO, Tuple
 
+import numpy as np
 import timm
 import torch
 import torch.nn as nn
@@ -44,7 +47,6 @@ from .checkpoints import (
     CKPT_DIR,
     CKPT_PREFIX,
     EMA_FILE,
-    OUTPUT_ARTIFACTS,
     STATE_FILE,
     SUMMARY_CSV,
     CheckpointError,
@@ -55,19 +57,36 @@ from .checkpoints import (
 from .config import FinetuneConfig
 from .data import (
     DataBundle,
+    DataError,
     EpochSeededDataset,
     TransformedDataset,
     create_mixup,
+    data_signature,
     eval_loader,
     resolve_data,
     resolve_transforms,
     train_loader,
 )
 from .evaluate import EvalResult, evaluate, format_results
+from .runs import (
+    TRACKER_PROJECT,
+    TrainingDiverged,
+    apply_plan,
+    check_resume_data,
+    check_resume_settings,
+    first_line,
+    model_load_error,
+    nonfinite_tensors,
+    plan_run,
+)
 
 __all__ = ['finetune', 'progress_bar', 'write_history_csv']
 
 _logger = get_logger(__name__)  # accelerate's: logs on the main process only, unless told otherwise
+
+#: optimizer steps between two reads of the non-finite-loss flag (it is also read before every save)
+_FINITE_CHECK_EVERY = 10
+
 
 class _Trainer:
     """One run's mutable state. Split out of ``finetune`` only to keep each step short to read."""
@@ -78,7 +97,6 @@ class _Trainer:
         self.out = Path(cfg.output_dir)
         self.resume_ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
         self.resume_state = read_state(self.resume_ckpt) if self.resume_ckpt else None
-        self._check_output_dir()
 
         log_dir = self.out / 'logs'
         self.acc = Accelerator(
@@ -86,47 +104,52 @@ class _Trainer:
             log_with=_trackers(cfg.log_with), project_config=ProjectConfiguration(
                 project_dir=str(self.out), logging_dir=str(log_dir), automatic_checkpoint_naming=False),
             step_scheduler_with_optimizer=False)
+        # what happens to --output-dir is decided here and carried out only once everything is validated
+        self.plan = plan_run(self.out, self.resume_ckpt, cfg.overwrite, probe=self.acc.is_main_process)
+        self.resumes: List[Dict[str, Any]] = list(self.resume_state.get('resumes') or []) if self.resume_state else []
+        changed = {}
+        if self.resume_state is not None:
+            changed = check_resume_settings(self.resume_state.get('config'), cfg, self.resume_ckpt,
+                                            int(self.resume_state['epoch']))
         set_seed(cfg.seed)
         self.data = data if data is not None else resolve_data(
             cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, val_fraction=cfg.val_fraction,
             train_subset=cfg.train_subset, val_subset=cfg.val_subset, seed=cfg.seed)
         if self.data.train is None:
             raise ValueError(f'{self.data.description} has no training split')
+        self._check_data()
+        self.data_signature = data_signature(self.data)
+        if self.resume_state is not None:
+            check_resume_data(self.resume_state.get('data'), self.data_signature, self.resume_ckpt)
+            self.resumes.append(dict(checkpoint=str(self.resume_ckpt), step=int(self.resume_state['global_step']),
+                                     action=self.plan.action, changed=changed))
 
     # -- setup ---------------------------------------------------------------------------------
 
-    def _check_output_dir(self) -> None:
-        """Refuse to clobber a previous run unless told; runs before any process writes anything."""
-        if not self.out.exists() or not any(self.out.iterdir()):
-            return
-        resuming_here = self.resume_ckpt is not None and self.out.resolve() in self.resume_ckpt.resolve().parents
-        if resuming_here or self.cfg.overwrite:
-            return
-        present = sorted(p.name for p in self.out.iterdir())
-        raise FileExistsError(
-            f'--output-dir {self.out} already holds {present}; pass --overwrite to replace the previous run\'s '
-            f'outputs ({", ".join(OUTPUT_ARTIFACTS)}), --resume {self.out} to continue it, or another --output-dir')
+    def _check_data(self) -> None:
+        """Refuse data a classifier cannot be trained on, before anything is built or written."""
+        data, cfg = self.data, self.cfg
+        if data.num_classes < 2:
+            raise DataError(f'{data.description} has {data.num_classes} class ({data.label_names}); a classifier '
+                            'needs at least 2 classes')
+        global_batch = cfg.batch_size * self.acc.num_processes
+        if len(data.train) < global_batch:
+            raise ValueError(f'the training set has {len(data.train)} images, fewer than one global batch '
+                             f'(--batch-size {cfg.batch_size} x {self.acc.num_processes} processes); lower '
+                             f'--batch-size to at most {len(data.train) // self.acc.num_processes}')
 
     def setup(self) -> None:
         cfg, acc, data = self.cfg, self.acc, self.data
-        model, self.model_kwargs = build_model(cfg, data.num_classes, data.in_chans)
+        try:
+            model, self.model_kwargs = build_model(cfg, data.num_classes, data.in_chans)
+        except (RuntimeError, pickle.UnpicklingError) as e:  # weights refused by torch.load or not fitting
+            raise ValueError(model_load_error(cfg.model, e, cfg.pretrained_file)) from e
         if in_chans_of(model) != data.in_chans:
             raise ValueError(f'{cfg.model} takes {in_chans_of(model)}-channel input; the data has {data.in_chans}')
         self.identity = model_identity(model, cfg, data.num_classes, data.in_chans)
         self.origin = weights_origin(model, cfg)
         if self.resume_state is not None:
             self._check_resume_identity()
-        # everything is validated: only now touch the output folder
-        if acc.is_main_process:
-            if cfg.overwrite and self.resume_ckpt is None:
-                for name in OUTPUT_ARTIFACTS:
-                    p = self.out / name
-                    if p.is_dir():
-                        shutil.rmtree(p)
-                    elif p.exists():
-                        p.unlink()
-            (self.out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
         train_tf, eval_tf, self.data_cfg = resolve_transforms(
             model, data.in_chans, img_size=cfg.img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
             auto_augment=cfg.aa, hflip=cfg.hflip, color_jitter=cfg.color_jitter, re_prob=cfg.reprob,
@@ -145,10 +168,6 @@ class _Trainer:
 
         self.mixup = create_mixup(cfg.mixup, cfg.cutmix, cfg.smoothing, data.num_classes)
         self.train_ds = EpochSeededDataset(data.train, train_tf, seed=cfg.seed)
-        global_batch = cfg.batch_size * acc.num_processes
-        if len(self.train_ds) < global_batch:
-            raise ValueError(f'the training set has {len(self.train_ds)} images, fewer than one global batch '
-                             f'({cfg.batch_size} x {acc.num_processes} processes); lower --batch-size')
         # drop_last as timm's loaders do: equal batches (Mixup needs even ones; BN hates a batch of 1)
         tl, self.sampler = train_loader(self.train_ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
                                         drop_last=True, pin_memory=torch.cuda.is_available() and not cfg.cpu)
@@ -183,10 +202,16 @@ class _Trainer:
         self.best: Dict[str, Any] | None = None
         self.history: List[Dict[str, Any]] = []
         self.train_time, self.train_images = 0.0, 0
+        # the first optimizer step whose loss was not finite (-1: none); kept on the device, read when checked
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=acc.device)
         if self.resume_ckpt is not None:
             self._load_checkpoint(self.resume_ckpt)
+        # everything is validated and loaded: only now touch the output folder
+        if acc.is_main_process:
+            apply_plan(self.plan)
+        acc.wait_for_everyone()
         if cfg.log_with:
-            acc.init_trackers('dropres-finetune', config=_flat_config(cfg))
+            acc.init_trackers(TRACKER_PROJECT, config=_flat_config(cfg))
         if acc.is_main_process:  # the resolved options, as timm train.py writes them (a resumed run rewrites it)
             write_text_atomic(self.out / ARGS_FILE, yaml.safe_dump(asdict(cfg), sort_keys=False))
 
@@ -205,7 +230,43 @@ class _Trainer:
                     best=self.best, history=self.history, train_time_s=self.train_time,
                     train_images=self.train_images, num_processes=self.acc.num_processes,
                     identity=self.identity, model=self.cfg.model, label_names=self.data.label_names,
-                    config=asdict(self.cfg), timm_dropres_version=__version__)
+                    config=asdict(self.cfg), timm_dropres_version=__version__, data=self.data_signature,
+                    resumes=self.resumes)
+
+    def _check_finite(self, weights: bool = True) -> None:
+        """Stop a diverged run before anything from it is checkpointed, evaluated or exported.
+
+        Collective: every process calls it at the same point of the loop.
+
+        Args:
+            weights: also check every weight and buffer (and the EMA's), not only the losses seen so far.
+
+        Raises:
+            TrainingDiverged: a loss since the start (or the resume) or a weight is NaN or infinite.
+        """
+        acc = self.acc
+        bad_weights: List[str] = []
+        if weights:
+            bad_weights = nonfinite_tensors(acc.unwrap_model(self.model))
+            if self.ema is not None:
+                bad_weights += [f'ema.{n}' for n in nonfinite_tensors(self.ema.module)]
+        flags = torch.stack([self._first_bad_step, torch.tensor(len(bad_weights), device=acc.device)])
+        flags = acc.gather(flags.reshape(1, 2))
+        steps = [int(s) for s in flags[:, 0].tolist() if s >= 0]
+        if not steps and int(flags[:, 1].max()) == 0:
+            return
+        if steps:
+            what = f'the training loss is NaN or infinite from step {min(steps)}'
+        else:
+            where = bad_weights[:3] or 'on another process'
+            what = f'weights are NaN or infinite after step {self.global_step} ({where})'
+        ckpts = list_checkpoints(self.out)
+        kept = (f'the last good checkpoint is {ckpts[-1]}' if ckpts else 'no checkpoint had been written yet')
+        if self.best is not None:
+            kept += f'; best/ holds epoch {self.best["epoch"]} (top-1 {self.best["top1"]:.2f})'
+        raise TrainingDiverged(
+            f'training diverged: {what} (epoch {self.epoch + 1}). Stopped without checkpointing or exporting '
+            f'anything from that point; {kept}. Lower --lr, or add --clip-grad or a longer --warmup-epochs')
 
     def save_checkpoint(self) -> Path:
         """accelerate's state (model, optimizer, scaler, per-process RNG) + ours, as one atomic folder."""
@@ -213,22 +274,31 @@ class _Trainer:
         ckpt_root = self.out / CKPT_DIR
         final = ckpt_root / f'{CKPT_PREFIX}{self.global_step:09d}'
         tmp = ckpt_root / f'.tmp-{final.name}'
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        self._check_finite()  # a diverged run keeps its last good checkpoint
         epoch_loss = (0.0, 0)
         if self.batches_done:  # mid-epoch: keep the running loss so the resumed epoch reports the same mean
             epoch_loss = (acc.reduce(self._loss_sum.clone(), reduction='mean').item(), self._loss_batches)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
-        acc.wait_for_everyone()
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp), safe_serialization=True)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                if self.ema is not None:
+                    save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()},
+                              str(tmp / EMA_FILE))
+                write_json_atomic(tmp / STATE_FILE, self._state_dict(epoch_loss))
+                if final.exists():  # same step saved twice (e.g. epoch end == step checkpoint)
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+        except OSError as e:  # disk full, quota, a vanished mount: the earlier checkpoints stay as they were
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f'cannot write checkpoint {final}: {e.strerror or e}; the earlier checkpoints are '
+                          f'intact (--resume {self.out} continues from the latest)') from e
         if acc.is_main_process:
-            if self.ema is not None:
-                save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, str(tmp / EMA_FILE))
-            write_json_atomic(tmp / STATE_FILE, self._state_dict(epoch_loss))
-            if final.exists():  # same step saved twice (e.g. epoch end == step checkpoint)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
             for old in list_checkpoints(self.out)[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -243,21 +313,31 @@ class _Trainer:
                 f'{ckpt} was written mid-epoch by {saved_procs} processes; resume it with the same number of '
                 f'processes (this run has {acc.num_processes}), or from an epoch-end checkpoint')
         rng_file = ckpt / f'random_states_{acc.process_index}.pkl'
-        if saved_procs == acc.num_processes and not rng_file.is_file():
+        same_procs = saved_procs == acc.num_processes
+        if same_procs and not rng_file.is_file():
             # accelerate would log and carry on with fresh RNG, silently breaking exact resume
-            raise CheckpointError(f'checkpoint {ckpt} is incomplete: {rng_file.name} is missing')
+            raise CheckpointError.corrupt(ckpt, f'{rng_file.name} is missing')
+        # accelerate logs (at INFO) and carries on when the RNG file cannot be loaded; a random marker state set
+        # just before tells whether it really restored all generators
+        marker = _mark_rng() if same_procs else None
         try:
             acc.load_state(str(ckpt))
         except Exception as e:  # safetensors/torch raise many types for truncated or garbled files
-            older = [p.name for p in list_checkpoints(ckpt.parent.parent) if p != ckpt]
-            hint = f'; older checkpoints to try: {older}' if older else ''
-            raise CheckpointError(f'checkpoint {ckpt} is corrupt or incomplete and cannot be loaded '
-                                  f'({type(e).__name__}: {e}){hint}') from e
+            raise CheckpointError.corrupt(ckpt, f'it cannot be loaded ({first_line(e)})') from e
+        if marker is not None:
+            restored = acc.gather(torch.tensor([float(_rng_restored(marker))], device=acc.device))
+            if float(restored.min()) < 1:
+                raise CheckpointError.corrupt(
+                    ckpt, f'random_states_<process>.pkl ({rng_file.name} on process {acc.process_index}, or another '
+                    'process\'s) cannot be loaded, so the random number generators would not continue exactly')
         if self.ema is not None:
             ema_file = ckpt / EMA_FILE
             if not ema_file.is_file():
-                raise CheckpointError(f'--ema is on but {ckpt} has no {EMA_FILE} (the run was trained without EMA)')
-            self.ema.module.load_state_dict(load_file(str(ema_file), device=str(acc.device)))
+                raise CheckpointError.corrupt(ckpt, f'--ema is on but it has no {EMA_FILE}')
+            try:
+                self.ema.module.load_state_dict(load_file(str(ema_file), device=str(acc.device)))
+            except Exception as e:  # SafetensorError, RuntimeError (shapes, missing keys)
+                raise CheckpointError.corrupt(ckpt, f'{EMA_FILE} cannot be loaded ({first_line(e)})') from e
         self.epoch, self.batches_done = int(state['epoch']), int(state['batches_done'])
         self.global_step = int(state['global_step'])
         self._resumed_loss = (float(state.get('epoch_loss_sum', 0.0)), int(state.get('epoch_loss_batches', 0)))
@@ -299,6 +379,8 @@ class _Trainer:
         if self.ema is not None:
             ema_res = evaluate(self.ema.module, self.val_loader, accelerator=self.acc,
                                label_names=self.data.label_names)
+        if res.num_samples != len(self.data.val):  # every validation image counts exactly once
+            raise DataError(f'validation counted {res.num_samples} images, but the split has {len(self.data.val)}')
         return res, ema_res
 
     def train_epoch(self) -> Tuple[float, bool]:
@@ -337,12 +419,17 @@ class _Trainer:
             self.batches_done += 1
             self._loss_batches += 1
             self._loss_sum += loss.detach()
+            self._first_bad_step = torch.where(  # no host sync: read every few steps and before any save
+                (self._first_bad_step < 0) & ~torch.isfinite(loss.detach()), self.global_step + 1,
+                self._first_bad_step)
             imgs += images.shape[0] * acc.num_processes
             if bar is not None:
                 bar.update(1)
             if not acc.sync_gradients:
                 continue
             self.global_step += 1
+            if self.global_step % _FINITE_CHECK_EVERY == 0:
+                self._check_finite(weights=False)
             self.scheduler.step_update(num_updates=self.global_step)
             if self.ema is not None:
                 self.ema.update(acc.unwrap_model(self.model), step=self.global_step)
@@ -382,6 +469,7 @@ class _Trainer:
             train_loss, stopped = self.train_epoch()
             if stopped:
                 break
+            self._check_finite()  # nothing non-finite is evaluated, exported or checkpointed
             t_eval = time.perf_counter()
             last_res, last_ema = self.evaluate()
             eval_time = time.perf_counter() - t_eval
@@ -444,10 +532,34 @@ class _Trainer:
                             train_images=self.train_images, train_time_s=self.train_time),
             wall_time_s=time.perf_counter() - self.t_start,
             num_processes=acc.num_processes, device=str(acc.device), distributed_type=str(acc.distributed_type),
-            mixed_precision=acc.mixed_precision, model_kwargs=self.model_kwargs,
+            mixed_precision=acc.mixed_precision, model_kwargs=self.model_kwargs, resumes=self.resumes,
             dropout_args=self.identity['dropout_args'], output_dir=str(self.out),
             config=asdict(self.cfg), versions=_versions(),
         )
+
+
+def _mark_rng() -> Dict[str, Any]:
+    """Put every generator accelerate restores into a fresh random state, and return those states."""
+    seed = int.from_bytes(os.urandom(8), 'little') & (2 ** 63 - 1)
+    random.seed(seed)
+    np.random.seed(seed & (2 ** 32 - 1))
+    torch.manual_seed(seed)
+    marker: Dict[str, Any] = dict(python=random.getstate(), numpy=np.random.get_state()[1].copy(),
+                                  torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+        marker['cuda'] = torch.cuda.get_rng_state_all()
+    return marker
+
+
+def _rng_restored(marker: Dict[str, Any]) -> bool:
+    """True when no generator is still in its marker state (``acc.load_state`` restored them all)."""
+    if random.getstate() == marker['python'] or np.array_equal(np.random.get_state()[1], marker['numpy']):
+        return False
+    if torch.equal(torch.get_rng_state(), marker['torch']):
+        return False
+    return 'cuda' not in marker or not any(
+        torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), marker['cuda'], strict=True))
 
 
 def _trackers(log_with: str | None) -> Any:

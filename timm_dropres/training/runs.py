@@ -1,0 +1,440 @@
+"""Run folders: where a run may write, whether a checkpoint may be resumed with these settings, and when to stop.
+
+Three guarantees of the trainer live here, each checked before anything is written:
+
+* **Never lose a run.** :func:`plan_run` resolves ``--output-dir``, ``--resume`` and ``--overwrite`` into one
+  :class:`RunPlan`, or refuses. ``--overwrite`` removes only what a run writes (:data:`OUTPUT_ARTIFACTS` with
+  the contents a run gives them) and refuses a folder that holds anything else.
+* **Never mix two runs.** A resumed run continues in its own folder, or in a new or cleared one; never next
+  to another run's checkpoints. :data:`RESUME_RULES` says for every option whether a resumed run must keep
+  the checkpoint's value (exact resume), may change it (recorded in ``summary.json``), or is free to.
+* **Never report a wrong number without saying so.** :class:`TrainingDiverged` stops a run whose loss or
+  weights stop being finite, before they are checkpointed or exported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..hub.export import CONFIG_NAME, WEIGHTS_NAME
+from .checkpoints import CKPT_DIR, CKPT_PREFIX, OUTPUT_ARTIFACTS, CheckpointError, list_checkpoints
+
+if TYPE_CHECKING:
+    from .config import FinetuneConfig
+
+__all__ = ['TRACKER_PROJECT', 'SAME', 'RECORDED', 'FREE', 'RESUME_RULES', 'OutputDirError', 'TrainingDiverged',
+           'RunPlan', 'plan_run', 'apply_plan', 'clean_partial_writes', 'check_resume_settings',
+           'check_resume_data', 'nonfinite_tensors', 'error_line', 'first_line', 'model_load_error']
+
+_logger = logging.getLogger(__name__)
+
+#: accelerate's tracker project name: tensorboard writes under ``logs/<TRACKER_PROJECT>/``.
+TRACKER_PROJECT = 'dropres-finetune'
+_EXPORTS = ('best', 'last')
+_CKPT_NAME = re.compile(rf'(\.tmp-)?{CKPT_PREFIX}\d+')
+
+#: resume rule: the resumed run must use the checkpoint's value (else it would not be an exact continuation).
+SAME = 'same'
+#: resume rule: may differ; the change is recorded in ``summary.json`` (``resumes``).
+RECORDED = 'recorded'
+#: resume rule: may differ; it does not change what is computed (runtime and bookkeeping options).
+FREE = 'free'
+
+#: For every option of :class:`~timm_dropres.training.config.FinetuneConfig`: what a resumed run may change.
+#: Options not listed are treated as :data:`SAME`. docs/training.md has this table with the reasons.
+RESUME_RULES: Dict[str, str] = {
+    # model: the weights come from the checkpoint, but the network must be the one that was trained
+    'model': SAME, 'pretrained': SAME, 'pretrained_file': RECORDED, 'drop_rate': SAME, 'res_drop_rate': SAME,
+    'res_drop_pos': SAME, 'model_kwargs': SAME, 'sync_bn': SAME, 'channels_last': RECORDED,
+    'drop_path_rate': SAME, 'drop_block_rate': SAME,
+    # the starting weights are replaced by the checkpoint's; compiling and recomputing change only speed
+    'initial_checkpoint': RECORDED, 'torchcompile': RECORDED, 'grad_checkpointing': RECORDED,
+    # data: the path may move (the images themselves are compared), the selection and transforms may not
+    'dataset': RECORDED, 'data_dir': RECORDED, 'download': FREE, 'val_fraction': SAME, 'train_subset': SAME,
+    'val_subset': SAME, 'img_size': SAME, 'crop_pct': SAME, 'interpolation': SAME,
+    # augmentation, loss, optimisation: every one changes the numbers from the checkpoint on
+    'aa': SAME, 'hflip': SAME, 'color_jitter': SAME, 'reprob': SAME, 'scale': SAME, 'ratio': SAME, 'pad_crop': SAME,
+    'mixup': SAME, 'cutmix': SAME, 'smoothing': SAME, 'opt': SAME, 'lr': SAME, 'weight_decay': SAME,
+    'momentum': SAME, 'layer_decay': SAME, 'clip_grad': SAME, 'sched': SAME, 'decay_milestones': SAME,
+    'decay_rate': SAME, 'warmup_epochs': SAME, 'warmup_lr': SAME, 'min_lr': SAME, 'batch_size': SAME,
+    'grad_accum_steps': SAME, 'mixed_precision': SAME, 'ema': SAME, 'ema_decay': SAME, 'seed': SAME,
+    # a longer (or equal) run: the schedule is recomputed for the new length
+    'epochs': RECORDED,
+    # where and how it runs
+    'eval_batch_size': RECORDED, 'cpu': RECORDED, 'num_workers': FREE, 'output_dir': FREE, 'overwrite': FREE,
+    'resume': FREE, 'checkpoint_every': FREE, 'keep_checkpoints': FREE, 'stop_after_steps': FREE,
+    'log_with': FREE, 'log_every': FREE, 'progress': FREE,
+}
+
+
+class OutputDirError(OSError):
+    """``--output-dir`` cannot be used as asked: a file, another run, files a run did not write, or unwritable."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite; nothing from that point on was saved."""
+
+
+def _flag(name: str) -> str:
+    return '--' + name.replace('_', '-')
+
+
+# ----------------------------------------------------------------------------------------------
+# the output folder
+
+
+def _foreign_inside(entry: Path) -> List[str]:
+    """What, inside one top-level entry of a run folder, a run did not write (``[entry]`` when all of it)."""
+    name = entry.name
+    if entry.is_symlink():
+        return [name]
+    for artifact in OUTPUT_ARTIFACTS:  # a temporary or replaced copy of an artifact (an interrupted atomic write)
+        if name.startswith(f'.{artifact}.'):
+            return []
+    if name not in OUTPUT_ARTIFACTS:
+        return [name]
+    if name == CKPT_DIR:
+        if not entry.is_dir():
+            return [name]
+        return [f'{name}/{p.name}' for p in entry.iterdir() if not (p.is_dir() and _CKPT_NAME.fullmatch(p.name))]
+    if name in _EXPORTS:
+        if not entry.is_dir():
+            return [name]
+        return [f'{name}/{p.name}' for p in entry.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME)]
+    if name == 'logs':
+        if not entry.is_dir():
+            return [name]
+        return [f'{name}/{p.name}' for p in entry.iterdir() if p.name != TRACKER_PROJECT]
+    return [] if entry.is_file() else [name]  # summary.json and the other file artifacts
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _run_dir_of(ckpt: Path) -> Path | None:
+    """The run folder a checkpoint belongs to (``<run>/checkpoints/step_N``), or None for a standalone one."""
+    return ckpt.parent.parent if ckpt.parent.name == CKPT_DIR else None
+
+
+def _check_writable(out: Path, probe: bool) -> None:
+    """Fail now, with the path, when ``out`` cannot be created or written (read-only, no permission, a file).
+
+    Args:
+        out: the output folder (it need not exist).
+        probe: also create and remove a hidden folder in it (or in its nearest existing parent): ``os.access``
+            says yes to root on a read-only mount. Only the main process probes; the others only read.
+    """
+    base = out
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise OutputDirError(f'--output-dir {out}: {base} is a file, not a folder')
+    try:
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        if probe:
+            os.rmdir(tempfile.mkdtemp(prefix='.dropres-write-test-', dir=base))
+    except OSError as e:
+        raise OutputDirError(f'--output-dir {out} cannot be written ({base}: {e.strerror or e})') from None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will do with its output folder, decided before anything is written.
+
+    Attributes:
+        output_dir: the run folder.
+        action: ``'new'`` (empty or missing folder), ``'overwrite'`` (a previous run's outputs are removed first),
+            ``'continue'`` (resume in the checkpoint's own run folder) or ``'fork'`` (resume into another folder,
+            new or cleared).
+        resume_ckpt: the checkpoint to resume, if any.
+        remove: the previous run's outputs that are removed before the run starts.
+    """
+
+    output_dir: Path
+    action: str
+    resume_ckpt: Path | None = None
+    remove: Tuple[Path, ...] = ()
+
+    def describe(self) -> str:
+        """One line for the log."""
+        what = {'new': 'new run', 'overwrite': 'new run, replacing the previous run\'s outputs',
+                'continue': 'continuing the run', 'fork': 'continuing into a new folder'}[self.action]
+        src = f' from {self.resume_ckpt}' if self.resume_ckpt is not None else ''
+        return f'{self.output_dir}: {what}{src}'
+
+
+def plan_run(output_dir: str | os.PathLike, resume_ckpt: Path | None, overwrite: bool, *,
+             probe: bool = True) -> RunPlan:
+    """Resolve ``--output-dir``, ``--resume`` and ``--overwrite`` into one unambiguous plan, or refuse.
+
+    Args:
+        output_dir: ``--output-dir``.
+        resume_ckpt: the checkpoint ``--resume`` names (already resolved), or None.
+        overwrite: ``--overwrite``.
+        probe: check writability by creating (and removing) a hidden folder; False on processes other than the
+            main one, which never write into the run folder.
+
+    Returns:
+        The plan; nothing is left written (the writability probe removes its folder at once).
+
+    Raises:
+        OutputDirError: the folder is a file, holds files a run did not write, holds another run without
+            ``--overwrite``, or ``--overwrite`` would delete the checkpoint being resumed; also when resuming in
+            place from a checkpoint older than the run's latest (the two histories would mix).
+            It is also raised when the folder cannot be created or written.
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f'--output-dir {out} is a file, not a folder')
+    _check_writable(out, probe)
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    foreign = [f for e in entries for f in _foreign_inside(e)]
+    ours = [e for e in entries if not _foreign_inside(e)]
+    run_dir = _run_dir_of(resume_ckpt) if resume_ckpt is not None else None
+    if run_dir is not None and _same_path(run_dir, out):
+        if overwrite:
+            raise OutputDirError(
+                f'--overwrite with --resume {resume_ckpt}: that checkpoint belongs to --output-dir {out}, which '
+                f'--overwrite would delete. Drop --overwrite to continue the run, or pass another --output-dir to '
+                f'continue it in a new folder')
+        newer = [p.name for p in list_checkpoints(out) if p.name > resume_ckpt.name]
+        if newer:
+            raise OutputDirError(
+                f'--resume {resume_ckpt} is older than the run\'s latest checkpoints {newer}; continuing it in '
+                f'{out} would mix two histories. Continue it in a new folder (--output-dir <new>), or delete the '
+                f'newer checkpoints first')
+        return RunPlan(out, 'continue', resume_ckpt)
+    if foreign:
+        shown = foreign[:10] + ([f'... {len(foreign) - 10} more'] if len(foreign) > 10 else [])
+        raise OutputDirError(
+            f'--output-dir {out} holds files a run does not write: {shown}. --overwrite removes only a run\'s '
+            f'outputs ({", ".join(OUTPUT_ARTIFACTS)}), so it refuses such a folder: choose a new or empty '
+            f'--output-dir, or move those files')
+    action = 'new' if resume_ckpt is None else 'fork'
+    if not ours:
+        return RunPlan(out, action, resume_ckpt)
+    if not overwrite:
+        present = sorted(p.name for p in ours)
+        cont = f', --resume {out} to continue it' if resume_ckpt is None else ''
+        raise OutputDirError(
+            f'--output-dir {out} already holds a run ({present}); pass --overwrite to replace its outputs'
+            f'{cont}, or choose another --output-dir')
+    return RunPlan(out, 'overwrite' if resume_ckpt is None else 'fork', resume_ckpt, remove=tuple(ours))
+
+
+def clean_partial_writes(out: Path) -> List[str]:
+    """Remove what interrupted writes left in a run folder; restore an export caught between its two renames.
+
+    A killed run can leave ``checkpoints/.tmp-step_*`` (a checkpoint being written), ``.best.*``/``.last.*``
+    (an export being written) and ``.summary.json.tmp*`` (an atomic file write). An export replaced in place
+    is renamed to ``.best.old`` before the new one is renamed to ``best``; when ``best`` is missing, the old
+    one is put back.
+
+    Args:
+        out: the run folder.
+
+    Returns:
+        The names removed or restored, relative to ``out``.
+    """
+    done: List[str] = []
+    ckpt_root = out / CKPT_DIR
+    if ckpt_root.is_dir():
+        for p in sorted(ckpt_root.iterdir()):
+            if p.name.startswith('.tmp-') and _CKPT_NAME.fullmatch(p.name):
+                shutil.rmtree(p)
+                done.append(f'{CKPT_DIR}/{p.name}')
+    for name in _EXPORTS:
+        old = out / f'.{name}.old'
+        if old.is_dir() and not (out / name).exists():
+            os.replace(old, out / name)
+            done.append(f'{name} (restored from .{name}.old)')
+    if out.is_dir():
+        for p in sorted(out.iterdir()):
+            if p.name.startswith('.') and not p.is_symlink() and any(
+                    p.name.startswith(f'.{a}.') for a in OUTPUT_ARTIFACTS):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                done.append(p.name)
+    if done:
+        _logger.info('Removed what interrupted writes left in %s: %s', out, done)
+    return done
+
+
+def apply_plan(plan: RunPlan) -> None:
+    """Carry out ``plan`` (main process only): remove the previous outputs, create ``checkpoints/``, clean up.
+
+    Raises:
+        OutputDirError: the folder cannot be written (the message names it and the reason).
+    """
+    out = plan.output_dir
+    try:
+        for p in plan.remove:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        if plan.remove:
+            _logger.info('--overwrite: removed the previous run\'s %s from %s', sorted(p.name for p in plan.remove),
+                         out)
+        (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+        clean_partial_writes(out)
+    except OSError as e:
+        raise OutputDirError(f'cannot write to --output-dir {out}: {e.strerror or e}'
+                             f'{f" ({e.filename})" if e.filename else ""}') from e
+    _logger.info('Run folder %s', plan.describe())
+
+
+# ----------------------------------------------------------------------------------------------
+# resume compatibility
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from ``trainer_state.json`` (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_resume_settings(saved: Mapping[str, Any] | None, cfg: FinetuneConfig, ckpt: Path,
+                          epochs_done: int) -> Dict[str, List[Any]]:
+    """Compare this run's options with the checkpoint's, following :data:`RESUME_RULES`.
+
+    Args:
+        saved: the ``config`` the checkpoint's run recorded (None for checkpoints that predate it: not compared).
+        cfg: this run's options.
+        ckpt: the checkpoint (for the message).
+        epochs_done: epochs the checkpoint has completed.
+
+    Returns:
+        ``{option: [checkpoint value, this run's value]}`` for the :data:`RECORDED` options that changed.
+
+    Raises:
+        CheckpointError: an option that must stay the same changed (all of them named, old and new value), or
+            ``--epochs`` is below the epochs already completed.
+    """
+    if saved is None:
+        _logger.warning('%s records no options (an older trainer): resume settings are not compared', ckpt)
+        return {}
+    now = _jsonable(dataclasses.asdict(cfg))
+    defaults = _jsonable({f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                          for f in dataclasses.fields(cfg)})
+    refused, changed = [], {}
+    for name, value in now.items():
+        old = saved.get(name, defaults[name])  # an option added since the checkpoint was written: its default
+        if old == value:
+            continue
+        rule = RESUME_RULES.get(name, SAME)
+        if rule == SAME:
+            refused.append(f'{_flag(name)}: checkpoint {old!r}, this run {value!r}')
+        elif rule == RECORDED:
+            changed[name] = [old, value]
+    if cfg.epochs < epochs_done:
+        refused.append(f'--epochs {cfg.epochs} is fewer than the {epochs_done} epochs the checkpoint has completed')
+    if refused:
+        raise CheckpointError(
+            f'--resume {ckpt}: settings differ from the checkpoint\'s, and resuming would not continue the same '
+            f'run: {"; ".join(refused)}. Resume with the checkpoint\'s values, or start a new run in another '
+            f'--output-dir (docs/training.md lists what a resumed run may change)')
+    if changed:
+        _logger.info('Resumed with changed settings (recorded in summary.json): %s',
+                     ', '.join(f'{_flag(k)} {a!r} -> {b!r}' for k, (a, b) in changed.items()))
+    return changed
+
+
+def check_resume_data(saved: Mapping[str, Any] | None, now: Mapping[str, Any], ckpt: Path) -> None:
+    """Refuse to resume on other data than the checkpoint was trained on.
+
+    Args:
+        saved: the checkpoint's data signature (``trainer_state.json`` ``data``; None for older checkpoints).
+        now: this run's signature (:func:`timm_dropres.training.data.data_signature`).
+        ckpt: the checkpoint (for the message).
+
+    Raises:
+        CheckpointError: classes, image counts, or the images and labels themselves differ.
+    """
+    if saved is None:
+        return
+    diffs = []
+    for key, what in (('label_names', 'classes'), ('in_chans', 'input channels'),
+                      ('train_size', 'training images'), ('val_size', 'validation images')):
+        if key in saved and saved[key] != now.get(key):
+            diffs.append(f'{what}: checkpoint {saved[key]!r}, this run {now.get(key)!r}')
+    if not diffs:
+        for key, what in (('train_files', 'training'), ('val_files', 'validation')):
+            if saved.get(key) and now.get(key) and saved[key] != now[key]:
+                diffs.append(f'the {what} images or their labels differ (same count, other files)')
+    if diffs:
+        raise CheckpointError(f'--resume {ckpt}: the data differ from the data the checkpoint was trained on: '
+                              f'{"; ".join(diffs)}')
+
+
+# ----------------------------------------------------------------------------------------------
+# divergence and error messages
+
+
+def nonfinite_tensors(module: nn.Module) -> List[str]:
+    """Names of the floating-point parameters and buffers of ``module`` that hold a NaN or an infinity.
+
+    One host sync for the whole module (the per-tensor flags are stacked on the device first).
+    """
+    named = [(n, t) for n, t in list(module.named_parameters()) + list(module.named_buffers())
+             if t.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu().tolist()
+    return [n for (n, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+def error_line(e: BaseException) -> str:
+    """The one line that explains ``e``.
+
+    An error raised in a DataLoader worker comes back as the same exception type whose message is the
+    worker's whole traceback; its last line is the original message.
+    """
+    text = str(e).strip()
+    if 'Original Traceback' in text:
+        last = text.splitlines()[-1]
+        m = re.match(r'^[\w.]+: ', last)
+        return last[m.end():] if m else last
+    return text
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """``TypeName: first line of the message``, at most ``limit`` characters (torch's run for paragraphs)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    text = text if len(text) <= limit else text[:limit] + '...'
+    return f'{type(e).__name__}: {text}' if text else type(e).__name__
+
+
+def model_load_error(model: str, e: BaseException, weights: str | None = None) -> str:
+    """One line for a model that timm could not create or fill with its weights.
+
+    Args:
+        model: the ``--model`` value.
+        e: what ``timm.create_model`` raised (``TypeError`` for arguments the architecture does not take,
+            ``RuntimeError``/``UnpicklingError`` for weights ``torch.load(weights_only=True)`` refuses or cannot
+            read, ``RuntimeError`` for weights that do not fit).
+        weights: the weights file, when one was named (``--pretrained-file``).
+    """
+    src = f' from {weights}' if weights else ''
+    if isinstance(e, TypeError):
+        return (f'cannot build {model}: {first_line(e, 300)} (does its config.json or --model-kwargs hold arguments '
+                f'of another model?)')
+    if 'weights_only' in str(e) or isinstance(e, pickle.UnpicklingError):
+        return (f'cannot load the weights of {model}{src}: torch.load(weights_only=True) refused them '
+                f'({first_line(e, 300)}). Only safetensors files and plain tensor state dicts are loaded, never '
+                f'arbitrary pickles; convert the checkpoint to safetensors (safetensors.torch.save_file)')
+    return f'cannot load the weights of {model}{src}: {first_line(e, 300)}'
+
