@@ -15,13 +15,14 @@ PUBLIC = {
     'BEFORE_LAST_CONV', 'AUTO', 'HEAD_BEFORE_POOL', 'RES_DROP_POSITIONS', 'DEFAULT_RES_DROP_RATE',
     'DEFAULT_HEAD_DROP_RATE', 'DEFAULT_POST_ACT_POS', '__version__',
 }
-#: each layer may import itself and the layers listed for it (files.py is below everything)
+#: each layer may import itself and the layers listed for it (files.py and recipes.py are below everything)
+_BASE = {'files', 'recipes'}
 ALLOWED = {
-    'models': {'models', 'files'},
-    'hub': {'hub', 'models', 'files'},
-    'training': {'training', 'hub', 'models', 'files'},
-    'research': {'research', 'training', 'hub', 'models', 'files'},
-    'cli': {'cli', 'research', 'training', 'hub', 'models', 'files'},
+    'models': {'models'} | _BASE,
+    'hub': {'hub', 'models'} | _BASE,
+    'training': {'training', 'hub', 'models'} | _BASE,
+    'research': {'research', 'training', 'hub', 'models'} | _BASE,
+    'cli': {'cli', 'research', 'training', 'hub', 'models'} | _BASE,
 }
 
 

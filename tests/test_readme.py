@@ -61,7 +61,9 @@ def test_plain_timm_call_loads_without_the_plugin(saved):
     assert name == 'ResNet'  # timm's own class: the plugin was not there
     assert json.loads(data_cfg) == dict(input_size=[1, 32, 32], interpolation='bilinear', mean=[0.5], std=[0.25],
                                         crop_pct=1.0, crop_mode='center')  # the saved preprocessing
-    assert torch.equal(load_file(root / 'out.safetensors')['out'], saved['expected'])
+    # same weights, same network; loaded tensors may sit at other memory alignments, so CPU kernels may round
+    # differently (seen on a fresh CI machine): equal to float rounding, not bit for bit
+    torch.testing.assert_close(load_file(root / 'out.safetensors')['out'], saved['expected'], rtol=1e-5, atol=1e-6)
 
 
 def test_transformers_call_loads_with_the_plugin(saved):

@@ -285,7 +285,7 @@ def test_trained_folder_loads_in_transformers(timm_flag_run):
 
 def test_cli_log_to_a_file_has_no_progress_bars(tmp_path, capfd, caplog):
     """stderr is not a terminal (a log file, a pipe): per-epoch log lines, no bar refreshes."""
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger='timm_dropres')  # other tests (the benchmarks) may have raised it
     data = make_image_folder(tmp_path / 'data', n_train=4, n_val=2)
     rc = finetune_main(['--model', 'test_resnet_dropres', '--dataset', str(data), '--output-dir', str(tmp_path / 'r'),
                         '-b', '4', '-j', '0', '--img-size', '32', '--epochs', '1', '--cpu'])
