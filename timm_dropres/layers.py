@@ -128,33 +128,41 @@ def _keep_mask(x: torch.Tensor, order: tuple[int, ...], drop_levels: int) -> tor
     return torch.ge(uniform, drop_levels - _LEVELS // 2, out=keep)
 
 
+def _apply_drop(x: torch.Tensor, drop: torch.Tensor, scale: float, order: tuple[int, ...]) -> torch.Tensor:
+    """``x * keep * scale`` as a new tensor laid out in ``order``; see ``_ApplyDrop`` for ``drop``."""
+    out = _empty_in_order(x, order)
+    if drop.dtype == torch.int64:
+        torch.mul(x, scale, out=out)
+        out.permute(order).view(-1).index_fill_(0, drop, 0.0)
+    else:
+        out.permute(order).copy_(drop)
+        out.mul_(scale)
+        torch.mul(x, out, out=out)
+    return out
+
+
 class _ApplyDrop(torch.autograd.Function):
     """``y = x * keep * scale``, where ``drop`` holds either the dropped positions or the keep mask.
 
     ``drop`` is int64 positions into the memory order ``order`` (position kernel) or a uint8 keep mask
     laid out in that order (mask kernel). Only ``drop`` is saved. The map is diagonal, so its backward
-    is the same map applied to the gradient (which also makes double backward work).
+    is the same map applied to the gradient; under ``create_graph`` it goes through this Function
+    again, so double backward works.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float,  # type: ignore[override]
                 order: tuple[int, ...]) -> torch.Tensor:
-        out = _empty_in_order(x, order)
-        if drop.dtype == torch.int64:
-            torch.mul(x, scale, out=out)
-            out.permute(order).view(-1).index_fill_(0, drop, 0.0)
-        else:
-            out.permute(order).copy_(drop)
-            out.mul_(scale)
-            torch.mul(x, out, out=out)
         ctx.save_for_backward(drop)
         ctx.scale, ctx.order = scale, order
-        return out
+        return _apply_drop(x, drop, scale, order)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         (drop,) = ctx.saved_tensors
-        return _ApplyDrop.apply(grad, drop, ctx.scale, ctx.order), None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
+            return _ApplyDrop.apply(grad, drop, ctx.scale, ctx.order), None, None, None
+        return _apply_drop(grad, drop, ctx.scale, ctx.order), None, None, None
 
 
 def _cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
