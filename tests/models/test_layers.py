@@ -9,7 +9,17 @@ import timm
 import torch
 
 import timm_dropres
-from timm_dropres.models.layers import ResidualDropout, check_position, check_rate
+from timm_dropres.models.layers import (
+    POSITION_KERNEL_MAX_P,
+    ResidualDropout,
+    _ApplyDrop,
+    _memory_order,
+    check_position,
+    check_rate,
+    drop_positions,
+    geometric_gaps,
+    residual_dropout,
+)
 
 
 @pytest.mark.parametrize('bad', [-0.1, 1.0, 1.5, math.nan, '0.1', None, True])
@@ -69,10 +79,21 @@ def test_channels_last_preserved():
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize('p', [0.05, 0.1, 0.3, 0.9])
+KERNEL_RATES = [0.05, 0.125, 0.3, 0.9]  # position kernel (p <= POSITION_KERNEL_MAX_P), then mask kernel
+
+
+def realised_scale(p: float) -> float:
+    """The scale each kernel applies: 1 / (1 - p) for positions, the 16-bit realised rate for the mask."""
+    if p <= POSITION_KERNEL_MAX_P:
+        return 1.0 / (1.0 - p)
+    drop = round(p * 65536)
+    return 65536 / (65536 - drop)
+
+
+@pytest.mark.parametrize('p', KERNEL_RATES)
 @pytest.mark.parametrize('fmt', [torch.contiguous_format, torch.channels_last])
 def test_cpu_dropout_rate_scale_and_gradient(p, fmt):
-    """The CPU fast path drops ~p (binomial 5 sigma), keeps E[y] = x, and backprops through the same mask."""
+    """The CPU kernels drop ~p (binomial 5 sigma), keep E[y] = x, and backprop through the same mask."""
     x = torch.ones(4, 64, 32, 32).contiguous(memory_format=fmt).requires_grad_()
     y = ResidualDropout(p).train()(x)
     n = y.numel()
@@ -80,18 +101,113 @@ def test_cpu_dropout_rate_scale_and_gradient(p, fmt):
     assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n)
     assert abs(y.mean().item() - 1.0) < 5 * math.sqrt(p / (1 - p) / n)
     assert y.is_contiguous(memory_format=fmt)
+    assert torch.equal(y.unique(), torch.tensor([0.0, realised_scale(p)]))
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # d(sum y)/dx = mask * scale = y for x == 1
 
 
+@pytest.mark.parametrize('p', KERNEL_RATES)
+@pytest.mark.parametrize('fmt', [torch.contiguous_format, torch.channels_last])
+def test_kernel_matches_autograd_of_the_plain_formula(p, fmt):
+    """Output and gradient equal, bit for bit, ``x * mask * scale`` differentiated by autograd."""
+    x = torch.randn(3, 8, 7, 5, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    y = ResidualDropout(p).train()(x)
+    mask = (y != 0).to(x.dtype)  # randn has no exact zeros
+    ref_x = x.detach().clone().requires_grad_()
+    ref = ref_x * mask * realised_scale(p)
+    assert torch.equal(y, ref)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    ref.backward(upstream)
+    assert torch.equal(x.grad, ref_x.grad)
+
+
+@pytest.mark.parametrize('p', [0.05, 0.5])
+def test_kernel_is_a_fixed_linear_map_with_double_backward(p):
+    """With the drops fixed, the op is diagonal and linear: gradcheck and gradgradcheck pass."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    order = _memory_order(x)
+    assert order == (0, 2, 3, 1)
+    if p <= POSITION_KERNEL_MAX_P:
+        drop = drop_positions(x.numel(), 0.3)
+    else:
+        drop = (torch.rand(2, 4, 5, 3) > p).to(torch.uint8)
+    fn = lambda t: _ApplyDrop.apply(t, drop, 1.25, order)  # noqa: E731
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize('p', [0.01, 0.05, 0.1, POSITION_KERNEL_MAX_P])
+def test_position_kernel_realised_rate_is_exact(p, one_torch_thread):
+    """Exact, not sampled: push every float32 uniform torch.rand can return through the kernel's
+    inverse CDF. The mean gap E[G] over all 2**24 of them is the expectation for the code as it runs,
+    and the long-run drop rate of the gap process is 1 / E[G]. It is within 1e-6 * p of p (well inside the
+    1e-4 target), so E[y] / x = (1 - rate) / (1 - p) is 1 to within float32 epsilon (1.2e-7)."""
+    assert torch.equal(torch.rand(1000) * 2 ** 24 % 1, torch.zeros(1000))  # rand is on the 2**-24 grid
+    grid = torch.arange(2 ** 24, dtype=torch.float64).div_(2 ** 24).float()
+    mean_gap = geometric_gaps(grid, p).double().mean().item()
+    rate = 1.0 / mean_gap
+    assert abs(rate - p) < 1e-6 * p
+    assert abs((1 - rate) / (1 - p) - 1) < torch.finfo(torch.float32).eps
+
+
+def test_position_kernel_covers_every_position_uniformly():
+    """Positions are sorted, in range, and each element is dropped at rate p (no edge effects)."""
+    torch.manual_seed(3)
+    counts = torch.zeros(64)
+    for _ in range(4000):
+        pos = drop_positions(64, 0.1)
+        assert pos.numel() == 0 or (pos.diff() > 0).all() and 0 <= pos[0] and pos[-1] < 64
+        counts[pos] += 1
+    rate = counts / 4000
+    assert (rate - 0.1).abs().max() < 5 * math.sqrt(0.1 * 0.9 / 4000)
+    assert drop_positions(0, 0.1).numel() == 0
+
+
+def test_mask_kernel_rate_rounds_to_16_bits_and_p_near_one():
+    x = torch.ones(1 << 18)
+    y = ResidualDropout(0.3).train()(x)
+    assert abs((y == 0).float().mean().item() - round(0.3 * 65536) / 65536) < 5 * math.sqrt(0.21 / x.numel())
+    y = ResidualDropout(1 - 1e-7).train()(x)  # rounds to 65536 levels: clamped to 65535, no division by zero
+    assert set(y.unique().tolist()) <= {0.0, 65536.0}
+
+
+@pytest.mark.parametrize('p,max_bytes', [(0.05, 0.45), (0.3, 1.0)])
+def test_saved_for_backward_is_small(p, max_bytes):
+    """Only the positions (8 p bytes per element) or a uint8 mask (1 byte) are kept for backward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(8, 32, 16, 16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ResidualDropout(p).train()(x)
+    assert len(saved) == 1
+    assert saved[0].numel() * saved[0].element_size() <= max_bytes * x.numel()
+
+
 def test_cpu_dropout_other_layouts_and_seeding():
-    x = torch.randn(6, 8, 5, 5).transpose(0, 1)  # neither contiguous nor channels_last
-    drop = ResidualDropout(0.5).train()
-    assert (drop(x) == 0).any()
-    torch.manual_seed(7)
-    a = drop(torch.ones(1000))
-    torch.manual_seed(7)
-    assert torch.equal(a, drop(torch.ones(1000)))
+    for p in (0.1, 0.5):
+        x = torch.randn(6, 8, 5, 5).transpose(0, 1)  # neither contiguous nor channels_last
+        drop = ResidualDropout(p).train()
+        y = drop(x)
+        kept = y != 0
+        assert kept.any() and (~kept).any() and y.stride() == x.stride()
+        assert torch.allclose(y[kept], x[kept] * realised_scale(p))
+        torch.manual_seed(7)
+        a = drop(torch.ones(1000))
+        torch.manual_seed(7)
+        assert torch.equal(a, drop(torch.ones(1000)))
+    assert ResidualDropout(0.1).train()(torch.tensor(3.0)).shape == ()
+
+
+def test_eval_and_zero_rate_return_the_input_through_the_functional_op():
+    x = torch.randn(2, 3)
+    assert residual_dropout(x, 0.5, training=False) is x
+    assert residual_dropout(x, 0.0, training=True) is x
 
 
 def test_check_dropout_args_lists_every_bad_argument():

@@ -9,9 +9,10 @@ from typing import Final
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_function
 
 __all__ = [
-    'ResidualDropout',
+    'ResidualDropout', 'residual_dropout', 'drop_positions', 'geometric_gaps', 'POSITION_KERNEL_MAX_P',
     'AFTER_LAST_BN', 'BEFORE_LAST_CONV', 'AUTO', 'HEAD_BEFORE_POOL',
     'RES_DROP_POSITIONS', 'DEFAULT_RES_DROP_RATE', 'DEFAULT_HEAD_DROP_RATE', 'DEFAULT_POST_ACT_POS',
     'check_rate', 'check_position', 'check_dropout_args',
@@ -92,30 +93,169 @@ def check_dropout_args(
     return out[0], out[1], out[2]
 
 
-_LEVELS = 1 << 16  # mask resolution of _cpu_dropout
+#: Rates up to this use the position kernel (saved positions cost 8p bytes per element, at most the
+#: 1 byte of a mask); above it the mask kernel is cheaper (docs/benchmarks.md, "The CPU kernel").
+POSITION_KERNEL_MAX_P: Final[float] = 0.125
+_LEVELS = 1 << 16  # resolution of the mask kernel's uniforms
 
 
-def _cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout with a 16-bit uniform per element, sliced from 64-bit draws.
+def _memory_order(x: torch.Tensor) -> tuple[int, ...]:
+    """Dimensions from the outermost to the innermost stride (the order the elements sit in memory)."""
+    strides = x.stride()
+    return tuple(sorted(range(x.dim()), key=lambda d: -strides[d]))
 
-    PyTorch's CPU dropout draws one 32/64-bit number per element, which makes the RNG most of a
-    dropout's cost; four 16-bit slices of one 64-bit draw are as uniform at 1/65536 resolution. The
-    realised rate is ``round(p * 65536) / 65536`` (within 8e-6 of ``p``) and the scale uses it exactly,
-    so the expectation is unchanged. Only the bool mask is kept for backward, as in ``native_dropout``.
+
+def _empty_in_order(like: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """A dense tensor shaped like ``like`` whose elements sit in memory in dimension order ``order``."""
+    strides = [0] * like.dim()
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= like.shape[d]
+    return torch.empty_strided(like.shape, strides, dtype=like.dtype, device=like.device)
+
+
+def geometric_gaps(uniform: torch.Tensor, p: float) -> torch.Tensor:
+    """Turn uniforms in [0, 1) into Geometric(``p``) gaps (values 1, 2, ...) by the inverse CDF, in place.
+
+    ``P(gap > j) = P(1 - u <= (1 - p) ** j) = (1 - p) ** j``, so the gaps between the drops of an i.i.d.
+    Bernoulli(``p``) sequence. Exposed so tests can push every float32 uniform through the exact code
+    the kernel runs and compute the realised rate without sampling.
+
+    Args:
+        uniform: float tensor of uniforms in [0, 1); overwritten.
+        p: drop probability in (0, 1).
+
+    Returns:
+        ``uniform``, now holding the gaps as whole numbers.
     """
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    if not (channels_last or x.is_contiguous()):
-        return torch.native_dropout(x, p, True)[0]
-    # build the mask in memory order so a channels_last input gives a channels_last output
-    order = (0, 2, 3, 1) if channels_last else tuple(range(x.dim()))
-    drop = int(round(p * _LEVELS))
+    return uniform.neg_().add_(1.0).log_().mul_(1.0 / math.log1p(-p)).floor_().add_(1.0)
+
+
+def drop_positions(n: int, p: float) -> torch.Tensor:
+    """Sorted positions in ``[0, n)`` of the drops of ``n`` i.i.d. Bernoulli(``p``) trials.
+
+    Draws about ``n * p`` geometric gaps (``geometric_gaps``) instead of ``n`` uniforms, so the cost
+    scales with the number of drops. The gaps cover ``n`` with overwhelming probability at the first
+    draw (6 standard deviations of margin); otherwise more are drawn.
+
+    Args:
+        n: number of trials (elements).
+        p: drop probability in (0, 1).
+
+    Returns:
+        1-D int64 tensor of strictly increasing positions, on the CPU.
+    """
+    mean = n * p
+    draws = int(mean + 6.0 * math.sqrt(mean) + 16.0)
+    positions = geometric_gaps(torch.rand(draws), p).cumsum(0, dtype=torch.int64).sub_(1)
+    last = int(positions[-1])
+    while last < n - 1:
+        more = geometric_gaps(torch.rand(draws), p).cumsum(0, dtype=torch.int64).add_(last)
+        positions = torch.cat([positions, more])
+        last = int(positions[-1])
+    return positions[:int(torch.searchsorted(positions, n))]
+
+
+def _keep_mask(x: torch.Tensor, order: tuple[int, ...], drop_levels: int) -> torch.Tensor:
+    """uint8 keep mask (1 = keep) in ``x``'s memory order, from 16-bit uniforms sliced from 64-bit draws."""
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)
     uniform = bits.view(torch.int16)[:n].view([x.shape[d] for d in order])
-    keep = uniform >= drop - (_LEVELS // 2)
-    if channels_last:
-        keep = keep.permute(0, 3, 1, 2)
-    return (x * keep).mul_(_LEVELS / (_LEVELS - drop))
+    keep = torch.empty(uniform.shape, dtype=torch.uint8)
+    return torch.ge(uniform, drop_levels - _LEVELS // 2, out=keep)
+
+
+def _apply_drop(x: torch.Tensor, drop: torch.Tensor, scale: float, order: tuple[int, ...]) -> torch.Tensor:
+    """``x * keep * scale`` as a new tensor laid out in ``order``; see ``_ApplyDrop`` for ``drop``."""
+    out = _empty_in_order(x, order)
+    if drop.dtype == torch.int64:
+        torch.mul(x, scale, out=out)
+        out.permute(order).view(-1).index_fill_(0, drop, 0.0)
+    else:
+        out.permute(order).copy_(drop)
+        out.mul_(scale)
+        torch.mul(x, out, out=out)
+    return out
+
+
+class _ApplyDrop(torch.autograd.Function):
+    """``y = x * keep * scale``, where ``drop`` holds either the dropped positions or the keep mask.
+
+    ``drop`` is int64 positions into the memory order ``order`` (position kernel) or a uint8 keep mask
+    laid out in that order (mask kernel). Only ``drop`` is saved. The map is diagonal, so its backward
+    is the same map applied to the gradient; under ``create_graph`` it goes through this Function
+    again, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float,  # type: ignore[override]
+                order: tuple[int, ...]) -> torch.Tensor:
+        ctx.save_for_backward(drop)
+        ctx.scale, ctx.order = scale, order
+        return _apply_drop(x, drop, scale, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        (drop,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
+            return _ApplyDrop.apply(grad, drop, ctx.scale, ctx.order), None, None, None
+        return _apply_drop(grad, drop, ctx.scale, ctx.order), None, None, None
+
+
+def _cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Eager CPU inverted dropout that keeps ``x``'s memory format and saves little for backward.
+
+    * ``p <= POSITION_KERNEL_MAX_P`` (the defaults): the position kernel. The drops are drawn as
+      geometric gaps (``drop_positions``), so the random numbers cost ``p * n`` draws; forward and
+      backward are each one scaling pass plus a fill of the dropped positions, and only the int64
+      positions (``8 p`` bytes per element, 0.4 at p = 0.05) are saved. The realised rate is ``p`` up
+      to float32 rounding of the inverse CDF (relative error below 1e-6, computed exactly over every
+      float32 uniform in the tests) and the scale is ``1 / (1 - p)``, so ``E[y] = x`` to float32 epsilon.
+    * larger ``p``: the mask kernel. Four 16-bit uniforms are sliced from each 64-bit draw; the realised
+      rate is ``round(p * 65536) / 65536`` (within 8e-6 of ``p``) and the scale uses it exactly, so
+      ``E[y] = x``. A uint8 keep mask (1 byte per element) is saved.
+
+    Both work for any layout: the drops are laid out in ``x``'s memory order and the output has ``x``'s
+    strides when ``x`` is dense (contiguous, channels_last), else the same dimension order.
+    """
+    order = _memory_order(x)
+    if p <= POSITION_KERNEL_MAX_P:
+        return _ApplyDrop.apply(x, drop_positions(x.numel(), p), 1.0 / (1.0 - p), order)
+    drop_levels = min(int(round(p * _LEVELS)), _LEVELS - 1)  # p < 1 may still round to 65536
+    return _ApplyDrop.apply(x, _keep_mask(x, order, drop_levels), _LEVELS / (_LEVELS - drop_levels), order)
+
+
+@torch.fx.wrap
+@register_notrace_function
+def residual_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout: what ``ResidualDropout`` runs, as a function ``torch.fx`` keeps as one call.
+
+    Wrapped the way timm wraps its own functions (``torch.fx.wrap`` and timm's
+    ``register_notrace_function``), so symbolic tracing records a single call in both modes instead of
+    tracing the device checks, and a traced graph still runs the eager CPU kernel. As for timm's
+    ``DropPath``, the mode is fixed when a graph is traced: trace in the mode the graph will run in
+    (timm's and torchvision's feature extractors trace both).
+
+    When not training or ``p == 0`` it returns ``x`` itself, without running any op. Otherwise, on CPU
+    in eager mode (not scripting, not compiling) it runs ``_cpu_dropout``, and everywhere else
+    ``torch.native_dropout``, which TorchScript runs, ``torch.compile`` fuses with its neighbours and
+    ``torch.export`` records.
+
+    Args:
+        x: activations.
+        p: drop probability in [0, 1).
+        training: drop only when true.
+
+    Returns:
+        ``x`` itself, or a new tensor with each element zeroed with probability ``p`` and the others
+        scaled by the inverse keep probability.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type == 'cpu' and not torch.jit.is_scripting() and not torch.compiler.is_compiling():
+        return _cpu_dropout(x, p)
+    return torch.native_dropout(x, p, True)[0]
 
 
 class ResidualDropout(nn.Dropout):
@@ -126,9 +266,19 @@ class ResidualDropout(nn.Dropout):
     (eval mode or p == 0): the output is then the input tensor itself, so eval-mode outputs are
     bit-identical to the base model and no RNG state is consumed.
 
-    Training calls ``torch.native_dropout`` (the fused op ``F.dropout`` uses on CUDA; it keeps a 1-byte
-    mask where CPU ``F.dropout`` keeps a 4-byte one), except in eager CPU training, where
-    ``_cpu_dropout`` draws the mask 4x faster (docs/benchmarks.md, figures 2 and 3).
+    Training runs ``residual_dropout``: in eager CPU training ``_cpu_dropout`` (the position kernel at
+    the default rates: random numbers for the drops only, one pass each way, 0.4 bytes per element
+    saved at p = 0.05), elsewhere ``torch.native_dropout`` (the fused op ``F.dropout`` uses on CUDA,
+    with a 1-byte mask). See docs/benchmarks.md, "The CPU kernel". Traceable by ``torch.fx``, timm's
+    FX feature extraction, TorchScript, ``torch.compile`` (no graph break) and ``torch.export``.
+
+    Args:
+        p: drop probability in [0, 1).
+        where: the placement, one of the position names (``after_last_bn``, ``before_last_conv``,
+            ``head_before_pool``); informational.
+
+    Raises:
+        ValueError: ``p`` is not a float in [0, 1).
     """
 
     where: str
@@ -138,11 +288,7 @@ class ResidualDropout(nn.Dropout):
         self.where = where
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type == 'cpu' and not torch.jit.is_scripting() and not torch.compiler.is_compiling():
-            return _cpu_dropout(x, self.p)
-        return torch.native_dropout(x, self.p, True)[0]
+        return residual_dropout(x, self.p, self.training)
 
     def extra_repr(self) -> str:
         return f'p={self.p}, where={self.where}'
