@@ -230,3 +230,13 @@ def test_convert_rejects_unknown_block_and_leaves_model_untouched():
     with pytest.raises(TypeError, match="block 'layer3.1' of type torch.nn.modules.linear.Identity"):
         timm_dropres.convert(model)
     assert type(model.layer1[0]).__name__ == 'BasicBlock' and not hasattr(model, 'head_drop')
+
+
+def test_block_forwards_use_the_position_vocabulary():
+    """The blocks compare with string literals (TorchScript cannot read module constants): they must be these."""
+    import inspect
+
+    from timm_dropres.models import blocks
+    src = inspect.getsource(blocks)
+    assert f"== '{AFTER_LAST_BN}'" in src and f"== '{BEFORE_LAST_CONV}'" in src
+    assert set(__import__('re').findall(r"res_drop_pos == '(\w+)'", src)) == {AFTER_LAST_BN, BEFORE_LAST_CONV}

@@ -23,6 +23,9 @@ from timm.models import resnet as timm_resnet
 from timm.models import resnetv2 as timm_resnetv2
 from torchvision.models import resnet as tv_resnet
 
+# The forwards compare ``res_drop_pos`` with string literals equal to ``layers.AFTER_LAST_BN`` and
+# ``layers.BEFORE_LAST_CONV``: TorchScript cannot read a module-level string constant inside ``forward``
+# (tests/models/test_fx.py scripts these blocks); tests/models/test_convert.py checks the values agree.
 __all__ = [
     'DropResBasicBlock', 'DropResBottleneck', 'DropResPreActBasic', 'DropResPreActBottleneck',
     'DropResTvBasicBlock', 'DropResTvBottleneck', 'BLOCK_TYPES', 'PRE_ACT_BLOCKS', 'block_norms',

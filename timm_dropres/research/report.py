@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from ..files import write_text_atomic
 from .stats import PairedComparison, apply_holm, paired
 
 __all__ = ['METRICS', 'summarize', 'pair_comparisons', 'markdown_tables', 'overfit_table', 'write_csv', 'plot',
@@ -356,9 +357,7 @@ def write_report(
         old = paths['md'].read_text()
         if KEEP_MARKER in old:
             md = md.rstrip() + '\n\n' + KEEP_MARKER + old.split(KEEP_MARKER, 1)[1]
-    tmp = paths['md'].with_suffix('.md.tmp')
-    tmp.write_text(md)
-    os.replace(tmp, paths['md'])
+    write_text_atomic(paths['md'], md)
     if png:
         paths['png'] = out / f'{stem}.png'
         plot(rows, paths['png'])
