@@ -5,13 +5,23 @@ different branch) and reports graph and break counts with reasons; ``torch.jit.s
 because timm models are expected to script. A break or a scripting failure is printed, not raised:
 this is a report, and the exit status stays 0.
 
+``--fusion`` also compiles one training step (forward and backward) of the first residual block of each
+arch with inductor and lists the kernels it generates: inductor names each fused kernel after the ATen
+ops it contains (``cpp_fused_...`` on CPU, ``triton_..._fused_...`` on CUDA), so the kernels holding
+``native_dropout`` show what the dropout was fused with. This needs a C++ compiler on CPU (about a
+minute per block on 2 busy cores), so it is not part of ``make bench``.
+
     python benchmarks/compile_check.py
+    python benchmarks/compile_check.py --fusion --archs resnet50 resnetv2_50
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 import timm
 import torch
@@ -49,6 +59,45 @@ def try_script(model: torch.nn.Module, x: torch.Tensor) -> str:
         return f'NO: {type(e).__name__}: {first[:100]}'
 
 
+def generated_kernels(module: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the kernels inductor generates for one forward + backward of ``module(x)``, in order.
+
+    Read from the ``output_code.py`` files that ``torch.compile(options={'trace.enabled': True})`` writes
+    (a documented inductor option), forward graph first.
+    """
+    torch._dynamo.reset()
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled = torch.compile(module, options={'trace.enabled': True, 'trace.debug_dir': tmp})
+        compiled(x).float().sum().backward()
+        files = sorted(Path(tmp).rglob('output_code.py'), key=lambda f: f.stat().st_mtime)
+        code = '\n'.join(f.read_text() for f in files)
+    torch._dynamo.reset()
+    return re.findall(r'^(\w*fused\w*) = async_compile\.', code, flags=re.M)
+
+
+def fusion(args: argparse.Namespace) -> tuple[str, list[dict]]:
+    """Which kernels hold the dropout when one residual block is compiled (forward + backward)."""
+    device = C.resolve_device(args.device)
+    rows, records = [], []
+    for arch in args.archs:
+        model = timm.create_model(arch + timm_dropres.SUFFIX, res_drop_rate=0.1)
+        block = next(timm_dropres.residual_blocks(model))[1].train().to(device)
+        width = next(m for m in block.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+        x = torch.randn(2, width, 16, 16, device=device, requires_grad=True)
+        if args.channels_last:
+            block = block.to(memory_format=torch.channels_last)
+            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        kernels = generated_kernels(block, x)
+        dropout = [k for k in kernels if 'dropout' in k]
+        rows.append([f'{arch}{timm_dropres.SUFFIX}', type(block).__name__, block.res_drop_pos, len(kernels),
+                     len(dropout), '<br>'.join(f'`{k}`' for k in dropout) or 'NONE'])
+        records.append(dict(arch=arch, kernels=kernels, dropout_kernels=dropout))
+    title = (f'### Fusion under torch.compile (inductor, {device.type}, one residual block, train mode, forward + '
+             f'backward{", channels_last" if args.channels_last else ""})')
+    headers = ['model', 'block', 'res_drop_pos', 'kernels', 'kernels with dropout', 'their names (fused ATen ops)']
+    return '\n'.join([title, '', C.markdown_table(headers, rows)]), records
+
+
 def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
     rows, records = [], []
     x = torch.randn(2, 3, args.img_size, args.img_size)
@@ -82,6 +131,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--positions', nargs='+', default=['after_last_bn', 'before_last_conv'],
                    choices=('after_last_bn', 'before_last_conv'), help='res_drop_pos values to check (default: both)')
     p.add_argument('--img-size', type=int, default=64, help='input size for tracing (default: 64)')
+    p.add_argument('--fusion', action='store_true',
+                   help='also compile one residual block per arch with inductor and list the kernels holding the '
+                        'dropout (needs a C++ compiler on CPU; minutes)')
+    p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='device for --fusion (default: cpu)')
+    p.add_argument('--channels-last', action='store_true', help='--fusion in channels_last')
     argv = list(sys.argv[1:] if argv is None else argv)
     if '--smoke' in argv:
         argv = ['--threads', '1', '--archs', 'test_resnet', '--img-size', '32',
@@ -95,7 +149,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return C.print_table(run(parse_args(argv))[0])
+    args = parse_args(argv)
+    table = run(args)[0]
+    if args.fusion:
+        table += '\n\n' + fusion(args)[0]
+    return C.print_table(table)
 
 
 if __name__ == '__main__':

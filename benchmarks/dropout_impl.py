@@ -5,9 +5,12 @@ On CPU, ``F.dropout`` is not fused: it draws a float mask with ``bernoulli_`` (s
 kernel of every ``ResidualDropout`` in ``<arch>_dropres`` (by re-typing the modules, like ``convert``)
 and measures each variant against the same base model, interleaved, in one run:
 
-* ``current``: the package's ``ResidualDropout`` (on CPU: 16-bit uniforms sliced from 64-bit draws,
-  a bool mask kept for backward; see ``timm_dropres.models.layers._cpu_dropout``).
-* ``f_dropout``: ``F.dropout``, what ``ResidualDropout`` called before (the "before" of the fix).
+* ``current``: the package's ``ResidualDropout`` (on CPU at p <= 0.125: the dropped positions drawn as
+  geometric gaps, one scaling pass each way, int64 positions kept for backward; see
+  ``timm_dropres.models.layers._cpu_dropout``).
+* ``mask16_bool``: the kernel it replaced (issue 14): 16-bit uniforms sliced from 64-bit draws and a bool
+  mask, multiplied in (a slow mixed-dtype path on CPU) and kept for backward.
+* ``f_dropout``: ``F.dropout``, what ``ResidualDropout`` called before that.
 * ``rand_ge``: ``noise = rand_like(x).ge_(p).div_(1 - p); x * noise`` -- one uniform draw per element,
   same float mask memory, same distribution.
 * ``native``: ``torch.native_dropout`` -- what ``F.dropout`` already calls on CUDA; on CPU it keeps a
@@ -15,7 +18,7 @@ and measures each variant against the same base model, interleaved, in one run:
 * ``rand_bool``: one uniform draw, a bool mask saved for backward, float multiplies (a custom
   ``autograd.Function``: fast and small, but not scriptable).
 
-Target ratios as figures 2 and 3 (>= 0.95 speed, <= 1.10 memory).
+Target ratios as figures 2 and 3 (>= 0.98 speed, <= 1.02 memory).
 
     python benchmarks/dropout_impl.py --archs resnet50 --batch-sizes 16
 """
@@ -92,9 +95,26 @@ class RandBoolDropout(ResidualDropout):
         return _BoolMaskDropoutFn.apply(x, self.p)
 
 
+class Mask16BoolDropout(ResidualDropout):
+    """The previous CPU kernel: 16-bit uniforms (four per 64-bit draw) -> bool mask; ``x * mask`` (bool)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        levels = 1 << 16
+        drop = int(round(self.p * levels))
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        order = (0, 2, 3, 1) if channels_last else tuple(range(x.dim()))  # the mask in memory order
+        bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)
+        keep = bits.view(torch.int16)[:x.numel()].view([x.shape[d] for d in order]) >= drop - levels // 2
+        if channels_last:
+            keep = keep.permute(0, 3, 1, 2)
+        return (x * keep).mul_(levels / (levels - drop))
+
+
 VARIANTS: dict[str, type[ResidualDropout]] = {
-    'current': ResidualDropout, 'f_dropout': FDropout, 'rand_ge': RandGeDropout, 'native': NativeDropout,
-    'rand_bool': RandBoolDropout}
+    'current': ResidualDropout, 'mask16_bool': Mask16BoolDropout, 'f_dropout': FDropout,
+    'rand_ge': RandGeDropout, 'native': NativeDropout, 'rand_bool': RandBoolDropout}
 
 
 def with_variant(model: torch.nn.Module, cls: type[ResidualDropout]) -> torch.nn.Module:
@@ -113,7 +133,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
             layout = 'channels_last' if cl else 'contiguous'
             base, dropres = T.build_pair(arch, device, cl, compile_=False)
             models = {'base': base}
-            models.update({name: with_variant(copy.deepcopy(dropres), cls) for name, cls in VARIANTS.items()})
+            models.update({name: with_variant(copy.deepcopy(dropres), VARIANTS[name]) for name in args.variants})
             for bs in args.batch_sizes:
                 x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
                 steps = {k: T.make_step(m, x, y, device, dtype)[0] for k, m in models.items()}
@@ -128,7 +148,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
                     del step, opt
                     m.zero_grad(set_to_none=True)
                 static = T.static_bytes(base)
-                for name in VARIANTS:
+                for name in args.variants:
                     speed = C.paired_ratio(t[name], t['base'])
                     mem = peaks[name] / peaks['base']
                     act = (peaks[name] - static) / max(peaks['base'] - static, 1)
@@ -149,6 +169,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = C.base_parser(__doc__.splitlines()[0], archs=('resnet50',), batch_sizes=(16,), img_size=112, reps=4,
                       smoke_help='tiny run (test_resnet, 32 px) so tests keep the script alive', channels_last='no')
+    p.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=tuple(VARIANTS),
+                   help=f'kernels to compare with the base (default: all of {" ".join(VARIANTS)})')
     args = C.parse_args(p, argv, SMOKE)
     if args.compile:
         p.error('--compile is not supported here: compiled graphs replace the eager dropout kernel being compared')

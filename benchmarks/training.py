@@ -5,9 +5,9 @@ same rate (``drop_rate=DEFAULT_HEAD_DROP_RATE``). The dropres model adds one dro
 ``res_drop_rate`` and moves the head dropout before pooling. Both start from the same weights and take
 full training steps (forward, backward, AdamW step from timm's ``create_optimizer_v2``).
 
-* Figure 2: train-step img/s ratio, dropres / base. Target >= 0.95.
+* Figure 2: train-step img/s ratio, dropres / base. Target >= 0.98 (issue 14; 0.95 before).
 * Figure 3: peak tensor memory of one train step (after a warm step, so optimizer state exists),
-  dropres / base. Target <= 1.10.
+  dropres / base. Target <= 1.02 (issue 14; 1.10 before).
 
     python benchmarks/training.py
     python benchmarks/training.py --device cuda --dtype bfloat16 --img-size 224 --batch-sizes 128
@@ -31,9 +31,9 @@ import timm_dropres
 
 HEAD_RATE = timm_dropres.DEFAULT_HEAD_DROP_RATE  # the base model's timm drop_rate: the same rate as dropres
 
-SPEED_TARGET = 0.95
-MEMORY_TARGET = 1.10
-ARCHS = ('resnet18', 'resnet50', 'resnetv2_50')
+SPEED_TARGET = 0.98
+MEMORY_TARGET = 1.02
+ARCHS = ('resnet18', 'resnet50', 'resnetv2_50', 'resnext50_32x4d')
 SMOKE = ['--threads', '1', '--channels-last', 'no', '--archs', 'test_resnet', '--batch-sizes', '2',
          '--img-size', '32', '--reps', '2', '--warmup', '1', '--iters', '1', '--memory-batch-size', '2']
 NUM_CLASSES = 1000
