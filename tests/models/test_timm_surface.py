@@ -91,3 +91,10 @@ def test_torch_compile_no_graph_breaks():
     model.eval()
     with torch.no_grad():
         assert torch.equal(compiled(x), model(x))
+
+
+def test_feature_cls_of_one_call_does_not_leak_into_the_next():
+    """timm's builder updates feature_cfg in place; each call must get its own (fx, then the default hooks)."""
+    timm.create_model('resnetv2_18_dropres', features_only=True, feature_cls='fx')
+    feats = timm.create_model('resnetv2_18_dropres', features_only=True, out_indices=(1, 2))
+    assert type(feats).__name__ == 'FeatureListNet' and len(feats(torch.randn(1, 3, 64, 64))) == 2

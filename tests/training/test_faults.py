@@ -230,7 +230,8 @@ def test_leftovers_of_interrupted_writes_are_cleaned_on_resume(data, reference, 
     (run / '.best.k2j3h4').mkdir()
     (run / '.summary.json.tmp4242').write_text('{')
     finetune(tiny_config(data, run, resume=str(run), **KW))
-    assert sorted(p.name for p in run.iterdir()) == ['best', 'checkpoints', 'last', 'summary.json']
+    assert sorted(p.name for p in run.iterdir()) == ['args.yaml', 'best', 'checkpoints', 'last', 'summary.csv',
+                                                     'summary.json']
     assert not [p for p in (run / 'checkpoints').iterdir() if p.name.startswith('.')]
     _assert_same_weights(reference / 'last', run / 'last')
 

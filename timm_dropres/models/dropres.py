@@ -89,7 +89,7 @@ def _make_entrypoint(base: str) -> Callable[..., nn.Module]:
     base_fn = model_entrypoint(base)
     module = base_fn.__module__.rpartition('.')[2]
     variant = base + SUFFIX
-    feature_cfg = dict(flatten_sequential=True) if module == 'resnetv2' else None
+    flatten = module == 'resnetv2'
 
     def _build(
             drop_rate: float = DEFAULT_HEAD_DROP_RATE,
@@ -105,6 +105,8 @@ def _make_entrypoint(base: str) -> Callable[..., nn.Module]:
         return model
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        # a fresh dict per call: timm's builder updates feature_cfg in place (e.g. with feature_cls='fx')
+        feature_cfg = dict(flatten_sequential=True) if flatten else None
         return build_model_with_cfg(_build, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = variant
