@@ -431,7 +431,8 @@ class AblationSpec:
             raise ValueError(f'architecture names must be unique, got {names}')
 
 
-def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+def dataclass_from_mapping(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """``cls(**values)``, refusing unknown keys with an error that names ``where`` and the valid keys."""
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(valid))
     if unknown:
@@ -466,17 +467,17 @@ def load_spec(path: str | os.PathLike) -> AblationSpec:
     if not isinstance(raw, dict):
         raise ValueError(f'{path}: expected a mapping at the top level, got {type(raw).__name__}')
     raw = dict(raw)
-    archs = tuple(_build(ArchSpec, a, f'{path}: architectures[{i}]')
+    archs = tuple(dataclass_from_mapping(ArchSpec, a, f'{path}: architectures[{i}]')
                   for i, a in enumerate(raw.pop('architectures', []) or []))
-    schedule = _build(Schedule, raw.pop('schedule', {}) or {}, f'{path}: schedule')
-    data = _build(DataSpec, raw.pop('data', {}) or {}, f'{path}: data')
+    schedule = dataclass_from_mapping(Schedule, raw.pop('schedule', {}) or {}, f'{path}: schedule')
+    data = dataclass_from_mapping(DataSpec, raw.pop('data', {}) or {}, f'{path}: data')
     for key in ('configs', 'seeds'):
         if key in raw:
             raw[key] = tuple(raw[key])
     if 'significance_k' in raw:
         raise ValueError(f'{path}: significance_k is gone; comparisons are paired t-tests with Holm correction '
                          '(set alpha instead)')
-    return _build(AblationSpec, dict(raw, architectures=archs, schedule=schedule, data=data), str(path))
+    return dataclass_from_mapping(AblationSpec, dict(raw, architectures=archs, schedule=schedule, data=data), str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------

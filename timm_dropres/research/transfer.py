@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -43,7 +43,16 @@ from timm.scheduler import create_scheduler_v2
 
 from ..files import read_json, write_json_atomic
 from ..models.layers import AUTO, check_rate
-from .ablation import AFTER_ADD, BEFORE_EVERY_BN, HEAD_AFTER, HEAD_BEFORE, configs_for, get_config, per_class_subset
+from .ablation import (
+    AFTER_ADD,
+    BEFORE_EVERY_BN,
+    HEAD_AFTER,
+    HEAD_BEFORE,
+    configs_for,
+    dataclass_from_mapping,
+    get_config,
+    per_class_subset,
+)
 from .ablation import ArchSpec as _AblationArch
 
 __all__ = ['TransferArch', 'Pretrain', 'Finetune', 'TransferSpec', 'load_transfer_spec', 'TransferData',
@@ -200,14 +209,6 @@ class TransferSpec:
         check_rate('head_drop_rate', self.head_drop_rate)
 
 
-def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f'{where}: unknown keys {unknown}; valid: {valid}')
-    return cls(**values)
-
-
 def load_transfer_spec(path: str | os.PathLike) -> TransferSpec:
     """Read a transfer-study specification from YAML; unknown keys are errors, so a typo cannot pass silently.
 
@@ -233,17 +234,17 @@ def load_transfer_spec(path: str | os.PathLike) -> TransferSpec:
     if not isinstance(raw, dict):
         raise ValueError(f'{path}: expected a mapping at the top level, got {type(raw).__name__}')
     raw = dict(raw)
-    archs = tuple(_build(TransferArch, a, f'{path}: architectures[{i}]')
+    archs = tuple(dataclass_from_mapping(TransferArch, a, f'{path}: architectures[{i}]')
                   for i, a in enumerate(raw.pop('architectures', []) or []))
-    pre = _build(Pretrain, raw.pop('pretrain', {}) or {}, f'{path}: pretrain')
+    pre = dataclass_from_mapping(Pretrain, raw.pop('pretrain', {}) or {}, f'{path}: pretrain')
     ft = dict(raw.pop('finetune', {}) or {})
     if 'scale' in ft:
         ft['scale'] = tuple(ft['scale'])
-    ft = _build(Finetune, ft, f'{path}: finetune')
+    ft = dataclass_from_mapping(Finetune, ft, f'{path}: finetune')
     for key in ('configs', 'seeds', 'source_classes', 'target_classes'):
         if key in raw:
             raw[key] = tuple(raw[key])
-    return _build(TransferSpec, dict(raw, architectures=archs, pretrain=pre, finetune=ft), str(path))
+    return dataclass_from_mapping(TransferSpec, dict(raw, architectures=archs, pretrain=pre, finetune=ft), str(path))
 
 
 @dataclass
