@@ -20,7 +20,12 @@ and measures each variant against the same base model, interleaved, in one run:
 
 Target ratios as figures 2 and 3 (>= 0.98 speed, <= 1.02 memory).
 
+``--isolated`` times each kernel alone instead (forward + backward on the tensors the model's dropouts
+see in one step) against the base model's whole train step, which resolves shares of 1-2 % that whole-step
+ratios cannot on a shared machine.
+
     python benchmarks/dropout_impl.py --archs resnet50 --batch-sizes 16
+    python benchmarks/dropout_impl.py --isolated --variants current mask16_bool --reps 15
 """
 from __future__ import annotations
 
@@ -124,6 +129,71 @@ def with_variant(model: torch.nn.Module, cls: type[ResidualDropout]) -> torch.nn
     return model
 
 
+def dropout_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+    """``(p, input)`` for every active ``ResidualDropout`` of ``model`` in one forward of ``x`` (inputs copied)."""
+    seen: list[tuple[float, torch.Tensor]] = []
+
+    def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if module.p > 0:
+            seen.append((module.p, inputs[0].detach().clone()))  # clone keeps the memory format
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, ResidualDropout)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def isolated(args: argparse.Namespace) -> tuple[str, list[dict]]:
+    """Each kernel alone, forward + backward on the very tensors the model's dropouts see in one step,
+    timed interleaved with the base model's whole train step: the kernel's share of a step.
+
+    A kernel timed alone is far steadier on a shared machine than the difference of two whole steps
+    (it misses only second-order effects such as the cache it evicts), so it resolves the 1-2 % that
+    the step ratios' ranges cannot.
+    """
+    device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
+    rows, records = [], []
+    for arch in args.archs:
+        for cl in C.layouts(args.channels_last):
+            layout = 'channels_last' if cl else 'contiguous'
+            base, dropres = T.build_pair(arch, device, cl, compile_=False)
+            for bs in args.batch_sizes:
+                x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
+                inputs = [(p, t.requires_grad_()) for p, t in dropout_inputs(dropres, x)]
+                upstream = [torch.randn_like(t) for _, t in inputs]
+                cases = {'base step': T.make_step(base, x, y, device, dtype)[0]}
+                for name in args.variants:
+                    modules = [VARIANTS[name](p).train() for p, _ in inputs]
+
+                    def kernels(modules=modules, inputs=inputs, upstream=upstream) -> None:
+                        for m, (_, t), g in zip(modules, inputs, upstream, strict=True):
+                            torch.autograd.grad(m(t), t, g)
+
+                    cases[name] = kernels
+                t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
+                                  clock=args.clock)
+                step, step_min = C.Stat.of(t['base step']).median, min(t['base step'])
+                elements = sum(t_.numel() for _, t_ in inputs)
+                for name in args.variants:
+                    cost = C.Stat.of(t[name])
+                    share = cost.median / step
+                    rows.append([arch, layout, bs, name, len(inputs), f'{elements / 1e6:.1f}',
+                                 f'{cost.median * 1e3:.1f} ({cost.lo * 1e3:.1f}–{cost.hi * 1e3:.1f})',
+                                 f'{step * 1e3:.0f}', f'{100 * share:.2f}', f'{100 * cost.lo / step_min:.2f}',
+                                 f'{1 / (1 + share):.3f}'])
+                    records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, kernel_s=cost,
+                                        step_s=step, share=share))
+    title = (f'### Dropout kernels alone: forward + backward on the inputs of one step, vs the base train step '
+             f'({args.dtype}, {args.img_size}px; {args.reps} interleaved reps, {args.clock} clock)')
+    headers = ['arch', 'layout', 'batch', 'kernel', 'dropouts', 'M elements', 'kernel ms / step, median (min–max)',
+               'base step ms (median)', 'share % (medians)', 'share % (minima)', 'implied speed ratio']
+    return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
+
+
 def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
     import copy
     device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
@@ -171,6 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       smoke_help='tiny run (test_resnet, 32 px) so tests keep the script alive', channels_last='no')
     p.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=tuple(VARIANTS),
                    help=f'kernels to compare with the base (default: all of {" ".join(VARIANTS)})')
+    p.add_argument('--isolated', action='store_true',
+                   help='time each kernel alone on the inputs of one step, against the base step (see isolated())')
     args = C.parse_args(p, argv, SMOKE)
     if args.compile:
         p.error('--compile is not supported here: compiled graphs replace the eager dropout kernel being compared')
@@ -178,7 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return C.print_table(run(parse_args(argv))[0])
+    args = parse_args(argv)
+    return C.print_table((isolated if args.isolated else run)(args)[0])
 
 
 if __name__ == '__main__':

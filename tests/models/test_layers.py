@@ -152,12 +152,13 @@ def test_position_kernel_realised_rate_is_exact(p, one_torch_thread):
     assert abs((1 - rate) / (1 - p) - 1) < torch.finfo(torch.float32).eps
 
 
-def test_position_kernel_covers_every_position_uniformly():
+@pytest.mark.parametrize('draws', [None, 3])  # 3 gaps at a time: the draw-on loop runs every time
+def test_position_kernel_covers_every_position_uniformly(draws):
     """Positions are sorted, in range, and each element is dropped at rate p (no edge effects)."""
     torch.manual_seed(3)
     counts = torch.zeros(64)
     for _ in range(4000):
-        pos = drop_positions(64, 0.1)
+        pos = drop_positions(64, 0.1, draws=draws)
         assert pos.numel() == 0 or (pos.diff() > 0).all() and 0 <= pos[0] and pos[-1] < 64
         counts[pos] += 1
     rate = counts / 4000

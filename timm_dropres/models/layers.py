@@ -132,7 +132,7 @@ def geometric_gaps(uniform: torch.Tensor, p: float) -> torch.Tensor:
     return uniform.neg_().add_(1.0).log_().mul_(1.0 / math.log1p(-p)).floor_().add_(1.0)
 
 
-def drop_positions(n: int, p: float) -> torch.Tensor:
+def drop_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
     """Sorted positions in ``[0, n)`` of the drops of ``n`` i.i.d. Bernoulli(``p``) trials.
 
     Draws about ``n * p`` geometric gaps (``geometric_gaps``) instead of ``n`` uniforms, so the cost
@@ -142,19 +142,22 @@ def drop_positions(n: int, p: float) -> torch.Tensor:
     Args:
         n: number of trials (elements).
         p: drop probability in (0, 1).
+        draws: gaps drawn at a time (default: the expected number of drops plus 6 standard deviations,
+            which covers ``n`` at the first draw with overwhelming probability).
 
     Returns:
         1-D int64 tensor of strictly increasing positions, on the CPU.
     """
-    mean = n * p
-    draws = int(mean + 6.0 * math.sqrt(mean) + 16.0)
+    if draws is None:
+        mean = n * p
+        draws = int(mean + 6.0 * math.sqrt(mean) + 16.0)
     positions = geometric_gaps(torch.rand(draws), p).cumsum(0, dtype=torch.int64).sub_(1)
-    last = int(positions[-1])
-    while last < n - 1:
-        more = geometric_gaps(torch.rand(draws), p).cumsum(0, dtype=torch.int64).add_(last)
+    count = int(torch.searchsorted(positions, n))
+    while count == positions.numel():  # every drop drawn so far lies inside [0, n): draw on
+        more = geometric_gaps(torch.rand(draws), p).cumsum(0, dtype=torch.int64).add_(positions[-1])
         positions = torch.cat([positions, more])
-        last = int(positions[-1])
-    return positions[:int(torch.searchsorted(positions, n))]
+        count = int(torch.searchsorted(positions, n))
+    return positions[:count]
 
 
 def _keep_mask(x: torch.Tensor, order: tuple[int, ...], drop_levels: int) -> torch.Tensor:
@@ -171,7 +174,8 @@ def _apply_drop(x: torch.Tensor, drop: torch.Tensor, scale: float, order: tuple[
     out = _empty_in_order(x, order)
     if drop.dtype == torch.int64:
         torch.mul(x, scale, out=out)
-        out.permute(order).view(-1).index_fill_(0, drop, 0.0)
+        # scatter_ from a zero tensor: about half the time of index_fill_ per position on CPU
+        out.permute(order).view(-1).scatter_(0, drop, out.new_zeros(drop.numel()))
     else:
         out.permute(order).copy_(drop)
         out.mul_(scale)
