@@ -48,7 +48,8 @@ __all__ = [
     'AblationConfig', 'CONFIGS', 'get_config', 'AblationDropout', 'place_before_every_bn', 'place_after_add',
     'place_head_after_pool', 'small_input_stem', 'ArchSpec', 'Schedule', 'DataSpec', 'AblationSpec',
     'load_spec', 'AblationData', 'load_fmnist_data', 'build_model', 'configs_for', 'run_one', 'run_ablation',
-    'read_records', 'select_classes', 'per_class_subset', 'CONFIG_ORDER',
+    'read_records', 'select_classes', 'per_class_subset', 'CONFIG_ORDER', 'config_rates', 'resolved_position',
+    'dataclass_from_mapping', 'read_spec_mapping',
 ]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -440,6 +441,20 @@ def dataclass_from_mapping(cls: type, values: Mapping[str, Any], where: str) -> 
     return cls(**values)
 
 
+def read_spec_mapping(path: str | os.PathLike) -> Dict[str, Any]:
+    """The top-level mapping of a study's YAML specification (an empty file is an empty mapping).
+
+    Raises:
+        ValueError: if the top level is not a mapping.
+    """
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f'{path}: expected a mapping at the top level, got {type(raw).__name__}')
+    return dict(raw)
+
+
 def load_spec(path: str | os.PathLike) -> AblationSpec:
     """Read an ablation specification from YAML; unknown keys are errors, so a typo cannot pass silently.
 
@@ -460,13 +475,7 @@ def load_spec(path: str | os.PathLike) -> AblationSpec:
         >>> spec = load_spec('configs/ablation_fmnist.yaml')  # doctest: +SKIP
         >>> [a.name for a in spec.architectures]  # doctest: +SKIP
     """
-    import yaml
-
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f'{path}: expected a mapping at the top level, got {type(raw).__name__}')
-    raw = dict(raw)
+    raw = read_spec_mapping(path)
     archs = tuple(dataclass_from_mapping(ArchSpec, a, f'{path}: architectures[{i}]')
                   for i, a in enumerate(raw.pop('architectures', []) or []))
     schedule = dataclass_from_mapping(Schedule, raw.pop('schedule', {}) or {}, f'{path}: schedule')
@@ -632,7 +641,8 @@ def _augment(x: torch.Tensor, pad_value: float, gen: torch.Generator, pad: int =
 # one run
 # ----------------------------------------------------------------------------------------------------------
 
-def _resolved_position(model: nn.Module) -> Optional[str]:
+def resolved_position(model: nn.Module) -> Optional[str]:
+    """The residual dropout position the model's blocks resolved to (``res_drop_pos``), None without blocks."""
     blocks = list(residual_blocks(model))
     return blocks[0][1].res_drop_pos if blocks else None
 
@@ -709,7 +719,7 @@ def configs_for(arch: ArchSpec, names: Sequence[str]) -> Tuple[List[str], Dict[s
     probe_pos = {}
     for pos in (AUTO, AFTER_LAST_BN, BEFORE_LAST_CONV):
         probe = build_model(arch, AblationConfig('probe', pos, None, ''), res_drop_rate=0.1, head_drop_rate=0.0)
-        probe_pos[pos] = _resolved_position(probe)
+        probe_pos[pos] = resolved_position(probe)
     groups: Dict[Tuple[Any, ...], List[str]] = {}
     for name in names:
         c = get_config(name)
@@ -729,7 +739,9 @@ def configs_for(arch: ArchSpec, names: Sequence[str]) -> Tuple[List[str], Dict[s
     return [n for n in names if n not in skipped], skipped
 
 
-def _rates(spec: AblationSpec, config: AblationConfig) -> Tuple[float, float]:
+def config_rates(spec: Any, config: AblationConfig) -> Tuple[float, float]:
+    """``(residual rate, head rate)`` of ``config`` in a study ``spec`` (ablation or transfer): the rate suffix
+    (``'<name>@<p>'``) when there is one, else the spec's ``res_drop_rate`` and ``head_drop_rate``."""
     if config.rate is not None:
         return config.rate, config.rate
     return spec.res_drop_rate, spec.head_drop_rate
@@ -742,7 +754,7 @@ _NEW_SCHEDULE_KEYS = ('curve_every', 'curve_images')
 
 def _fingerprint(spec: AblationSpec, arch: ArchSpec, config: AblationConfig) -> str:
     cfg = {k: v for k, v in asdict(config).items() if k != 'rate' or v is not None}
-    res_rate, head_rate = _rates(spec, config)
+    res_rate, head_rate = config_rates(spec, config)
     schedule = {k: v for k, v in asdict(spec.schedule).items()
                 if k not in _NEW_SCHEDULE_KEYS or spec.schedule.curve_every}
     data = {k: v for k, v in asdict(spec.data).items() if k not in _NEW_DATA_KEYS or v is not None}
@@ -790,7 +802,7 @@ def run_one(
     t0 = time.time()
     sch = spec.schedule
     torch.manual_seed(seed)
-    res_rate, head_rate = _rates(spec, config)
+    res_rate, head_rate = config_rates(spec, config)
     model = build_model(arch, config, res_drop_rate=res_rate, head_drop_rate=head_rate,
                         num_classes=data.num_classes, in_chans=data.train_x.shape[1])
     torch.manual_seed(seed + 10_000)
@@ -838,7 +850,7 @@ def run_one(
     records = variance_shift(model, list(vs_x.split(500)))
     rec = dict(
         arch=arch.name, config=config.name, seed=seed, fingerprint=_fingerprint(spec, arch, config),
-        resolved_res_pos=_resolved_position(model) if config.residual in (AUTO, AFTER_LAST_BN, BEFORE_LAST_CONV)
+        resolved_res_pos=resolved_position(model) if config.residual in (AUTO, AFTER_LAST_BN, BEFORE_LAST_CONV)
         else config.residual,
         top1=top1, nll=nll, vs_mean=shift_mean(records), vs_max=shift_max(records),
         vs_layers={r.name: round(r.metric, 5) for r in records},

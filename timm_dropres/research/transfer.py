@@ -48,10 +48,13 @@ from .ablation import (
     BEFORE_EVERY_BN,
     HEAD_AFTER,
     HEAD_BEFORE,
+    config_rates,
     configs_for,
     dataclass_from_mapping,
     get_config,
     per_class_subset,
+    read_spec_mapping,
+    resolved_position,
 )
 from .ablation import ArchSpec as _AblationArch
 
@@ -228,12 +231,7 @@ def load_transfer_spec(path: str | os.PathLike) -> TransferSpec:
     Example:
         >>> spec = load_transfer_spec('configs/study_transfer.yaml')  # doctest: +SKIP
     """
-    import yaml
-
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f'{path}: expected a mapping at the top level, got {type(raw).__name__}')
-    raw = dict(raw)
+    raw = read_spec_mapping(path)
     archs = tuple(dataclass_from_mapping(TransferArch, a, f'{path}: architectures[{i}]')
                   for i, a in enumerate(raw.pop('architectures', []) or []))
     pre = dataclass_from_mapping(Pretrain, raw.pop('pretrain', {}) or {}, f'{path}: pretrain')
@@ -395,7 +393,7 @@ def finetune_config(spec: TransferSpec, arch: TransferArch, config_name: str, se
     from ..training.config import FinetuneConfig
 
     c = get_config(config_name)
-    res_rate, head_rate = (c.rate, c.rate) if c.rate is not None else (spec.res_drop_rate, spec.head_drop_rate)
+    res_rate, head_rate = config_rates(spec, c)
     ft = spec.finetune
     if c.head == HEAD_AFTER:  # timm's own drop_rate on the plain model: dropout after pooling
         model, drop = dict(model=arch.base, drop_rate=head_rate), {}
@@ -412,7 +410,7 @@ def finetune_config(spec: TransferSpec, arch: TransferArch, config_name: str, se
 
 def _fingerprint(spec: TransferSpec, arch: TransferArch, config_name: str) -> str:
     c = get_config(config_name)
-    res_rate, head_rate = (c.rate, c.rate) if c.rate is not None else (spec.res_drop_rate, spec.head_drop_rate)
+    res_rate, head_rate = config_rates(spec, c)
     payload = dict(arch=asdict(arch), config=config_name, pretrain=asdict(spec.pretrain),
                    finetune=asdict(spec.finetune), source=spec.source_classes, target=spec.target_classes,
                    shots=spec.shots, val_per_class=spec.val_per_class, res_drop_rate=res_rate, head_drop_rate=head_rate)
@@ -482,11 +480,11 @@ def run_one(spec: TransferSpec, arch: TransferArch, config_name: str, seed: int,
     train_eval = evaluate(model, eval_loader(TransformedDataset(bundle.train, eval_tf), 500, num_workers=0),
                           label_names=data.target_names)
     c = get_config(config_name)
-    res_rate, head_rate = (c.rate, c.rate) if c.rate is not None else (spec.res_drop_rate, spec.head_drop_rate)
+    res_rate, head_rate = config_rates(spec, c)
     history = summary.get('history') or []
     rec = dict(
         arch=arch.name, config=config_name, seed=seed, fingerprint=_fingerprint(spec, arch, config_name),
-        model=cfg.model, resolved_res_pos=_resolved(model) if c.residual else None,
+        model=cfg.model, resolved_res_pos=resolved_position(model) if c.residual else None,
         top1=res.top1, nll=res.loss, train_nll=train_eval.loss, train_top1=train_eval.top1,
         train_loss_last_epoch=history[-1].get('train_loss') if history else None,
         val_top1_last=history[-1].get('top1') if history else None,
@@ -498,13 +496,6 @@ def run_one(spec: TransferSpec, arch: TransferArch, config_name: str, seed: int,
     log(f'{arch.name:>12} {config_name:>18} seed {seed}: top1 {res.top1:6.2f}  nll {res.loss:.4f}  '
         f'train nll {train_eval.loss:.4f}  ({rec["wall_s"]:.0f}s)')
     return rec
-
-
-def _resolved(model: torch.nn.Module) -> Optional[str]:
-    from ..models.convert import residual_blocks
-
-    blocks = list(residual_blocks(model))
-    return getattr(blocks[0][1], 'res_drop_pos', None) if blocks else None
 
 
 def _as_ablation_arch(arch: TransferArch) -> _AblationArch:
