@@ -153,7 +153,8 @@ def _fmt(mean: float, sd: float, digits: int) -> str:
     return f'{mean:.{digits}f} ± {sd:.{digits}f}' if math.isfinite(sd) else f'{mean:.{digits}f}'
 
 
-def markdown_tables(records: Sequence[Mapping[str, Any]], order: Sequence[str] = (), alpha: float = 0.05) -> str:
+def markdown_tables(records: Sequence[Mapping[str, Any]], order: Sequence[str] = (), alpha: float = 0.05,
+                    rows: Sequence[Mapping[str, Any]] | None = None) -> str:
     """Format the results as markdown: per-architecture tables and the pairwise comparisons.
 
     Each architecture's table has one row per configuration with n, mean ± sd of top-1, test NLL and
@@ -164,6 +165,7 @@ def markdown_tables(records: Sequence[Mapping[str, Any]], order: Sequence[str] =
         records: run records (see ``summarize``).
         order: configuration names in report order (others follow, by name).
         alpha: family-wise error rate for the Holm-corrected comparisons.
+        rows: ``summarize(records, order, alpha)`` when the caller already has it (computed here otherwise).
 
     Returns:
         The markdown text, starting with a legend of the Δ columns.
@@ -171,7 +173,8 @@ def markdown_tables(records: Sequence[Mapping[str, Any]], order: Sequence[str] =
     Raises:
         ValueError: if two compared configurations share no seed.
     """
-    rows = summarize(records, order, alpha)
+    if rows is None:
+        rows = summarize(records, order, alpha)
     has_vs = any(r.get('vs_mean') is not None for r in records)
     lines = [f'Δ columns: mean per-seed difference [95 % t interval] and the paired t-test p-value after Holm '
              f"correction within the table's column; `*` = significant at {alpha:g} after correction. Δ NLL < 0 "
@@ -349,7 +352,7 @@ def write_report(
     rows = summarize(records, order, alpha)
     paths = dict(csv=out / f'{stem}.csv', md=out / f'{stem}.md')
     write_csv(rows, paths['csv'])
-    md = (header.rstrip() + '\n\n' if header else '') + markdown_tables(records, order, alpha)
+    md = (header.rstrip() + '\n\n' if header else '') + markdown_tables(records, order, alpha, rows)
     curve = overfit_table(records, curve_config)
     if curve:
         md += '\n### Over-fitting check (recorded during training)\n\n' + curve
