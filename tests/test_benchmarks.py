@@ -84,6 +84,14 @@ def test_smoke(module, capsys):
     assert 'Figure' in out or 'Graph breaks' in out or 'what-if' in out
 
 
+def test_dropout_impl_isolated_reports_each_kernel_share(capsys):
+    """--isolated times the kernels alone on the step's own dropout inputs; shares are positive percentages."""
+    table, records = dropout_impl.isolated(dropout_impl.parse_args(['--smoke', '--isolated', '--variants', 'current']))
+    assert [r['variant'] for r in records] == ['current']
+    assert 0 < records[0]['share'] < 1 and records[0]['kernel_s'].median > 0
+    assert 'Dropout kernels alone' in table and '| test_resnet | contiguous | 2 | current | 5 |' in table
+
+
 def test_inference_smoke_checks_same_output_and_ops():
     _, records = inference.run(inference.parse_args(['--smoke', '--channels-last', 'no']))
     assert len(records) == 1
