@@ -166,6 +166,19 @@ def test_position_kernel_covers_every_position_uniformly(draws):
     assert drop_positions(0, 0.1).numel() == 0
 
 
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(n=10, p=0.0), r'p must be in \(0, 1\) for drawing drops, got 0.0'),
+    (dict(n=10, p=1.0), r'got 1.0'),
+    (dict(n=-1, p=0.1), r'n must be >= 0, got -1'),
+    (dict(n=10, p=0.1, draws=0), r'draws must be >= 1 \(or None for the default\), got 0'),
+])
+def test_drop_positions_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        drop_positions(**kwargs)
+    with pytest.raises(ValueError, match='p must be in'):
+        geometric_gaps(torch.rand(3), 0.0)
+
+
 def test_mask_kernel_rate_rounds_to_16_bits_and_p_near_one():
     x = torch.ones(1 << 18)
     y = ResidualDropout(0.3).train()(x)

@@ -94,9 +94,14 @@ def check_dropout_args(
 
 
 #: Rates up to this use the position kernel (saved positions cost 8p bytes per element, at most the
-#: 1 byte of a mask); above it the mask kernel is cheaper (docs/benchmarks.md, "The CPU kernel").
+#: 1 byte of a mask); above it the mask kernel is cheaper (docs/benchmarks.md, "Issue 14").
 POSITION_KERNEL_MAX_P: Final[float] = 0.125
 _LEVELS = 1 << 16  # resolution of the mask kernel's uniforms
+
+
+def _check_open_rate(p: float) -> None:
+    if not 0.0 < p < 1.0:
+        raise ValueError(f'p must be in (0, 1) for drawing drops, got {p!r}')
 
 
 def _memory_order(x: torch.Tensor) -> tuple[int, ...]:
@@ -128,7 +133,11 @@ def geometric_gaps(uniform: torch.Tensor, p: float) -> torch.Tensor:
 
     Returns:
         ``uniform``, now holding the gaps as whole numbers.
+
+    Raises:
+        ValueError: ``p`` is not in (0, 1).
     """
+    _check_open_rate(p)
     return uniform.neg_().add_(1.0).log_().mul_(1.0 / math.log1p(-p)).floor_().add_(1.0)
 
 
@@ -147,7 +156,15 @@ def drop_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
 
     Returns:
         1-D int64 tensor of strictly increasing positions, on the CPU.
+
+    Raises:
+        ValueError: ``n`` is negative, ``p`` is not in (0, 1) or ``draws`` is below 1.
     """
+    _check_open_rate(p)
+    if n < 0:
+        raise ValueError(f'n must be >= 0, got {n!r}')
+    if draws is not None and draws < 1:
+        raise ValueError(f'draws must be >= 1 (or None for the default), got {draws!r}')
     if draws is None:
         mean = n * p
         draws = int(mean + 6.0 * math.sqrt(mean) + 16.0)
@@ -217,8 +234,8 @@ def _cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
       to float32 rounding of the inverse CDF (relative error below 1e-6, computed exactly over every
       float32 uniform in the tests) and the scale is ``1 / (1 - p)``, so ``E[y] = x`` to float32 epsilon.
     * larger ``p``: the mask kernel. Four 16-bit uniforms are sliced from each 64-bit draw; the realised
-      rate is ``round(p * 65536) / 65536`` (within 8e-6 of ``p``) and the scale uses it exactly, so
-      ``E[y] = x``. A uint8 keep mask (1 byte per element) is saved.
+      rate is ``round(p * 65536) / 65536`` (within 8e-6 of ``p``; 65535 / 65536 when ``p`` rounds to
+      65536) and the scale uses it exactly, so ``E[y] = x``. A uint8 keep mask (1 byte per element) is saved.
 
     Both work for any layout: the drops are laid out in ``x``'s memory order and the output has ``x``'s
     strides when ``x`` is dense (contiguous, channels_last), else the same dimension order.
@@ -273,7 +290,7 @@ class ResidualDropout(nn.Dropout):
     Training runs ``residual_dropout``: in eager CPU training ``_cpu_dropout`` (the position kernel at
     the default rates: random numbers for the drops only, one pass each way, 0.4 bytes per element
     saved at p = 0.05), elsewhere ``torch.native_dropout`` (the fused op ``F.dropout`` uses on CUDA,
-    with a 1-byte mask). See docs/benchmarks.md, "The CPU kernel". Traceable by ``torch.fx``, timm's
+    with a 1-byte mask). See docs/benchmarks.md, "Issue 14". Traceable by ``torch.fx``, timm's
     FX feature extraction, TorchScript, ``torch.compile`` (no graph break) and ``torch.export``.
 
     Args:
