@@ -111,6 +111,19 @@ def test_timm_fx_features_only(arch, mode, x):
         assert not all(torch.equal(a, b) for a, b in zip(out, seeded(feats.eval(), x), strict=True))
 
 
+@pytest.mark.parametrize('arch', ARCHS)
+def test_feature_settings_do_not_leak_between_calls(arch, x):
+    """timm writes out_indices into, and pops flatten_sequential from, the feature_cfg it is given."""
+    kwargs = ARCHS[arch][0]
+    timm.create_model(arch, features_only=True, out_indices=(3, 4), **kwargs)
+    timm.create_model(arch, features_only=True, feature_cls='fx', **kwargs)
+    for cls in ('list', 'fx'):
+        model = timm.create_model(arch, features_only=True, feature_cls=cls, **kwargs).eval()
+        base = timm.create_model(arch.removesuffix('_dropres'), features_only=True, feature_cls=cls, **kwargs)
+        assert model.feature_info.module_name() == base.feature_info.module_name()
+        assert len(model(x)) == 5
+
+
 @pytest.mark.parametrize('mode', MODES)
 @pytest.mark.parametrize('arch', ARCHS)
 def test_create_feature_extractor(arch, mode, x):
