@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
     for arch in args.archs:
         for cl in C.layouts(args.channels_last):
             layout = 'channels_last' if cl else 'contiguous'
-            base, dropres = T.build_pair(arch, device, cl, args.compile)
+            base, dropres = T.build_pair(arch, device, cl, args.compile, args.res_drop_rate)
             for bs in args.batch_sizes:
                 x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
                 steps = {'base': T.make_step(base, x, y, device, dtype)[0],
@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
                     records.append(dict(arch=arch, model=name, layout=layout, batch=bs, flops=flops[name],
                                         achieved=achieved, matmul=peak, fraction=frac))
             del base, dropres
-    what = f'{args.dtype}{" autocast" if args.dtype != "float32" else ""}, {args.img_size}px' + (
+    what = (f'{args.dtype}{" autocast" if args.dtype != "float32" else ""}, {args.img_size}px, '
+            f'res_drop_rate {args.res_drop_rate}') + (
         ', torch.compile' if args.compile else '')
     title = (f'### Figure 5: compute ceiling (train-step FLOP/s vs a {n}x{n} {args.dtype} matmul; {what}; '
              f'median (min–max) of {args.reps} interleaved reps, {args.clock} clock)')
@@ -85,7 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       channels_last='no')
     p.add_argument('--matmul-size', type=int, default=0,
                    help='side of the square ceiling matmul (default: 2048 on CPU, 8192 on CUDA)')
+    T.add_res_drop_rate(p)
     args = C.parse_args(p, argv, SMOKE)
+    T.check_res_drop_rate(p, args)
     if args.matmul_size < 0:
         p.error(f'--matmul-size must be >= 1, got {args.matmul_size}')
     if args.matmul_size == 0:

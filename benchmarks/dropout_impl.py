@@ -160,7 +160,7 @@ def isolated(args: argparse.Namespace) -> tuple[str, list[dict]]:
     for arch in args.archs:
         for cl in C.layouts(args.channels_last):
             layout = 'channels_last' if cl else 'contiguous'
-            base, dropres = T.build_pair(arch, device, cl, compile_=False)
+            base, dropres = T.build_pair(arch, device, cl, compile_=False, res_drop_rate=args.res_drop_rate)
             for bs in args.batch_sizes:
                 x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
                 inputs = [(p, t.requires_grad_()) for p, t in dropout_inputs(dropres, x)]
@@ -188,7 +188,8 @@ def isolated(args: argparse.Namespace) -> tuple[str, list[dict]]:
                     records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, kernel_s=cost,
                                         step_s=step, share=share))
     title = (f'### Dropout kernels alone: forward + backward on the inputs of one step, vs the base train step '
-             f'({args.dtype}, {args.img_size}px; {args.reps} interleaved reps, {args.clock} clock)')
+             f'({args.dtype}, {args.img_size}px, res_drop_rate {args.res_drop_rate}; {args.reps} interleaved reps, '
+             f'{args.clock} clock)')
     headers = ['arch', 'layout', 'batch', 'kernel', 'dropouts', 'M elements', 'kernel ms / step, median (min–max)',
                'base step ms (median)', 'share % (medians)', 'share % (minima)', 'implied speed ratio']
     return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
@@ -201,7 +202,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
     for arch in args.archs:
         for cl in C.layouts(args.channels_last):
             layout = 'channels_last' if cl else 'contiguous'
-            base, dropres = T.build_pair(arch, device, cl, compile_=False)
+            base, dropres = T.build_pair(arch, device, cl, compile_=False, res_drop_rate=args.res_drop_rate)
             models = {'base': base}
             models.update({name: with_variant(copy.deepcopy(dropres), VARIANTS[name]) for name in args.variants})
             for bs in args.batch_sizes:
@@ -230,7 +231,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
                 rows.append([arch, layout, bs, f'base (head drop {T.HEAD_RATE})',
                              C.fmt_stat(C.throughput(t['base'], bs)), '1', '', '1', '', '1'])
     title = (f'### Dropout kernel what-if (train step vs base, {args.dtype}, {args.img_size}px; median (min–max) '
-             f'of {args.reps} interleaved reps, {args.clock} clock)')
+             f'of {args.reps} interleaved reps, {args.clock} clock, res_drop_rate {args.res_drop_rate})')
     headers = ['arch', 'layout', 'batch', 'ResidualDropout kernel', 'img/s', f'speed ratio (>= {T.SPEED_TARGET})',
                'met', f'memory ratio (<= {T.MEMORY_TARGET})', 'met', 'batch-dependent part ratio']
     return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
@@ -243,7 +244,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f'kernels to compare with the base (default: all of {" ".join(VARIANTS)})')
     p.add_argument('--isolated', action='store_true',
                    help='time each kernel alone on the inputs of one step, against the base step (see isolated())')
+    T.add_res_drop_rate(p)
     args = C.parse_args(p, argv, SMOKE)
+    T.check_res_drop_rate(p, args)
     if args.compile:
         p.error('--compile is not supported here: compiled graphs replace the eager dropout kernel being compared')
     return args

@@ -118,6 +118,8 @@ def test_gpu_check_script_is_valid_and_its_flags_parse():
     script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_check.sh'
     subprocess.run(['bash', '-n', str(script)], check=True)
     text = script.read_text().replace('\\\n', ' ')
+    train = re.search(r'^TRAIN=\((.*)\)$', text, flags=re.M).group(1)  # the training command, shared
+    text = text.replace('"${TRAIN[@]}"', train)
     commands = re.findall(r'^\s*run \d+ benchmarks/(\w+)\.py(.*)$', text, flags=re.M)
     modules = {m.__name__.rsplit('.', 1)[-1]: m for m in (inference, training, ceiling, trainer, compile_check)}
     assert {name for name, _ in commands} == set(modules)
@@ -125,6 +127,9 @@ def test_gpu_check_script_is_valid_and_its_flags_parse():
         args = modules[name].parse_args(shlex.split(rest))
         if name != 'compile_check':
             assert args.device == 'cuda' and args.dtype == 'bfloat16', (name, rest)
+        if name in ('training', 'ceiling'):
+            assert args.res_drop_rate > 0, (name, rest)  # the figures must time residual dropout
+    assert sum(name == 'training' and '--compile' in rest for name, rest in commands) == 3
 
 
 def test_run_all_smoke_prints_the_command_and_a_figure(capsys):
