@@ -175,6 +175,15 @@ def test_bf16_mixed_precision_on_cpu(dataset, tmp_path):
     assert torch.isfinite(torch.tensor(s['last']['loss'])) and s['last']['num_samples'] == 15
 
 
+def test_channels_last_run_exports_and_reloads(dataset, tmp_path):
+    """--channels-last trains in that layout and still writes safetensors folders (found by gpu_check.sh)."""
+    out = tmp_path / 'cl'
+    s = finetune(tiny_config(dataset, out, channels_last=True, checkpoint_every=4))
+    assert s['last']['num_samples'] == 15
+    loaded = timm.create_model(f'local-dir:{out / "last"}', pretrained=True)
+    assert all(t.is_contiguous() for t in loaded.state_dict().values())
+
+
 @pytest.mark.fmnist
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_FMNIST, reason='Debian dataset-fashion-mnist is not installed '

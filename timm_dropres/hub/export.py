@@ -15,12 +15,14 @@ Two things differ from ``save_for_hf``'s output, both for loaders other than tim
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
+import torch
 import torch.nn as nn
 from timm.models import save_for_hf
 
@@ -128,6 +130,9 @@ def save_pretrained_folder(
     if label_names is not None:
         model_config['label_names'] = list(label_names)
     args = dropout_args(model) if hasattr(model, 'head_drop') else None
+    if not all(t.is_contiguous() for t in model.state_dict().values()):
+        # safetensors refuses strided tensors (a channels_last model's conv weights): save a contiguous copy
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     tmp = temp_dir_beside(out_dir)
     try:
         save_for_hf(model, str(tmp), model_config=model_config, model_args=args, safe_serialization=True)
