@@ -129,8 +129,13 @@ def with_variant(model: torch.nn.Module, cls: type[ResidualDropout]) -> torch.nn
     return model
 
 
-def dropout_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
-    """``(p, input)`` for every active ``ResidualDropout`` of ``model`` in one forward of ``x`` (inputs copied)."""
+def dropout_inputs(model: torch.nn.Module, x: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> list[tuple[float, torch.Tensor]]:
+    """``(p, input)`` for every active ``ResidualDropout`` of ``model`` in one forward of ``x`` (inputs copied).
+
+    The forward runs under the same autocast as the train step (``dtype``), so the inputs have the dtype
+    the dropouts see there.
+    """
     seen: list[tuple[float, torch.Tensor]] = []
 
     def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -139,7 +144,7 @@ def dropout_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[float,
 
     hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, ResidualDropout)]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), C.autocast(x.device, dtype):
             model(x)
     finally:
         for h in hooks:
@@ -163,7 +168,7 @@ def isolated(args: argparse.Namespace) -> tuple[str, list[dict]]:
             base, dropres = T.build_pair(arch, device, cl, compile_=False, res_drop_rate=args.res_drop_rate)
             for bs in args.batch_sizes:
                 x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
-                inputs = [(p, t.requires_grad_()) for p, t in dropout_inputs(dropres, x)]
+                inputs = [(p, t.requires_grad_()) for p, t in dropout_inputs(dropres, x, dtype)]
                 upstream = [torch.randn_like(t) for _, t in inputs]
                 cases = {'base step': T.make_step(base, x, y, device, dtype)[0]}
                 for name in args.variants:

@@ -92,6 +92,15 @@ def test_dropout_impl_isolated_reports_each_kernel_share(capsys):
     assert 'Dropout kernels alone' in table and '| test_resnet | contiguous | 2 | current | 5 |' in table
 
 
+def test_dropout_inputs_have_the_train_steps_dtype():
+    """--isolated under bf16 must time the kernels on bf16 tensors, as the autocast step feeds them."""
+    model = timm.create_model('test_resnet_dropres', res_drop_rate=0.1).train()
+    x = torch.randn(2, 3, 32, 32)
+    inputs = dropout_impl.dropout_inputs(model, x, torch.bfloat16)
+    assert len(inputs) == 5 and {t.dtype for _, t in inputs} == {torch.bfloat16}  # 4 blocks + the head
+    assert {t.dtype for _, t in dropout_impl.dropout_inputs(model, x)} == {torch.float32}
+
+
 def test_inference_smoke_checks_same_output_and_ops():
     _, records = inference.run(inference.parse_args(['--smoke', '--channels-last', 'no']))
     assert len(records) == 1
