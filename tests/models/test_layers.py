@@ -9,6 +9,7 @@ import timm
 import torch
 
 import timm_dropres
+from timm_dropres.models import layers
 from timm_dropres.models.layers import (
     POSITION_KERNEL_MAX_P,
     ResidualDropout,
@@ -187,9 +188,9 @@ def test_mask_kernel_rate_rounds_to_16_bits_and_p_near_one():
     assert set(y.unique().tolist()) <= {0.0, 65536.0}
 
 
-@pytest.mark.parametrize('p,max_bytes', [(0.05, 0.45), (0.3, 1.0)])
+@pytest.mark.parametrize('p,max_bytes', [(0.05, 0.22), (0.1, 0.42), (0.3, 1.0)])
 def test_saved_for_backward_is_small(p, max_bytes):
-    """Only the positions (8 p bytes per element) or a uint8 mask (1 byte) are kept for backward."""
+    """Only the positions (int32: 4 p bytes per element) or a uint8 mask (1 byte) are kept for backward."""
     saved = []
 
     def pack(t):
@@ -201,6 +202,21 @@ def test_saved_for_backward_is_small(p, max_bytes):
         ResidualDropout(p).train()(x)
     assert len(saved) == 1
     assert saved[0].numel() * saved[0].element_size() <= max_bytes * x.numel()
+
+
+def test_positions_saved_as_int32_unless_too_many(monkeypatch):
+    """int32 positions for tensors up to 2**31 - 1 elements, int64 above; both give the same gradient."""
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    g = torch.randn_like(x)
+    grads, dtypes = [], []
+    for limit in (layers._INT32_MAX, x.numel() - 1):
+        monkeypatch.setattr(layers, '_INT32_MAX', limit)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: dtypes.append(t.dtype) or t, lambda t: t):
+            torch.manual_seed(3)
+            y = ResidualDropout(0.1).train()(x)
+        grads.append(torch.autograd.grad(y, x, g)[0])
+    assert dtypes == [torch.int32, torch.int64]
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_cpu_dropout_other_layouts_and_seeding():

@@ -93,10 +93,12 @@ def check_dropout_args(
     return out[0], out[1], out[2]
 
 
-#: Rates up to this use the position kernel (saved positions cost 8p bytes per element, at most the
-#: 1 byte of a mask); above it the mask kernel is cheaper (docs/benchmarks.md, "Issue 14").
+#: Rates up to this use the position kernel (saved positions cost 4p bytes per element as int32, 8p
+#: as int64 for tensors over 2**31 elements); above it the mask kernel (1 byte) is faster
+#: (docs/benchmarks.md, "Issue 14").
 POSITION_KERNEL_MAX_P: Final[float] = 0.125
 _LEVELS = 1 << 16  # resolution of the mask kernel's uniforms
+_INT32_MAX = (1 << 31) - 1
 
 
 def _check_open_rate(p: float) -> None:
@@ -212,13 +214,17 @@ class _ApplyDrop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float,  # type: ignore[override]
                 order: tuple[int, ...]) -> torch.Tensor:
-        ctx.save_for_backward(drop)
+        out = _apply_drop(x, drop, scale, order)
+        # positions are kept as int32 when they fit (half the bytes; scatter_ itself needs int64)
+        ctx.save_for_backward(drop.int() if drop.dtype == torch.int64 and x.numel() <= _INT32_MAX else drop)
         ctx.scale, ctx.order = scale, order
-        return _apply_drop(x, drop, scale, order)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         (drop,) = ctx.saved_tensors
+        if drop.dtype == torch.int32:
+            drop = drop.long()
         if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
             return _ApplyDrop.apply(grad, drop, ctx.scale, ctx.order), None, None, None
         return _apply_drop(grad, drop, ctx.scale, ctx.order), None, None, None
@@ -227,10 +233,10 @@ class _ApplyDrop(torch.autograd.Function):
 def _cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Eager CPU inverted dropout that keeps ``x``'s memory format and saves little for backward.
 
-    * ``p <= POSITION_KERNEL_MAX_P`` (the defaults): the position kernel. The drops are drawn as
-      geometric gaps (``drop_positions``), so the random numbers cost ``p * n`` draws; forward and
-      backward are each one scaling pass plus a fill of the dropped positions, and only the int64
-      positions (``8 p`` bytes per element, 0.4 at p = 0.05) are saved. The realised rate is ``p`` up
+    * ``p <= POSITION_KERNEL_MAX_P`` (rates such as 0.05 and 0.1): the position kernel. The drops are
+      drawn as geometric gaps (``drop_positions``), so the random numbers cost ``p * n`` draws; forward
+      and backward are each one scaling pass plus a fill of the dropped positions, and only the
+      positions are saved (int32: ``4 p`` bytes per element, 0.4 at p = 0.1). The realised rate is ``p`` up
       to float32 rounding of the inverse CDF (relative error below 1e-6, computed exactly over every
       float32 uniform in the tests) and the scale is ``1 / (1 - p)``, so ``E[y] = x`` to float32 epsilon.
     * larger ``p``: the mask kernel. Four 16-bit uniforms are sliced from each 64-bit draw; the realised
@@ -288,8 +294,8 @@ class ResidualDropout(nn.Dropout):
     bit-identical to the base model and no RNG state is consumed.
 
     Training runs ``residual_dropout``: in eager CPU training ``_cpu_dropout`` (the position kernel at
-    the default rates: random numbers for the drops only, one pass each way, 0.4 bytes per element
-    saved at p = 0.05), elsewhere ``torch.native_dropout`` (the fused op ``F.dropout`` uses on CUDA,
+    rates up to 0.125: random numbers for the drops only, one pass each way, 0.4 bytes per element
+    saved at p = 0.1), elsewhere ``torch.native_dropout`` (the fused op ``F.dropout`` uses on CUDA,
     with a 1-byte mask). See docs/benchmarks.md, "Issue 14". Traceable by ``torch.fx``, timm's
     FX feature extraction, TorchScript, ``torch.compile`` (no graph break) and ``torch.export``.
 
