@@ -6,8 +6,10 @@ kernel of every ``ResidualDropout`` in ``<arch>_dropres`` (by re-typing the modu
 and measures each variant against the same base model, interleaved, in one run:
 
 * ``current``: the package's ``ResidualDropout`` (on CPU at p <= 0.125: the dropped positions drawn as
-  geometric gaps, one scaling pass each way, int64 positions kept for backward; see
-  ``timm_dropres.models.layers._cpu_dropout``).
+  geometric gaps, one scaling pass each way, int32 positions kept for backward; above: a uint8 mask from
+  16-bit uniforms; see ``timm_dropres.models.layers._cpu_dropout``).
+* ``positions`` / ``mask``: the package's position kernel / uint8 mask kernel at any rate, to place the
+  threshold between them (``POSITION_KERNEL_MAX_P``).
 * ``mask16_bool``: the kernel it replaced (issue 14): 16-bit uniforms sliced from 64-bit draws and a bool
   mask, multiplied in (a slow mixed-dtype path on CPU) and kept for backward.
 * ``f_dropout``: ``F.dropout``, what ``ResidualDropout`` called before that.
@@ -41,6 +43,7 @@ except ImportError:  # run as a file: benchmarks/ is on sys.path
     import training as T  # type: ignore[no-redef]
 
 from timm_dropres import ResidualDropout
+from timm_dropres.models import layers
 
 SMOKE = ['--threads', '1', '--archs', 'test_resnet', '--batch-sizes', '2', '--img-size', '32', '--reps', '2',
          '--warmup', '1', '--iters', '1']
@@ -117,8 +120,32 @@ class Mask16BoolDropout(ResidualDropout):
         return (x * keep).mul_(levels / (levels - drop))
 
 
+class _ForcedKernel(ResidualDropout):
+    """The package's CPU kernel with the position/mask threshold moved to ``threshold``."""
+
+    threshold: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return layers._cpu_dropout(x, self.p, position_max_p=self.threshold)
+
+
+class PositionsDropout(_ForcedKernel):
+    """The package's position kernel at any rate."""
+
+    threshold = 1.0
+
+
+class MaskDropout(_ForcedKernel):
+    """The package's uint8 mask kernel at any rate."""
+
+    threshold = 0.0
+
+
 VARIANTS: dict[str, type[ResidualDropout]] = {
-    'current': ResidualDropout, 'mask16_bool': Mask16BoolDropout, 'f_dropout': FDropout,
+    'current': ResidualDropout, 'positions': PositionsDropout, 'mask': MaskDropout,
+    'mask16_bool': Mask16BoolDropout, 'f_dropout': FDropout,
     'rand_ge': RandGeDropout, 'native': NativeDropout, 'rand_bool': RandBoolDropout}
 
 

@@ -31,8 +31,10 @@ import torch.nn as nn
 
 try:
     from benchmarks import common as C
+    from benchmarks import training as T
 except ImportError:  # run as a file: benchmarks/ is on sys.path
     import common as C  # type: ignore[no-redef]
+    import training as T  # type: ignore[no-redef]
 
 from accelerate import Accelerator
 from timm.optim import create_optimizer_v2
@@ -57,8 +59,8 @@ def _data(n: int, img_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return torch.randn(n, 3, img_size, img_size, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g)
 
 
-def _model(arch: str) -> nn.Module:
-    return timm.create_model(arch + '_dropres', num_classes=NUM_CLASSES)
+def _model(arch: str, res_drop_rate: float) -> nn.Module:
+    return timm.create_model(arch + '_dropres', num_classes=NUM_CLASSES, res_drop_rate=res_drop_rate)
 
 
 def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -74,7 +76,8 @@ def run_trainer(args: argparse.Namespace, arch: str, bs: int, cl: bool, x: torch
     data = DataBundle(train=TensorImageDataset(x, y), val=TensorImageDataset(xv, yv),
                       label_names=[f'c{i}' for i in range(NUM_CLASSES)], in_chans=3,
                       description='in-memory tensors', preprocessed=True)
-    cfg = FinetuneConfig(model=arch + '_dropres', dataset='', epochs=1, batch_size=bs, warmup_epochs=0,
+    cfg = FinetuneConfig(model=arch + '_dropres', res_drop_rate=args.res_drop_rate, dataset='', epochs=1,
+                         batch_size=bs, warmup_epochs=0,
                          smoothing=SMOOTHING, mixed_precision=MIXED[args.dtype], channels_last=cl,
                          cpu=args.device == 'cpu', num_workers=args.num_workers, output_dir=str(workdir),
                          overwrite=True, progress=False, img_size=args.img_size, seed=0)
@@ -86,7 +89,7 @@ def run_pure(args: argparse.Namespace, arch: str, bs: int, cl: bool, x: torch.Te
     """The same epoch as bare train steps on device-resident tensor slices."""
     device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
     torch.manual_seed(0)
-    model = C.prepare(_model(arch).train(), device, cl)
+    model = C.prepare(_model(arch, args.res_drop_rate).train(), device, cl)
     opt = _optimizer(model)
     crit = nn.CrossEntropyLoss(label_smoothing=SMOOTHING)
     fmt = torch.channels_last if cl else torch.contiguous_format
@@ -109,7 +112,7 @@ def run_accelerate_loop(args: argparse.Namespace, arch: str, bs: int, cl: bool, 
     """What a user writes by hand with accelerate: prepare(), a DataLoader, backward, step."""
     acc = Accelerator(cpu=args.device == 'cpu', mixed_precision=MIXED[args.dtype])
     torch.manual_seed(0)
-    model = _model(arch)
+    model = _model(arch, args.res_drop_rate)
     if cl:
         model = model.to(memory_format=torch.channels_last)
     opt = _optimizer(model)
@@ -164,7 +167,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
                f'trainer / pure (target >= {PURE_TARGET})', 'met', f'trainer / loop (target >= {LOOP_TARGET})',
                'met']
     title = (f'### Figure 4: trainer efficiency (one epoch of in-memory tensors, {args.dtype}, {args.img_size}px, '
-             f'{args.num_workers} loader workers; median (min–max) of {args.reps} interleaved reps)')
+             f'{args.num_workers} loader workers, res_drop_rate {args.res_drop_rate}; median (min–max) of {args.reps} '
+             'interleaved reps)')
     return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
 
 
@@ -176,7 +180,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--num-workers', type=int, default=0,
                    help='DataLoader workers for the trainer and the accelerate loop (default: 0; tensors are '
                         'already in memory)')
+    T.add_res_drop_rate(p)
     args = C.parse_args(p, argv, SMOKE)
+    T.check_res_drop_rate(p, args)
     if args.steps < 1:
         p.error(f'--steps must be >= 1, got {args.steps}')
     if args.num_workers < 0:

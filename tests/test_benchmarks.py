@@ -92,6 +92,12 @@ def test_dropout_impl_isolated_reports_each_kernel_share(capsys):
     assert 'Dropout kernels alone' in table and '| test_resnet | contiguous | 2 | current | 5 |' in table
 
 
+def test_graph_break_check_traces_active_residual_dropout():
+    """The package default res_drop_rate is 0.0; the check must trace blocks whose dropout runs."""
+    _, records = compile_check.run(compile_check.parse_args(['--smoke']))
+    assert records and all(r['res_drop_rate'] == compile_check.RES_DROP_RATE > 0 for r in records)
+
+
 def test_dropout_inputs_have_the_train_steps_dtype():
     """--isolated under bf16 must time the kernels on bf16 tensors, as the autocast step feeds them."""
     model = timm.create_model('test_resnet_dropres', res_drop_rate=0.1).train()
@@ -136,7 +142,7 @@ def test_gpu_check_script_is_valid_and_its_flags_parse():
         args = modules[name].parse_args(shlex.split(rest))
         if name != 'compile_check':
             assert args.device == 'cuda' and args.dtype == 'bfloat16', (name, rest)
-        if name in ('training', 'ceiling'):
+        if name in ('training', 'ceiling', 'trainer'):
             assert args.res_drop_rate > 0, (name, rest)  # the figures must time residual dropout
     assert sum(name == 'training' and '--compile' in rest for name, rest in commands) == 3
 

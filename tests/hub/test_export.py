@@ -29,9 +29,11 @@ def test_config_json_rebuilds_same_placement(tmp_path, arch, pos):
 def test_channels_last_model_saves_and_stays_channels_last(tmp_path):
     """safetensors refuses strided tensors; export saves a contiguous copy and leaves the model as it was."""
     model = timm.create_model('test_resnet_dropres', num_classes=3).to(memory_format=torch.channels_last)
-    assert not model.conv1[0].weight.is_contiguous()
+    model.fc.weight.data = model.fc.weight.data.t().contiguous().t()  # a strided 2-D weight too
+    assert not model.conv1[0].weight.is_contiguous() and not model.fc.weight.is_contiguous()
     folder = save_pretrained_folder(model, tmp_path / 'cl')
     assert model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.fc.weight.is_contiguous()
     loaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), k

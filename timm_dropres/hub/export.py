@@ -93,6 +93,16 @@ def trained_pretrained_cfg(
     return cfg
 
 
+def _contiguous_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are all contiguous (ties are kept)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            if not t.is_contiguous():
+                t.data = t.data.contiguous()
+    return model
+
+
 def save_pretrained_folder(
         model: nn.Module,
         out_dir: str | os.PathLike,
@@ -131,8 +141,9 @@ def save_pretrained_folder(
         model_config['label_names'] = list(label_names)
     args = dropout_args(model) if hasattr(model, 'head_drop') else None
     if not all(t.is_contiguous() for t in model.state_dict().values()):
-        # safetensors refuses strided tensors (a channels_last model's conv weights): save a contiguous copy
-        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        # safetensors refuses strided tensors (a channels_last model's conv weights, a transposed weight):
+        # save a copy whose tensors are contiguous; the caller's model keeps its layout
+        model = _contiguous_copy(model)
     tmp = temp_dir_beside(out_dir)
     try:
         save_for_hf(model, str(tmp), model_config=model_config, model_args=args, safe_serialization=True)

@@ -206,17 +206,19 @@ class _ApplyDrop(torch.autograd.Function):
     """``y = x * keep * scale``, where ``drop`` holds either the dropped positions or the keep mask.
 
     ``drop`` is int64 positions into the memory order ``order`` (position kernel) or a uint8 keep mask
-    laid out in that order (mask kernel). Only ``drop`` is saved. The map is diagonal, so its backward
-    is the same map applied to the gradient; under ``create_graph`` it goes through this Function
-    again, so double backward works.
+    laid out in that order (mask kernel). Only ``drop`` is saved, positions as int32 when the largest
+    possible one fits (any tensor of at most 2**31 elements) and converted back for backward. The map
+    is diagonal, so its backward is the same map applied to the gradient; under ``create_graph`` it goes
+    through this Function again, so double backward works.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float,  # type: ignore[override]
                 order: tuple[int, ...]) -> torch.Tensor:
         out = _apply_drop(x, drop, scale, order)
-        # positions are kept as int32 when they fit (half the bytes; scatter_ itself needs int64)
-        ctx.save_for_backward(drop.int() if drop.dtype == torch.int64 and x.numel() <= _INT32_MAX else drop)
+        # positions (all below numel) are kept as int32 when they fit: half the bytes; scatter_ needs int64
+        fits = drop.dtype == torch.int64 and x.numel() - 1 <= _INT32_MAX
+        ctx.save_for_backward(drop.int() if fits else drop)
         ctx.scale, ctx.order = scale, order
         return out
 
@@ -230,7 +232,7 @@ class _ApplyDrop(torch.autograd.Function):
         return _apply_drop(grad, drop, ctx.scale, ctx.order), None, None, None
 
 
-def _cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+def _cpu_dropout(x: torch.Tensor, p: float, position_max_p: float = POSITION_KERNEL_MAX_P) -> torch.Tensor:
     """Eager CPU inverted dropout that keeps ``x``'s memory format and saves little for backward.
 
     * ``p <= POSITION_KERNEL_MAX_P`` (rates such as 0.05 and 0.1): the position kernel. The drops are
@@ -245,9 +247,10 @@ def _cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
     Both work for any layout: the drops are laid out in ``x``'s memory order and the output has ``x``'s
     strides when ``x`` is dense (contiguous, channels_last), else the same dimension order.
+    ``position_max_p`` moves the threshold between the two (benchmarks/dropout_impl.py compares them).
     """
     order = _memory_order(x)
-    if p <= POSITION_KERNEL_MAX_P:
+    if p <= position_max_p:
         return _ApplyDrop.apply(x, drop_positions(x.numel(), p), 1.0 / (1.0 - p), order)
     drop_levels = min(int(round(p * _LEVELS)), _LEVELS - 1)  # p < 1 may still round to 65536
     return _ApplyDrop.apply(x, _keep_mask(x, order, drop_levels), _LEVELS / (_LEVELS - drop_levels), order)
