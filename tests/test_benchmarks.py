@@ -1,6 +1,7 @@
 """The benchmark harness measures what it claims, and every benchmark script still runs (--smoke)."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -145,6 +146,14 @@ def test_gpu_check_script_is_valid_and_its_flags_parse():
         if name in ('training', 'ceiling', 'trainer'):
             assert args.res_drop_rate > 0, (name, rest)  # the figures must time residual dropout
     assert sum(name == 'training' and '--compile' in rest for name, rest in commands) == 3
+
+
+def test_gpu_check_refuses_a_bad_budget_before_anything_runs():
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_check.sh'
+    env = dict(os.environ, GPU_CHECK_BUDGET='9m', PY='/nonexistent/python')
+    res = subprocess.run(['bash', str(script)], env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and "GPU_CHECK_BUDGET must be a whole number of seconds" in res.stderr
+    assert "'9m'" in res.stderr and res.stdout == ''
 
 
 def test_run_all_smoke_prints_the_command_and_a_figure(capsys):
