@@ -94,8 +94,8 @@ def check_dropout_args(
 
 
 #: Rates up to this use the position kernel (saved positions cost 4p bytes per element as int32, 8p
-#: as int64 for tensors over 2**31 elements); above it the mask kernel (1 byte) is faster
-#: (docs/benchmarks.md, "Issue 14").
+#: as int64 for tensors over 2**31 elements); above it the uint8 mask kernel (1 byte) is faster: the two
+#: tie at 0.15 on ResNet-50 (docs/benchmarks.md, "Re-measured at explicit rates").
 POSITION_KERNEL_MAX_P: Final[float] = 0.125
 _LEVELS = 1 << 16  # resolution of the mask kernel's uniforms
 _INT32_MAX = (1 << 31) - 1
