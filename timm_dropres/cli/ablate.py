@@ -7,7 +7,6 @@ skipped, so rerunning resumes), and rewrites ``<out-dir>/ablation.{csv,md,png}``
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 import time
@@ -16,8 +15,8 @@ from typing import List, Optional
 
 import torch
 
-from ..recipes import find_recipe
 from ..research import ablation, report
+from ._study import add_run_args, find_config, runs_line
 
 
 def _train_size(data: ablation.DataSpec) -> str:
@@ -30,7 +29,6 @@ def _train_size(data: ablation.DataSpec) -> str:
 def _header(spec: ablation.AblationSpec, config: str, records: list, skipped: dict, argv: List[str],
             title: str) -> str:
     sch, data = spec.schedule, spec.data
-    train_total = sum(r['wall_s'] for r in records)
     shown = shlex.join(a for a in argv if a != '--report-only')
     lines = [
         f'# {title} (generated)', '',
@@ -42,9 +40,7 @@ def _header(spec: ablation.AblationSpec, config: str, records: list, skipped: di
         f'momentum {sch.momentum}, {sch.sched} (warmup {sch.warmup_epochs}), augment={sch.augment}'
         + (f'; test NLL curve every {sch.curve_every} epochs on {sch.curve_images} test images' if sch.curve_every
            else ''),
-        f'- runs: {len(records)}, sum of per-run wall times {train_total / 60:.1f} min '
-        f'(torch threads per run: {records[0].get("threads", "?")}; torch {torch.__version__}, '
-        f'{platform.machine()} CPU, no GPU)',
+        runs_line(records),
         '- statistics: every configuration runs the same seeds (same initial weights, data order and '
         'augmentation), so comparisons are paired over seeds: mean difference, 95 % t interval, paired t-test, '
         f'Holm-corrected within each table column; `*` = significant at {spec.alpha:g} after correction',
@@ -88,17 +84,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--runs-dir', default=None, help='per-run JSONs (default: <out-dir>/<stem>_runs)')
     p.add_argument('--title', default='Dropout-placement ablation on Fashion-MNIST', help='report title')
     p.add_argument('--stem', default='ablation', help='report file names: <out-dir>/<stem>.{csv,md,png}')
-    p.add_argument('--threads', type=int, default=2, help='torch intra-op threads')
-    p.add_argument('--only-arch', nargs='+', default=None, help='run only these architecture names')
-    p.add_argument('--report-only', action='store_true', help='rewrite the report from existing run JSONs')
-    p.add_argument('--fmnist-root', default=None, help='folder with the Fashion-MNIST idx files')
+    add_run_args(p, threads=2)
     args = p.parse_args(argv)
 
-    try:
-        config = find_recipe(args.config)
-    except FileNotFoundError as e:
-        p.error(str(e))
-    spec = ablation.load_spec(config)
+    spec = ablation.load_spec(find_config(p, args.config))
     out_dir = Path(args.out_dir)
     runs_dir = Path(args.runs_dir) if args.runs_dir else out_dir / f'{args.stem}_runs'
     torch.set_num_threads(args.threads)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import shlex
 import sys
 import time
@@ -19,14 +18,13 @@ from typing import List, Optional
 
 import torch
 
-from ..recipes import find_recipe
 from ..research import ablation, report, transfer
+from ._study import add_run_args, find_config, runs_line
 
 
 def _header(spec: transfer.TransferSpec, config: str, records: list, skipped: dict, out: Path, argv: List[str]) -> str:
     ft, pre = spec.finetune, spec.pretrain
     shown = shlex.join(a for a in argv if a != '--report-only')
-    total = sum(r['wall_s'] for r in records)
     lines = [
         '# Transfer study on Fashion-MNIST (generated)', '',
         f'Command: `python scripts/transfer.py {shown}` (spec: `{config}`).', '',
@@ -40,8 +38,7 @@ def _header(spec: transfer.TransferSpec, config: str, records: list, skipped: di
         f'- rates: residual p = {spec.res_drop_rate}, head p = {spec.head_drop_rate} for every placement; '
         f'seeds {list(spec.seeds)} (a seed draws the few-shot subset and seeds the trainer: same new classifier, '
         'data order and augmentation for every configuration)',
-        f'- runs: {len(records)}, sum of per-run wall times {total / 60:.1f} min (torch threads per run: '
-        f'{records[0].get("threads", "?")}; torch {torch.__version__}, {platform.machine()} CPU, no GPU)',
+        runs_line(records),
         '- statistics: paired over seeds: mean difference, 95 % t interval, paired t-test, Holm-corrected within '
         f'each table column; `*` = significant at {spec.alpha:g} after correction',
     ]
@@ -85,22 +82,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--config', required=True,
                    help='transfer-study YAML, or a shipped recipe\'s name (e.g. study_transfer)')
     p.add_argument('--out-dir', default='docs/results/transfer', help='report, runs/ and pretrained/ go here')
-    p.add_argument('--threads', type=int, default=1, help='torch intra-op threads')
-    p.add_argument('--only-arch', nargs='+', default=None, help='run only these architecture names')
-    p.add_argument('--report-only', action='store_true', help='rewrite the report from existing run JSONs')
-    p.add_argument('--fmnist-root', default=None, help='folder with the Fashion-MNIST idx files')
+    add_run_args(p, threads=1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    try:
-        config = find_recipe(args.config)
-    except FileNotFoundError as e:
-        p.error(str(e))
-    spec = transfer.load_transfer_spec(config)
+    spec = transfer.load_transfer_spec(find_config(p, args.config))
     out = Path(args.out_dir)
     torch.set_num_threads(args.threads)
-    skipped = {a.name: ablation.configs_for(transfer._as_ablation_arch(a), spec.configs)[1]
-               for a in spec.architectures}
+    skipped = transfer.skipped_configs(spec)
     if not args.report_only:
         t0 = time.time()
         data = transfer.load_transfer_data(spec, args.fmnist_root)

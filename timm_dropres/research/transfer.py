@@ -59,7 +59,8 @@ from .ablation import (
 from .ablation import ArchSpec as _AblationArch
 
 __all__ = ['TransferArch', 'Pretrain', 'Finetune', 'TransferSpec', 'load_transfer_spec', 'TransferData',
-           'load_transfer_data', 'pretrain', 'finetune_config', 'run_one', 'run_transfer', 'UNSUPPORTED']
+           'load_transfer_data', 'pretrain', 'finetune_config', 'run_one', 'run_transfer', 'skipped_configs',
+           'UNSUPPORTED']
 
 _logger = logging.getLogger(__name__)
 
@@ -500,6 +501,18 @@ def run_one(spec: TransferSpec, arch: TransferArch, config_name: str, seed: int,
 
 def _as_ablation_arch(arch: TransferArch) -> _AblationArch:
     return _AblationArch(arch.name, arch.model, dict(arch.model_kwargs))
+
+
+def skipped_configs(spec: TransferSpec) -> Dict[str, Dict[str, str]]:
+    """The configurations each architecture cannot run, with why (see ``ablation.configs_for``).
+
+    Args:
+        spec: the transfer specification.
+
+    Returns:
+        ``{architecture name: {configuration: reason}}``.
+    """
+    return {a.name: configs_for(_as_ablation_arch(a), spec.configs)[1] for a in spec.architectures}
 
 
 def run_transfer(spec: TransferSpec, out_dir: str | os.PathLike, data: TransferData, *,
