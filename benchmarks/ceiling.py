@@ -88,7 +88,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help='side of the square ceiling matmul (default: 2048 on CPU, 8192 on CUDA)')
     T.add_res_drop_rate(p)
     args = C.parse_args(p, argv, SMOKE)
-    T.check_res_drop_rate(p, args)
     if args.matmul_size < 0:
         p.error(f'--matmul-size must be >= 1, got {args.matmul_size}')
     if args.matmul_size == 0:

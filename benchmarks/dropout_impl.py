@@ -278,7 +278,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help='time each kernel alone on the inputs of one step, against the base step (see isolated())')
     T.add_res_drop_rate(p)
     args = C.parse_args(p, argv, SMOKE)
-    T.check_res_drop_rate(p, args)
     if args.compile:
         p.error('--compile is not supported here: compiled graphs replace the eager dropout kernel being compared')
     return args

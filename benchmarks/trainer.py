@@ -182,7 +182,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         'already in memory)')
     T.add_res_drop_rate(p)
     args = C.parse_args(p, argv, SMOKE)
-    T.check_res_drop_rate(p, args)
     if args.steps < 1:
         p.error(f'--steps must be >= 1, got {args.steps}')
     if args.num_workers < 0:

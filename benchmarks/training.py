@@ -146,16 +146,18 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
     return '\n'.join(out), records
 
 
+def _timed_rate(text: str) -> float:
+    """A rate that times something: in (0, 1); 0 would time no residual dropout at all."""
+    rate = float(text)
+    if not 0.0 < rate < 1.0:
+        raise argparse.ArgumentTypeError(f'must be in (0, 1), got {text}')
+    return rate
+
+
 def add_res_drop_rate(p: argparse.ArgumentParser) -> None:
-    """The dropres model's residual dropout rate, shared with ceiling.py."""
-    p.add_argument('--res-drop-rate', type=float, default=RES_DROP_RATE,
+    """The dropres model's residual dropout rate, shared with ceiling.py, dropout_impl.py and trainer.py."""
+    p.add_argument('--res-drop-rate', type=_timed_rate, default=RES_DROP_RATE,
                    help=f'residual dropout rate of the dropres model, in (0, 1) (default: {RES_DROP_RATE})')
-
-
-def check_res_drop_rate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse a rate that times nothing (0) or is not a dropout probability."""
-    if not 0.0 < args.res_drop_rate < 1.0:
-        p.error(f'--res-drop-rate must be in (0, 1), got {args.res_drop_rate}')
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -166,7 +168,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--memory-batch-size', type=int, default=0,
                    help='batch size for figure 3 (default: the largest of --batch-sizes)')
     args = C.parse_args(p, argv, SMOKE)
-    check_res_drop_rate(p, args)
     if args.memory_batch_size < 0:
         p.error(f'--memory-batch-size must be >= 0, got {args.memory_batch_size}')
     return args

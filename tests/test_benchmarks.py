@@ -148,6 +148,14 @@ def test_gpu_check_script_is_valid_and_its_flags_parse():
     assert sum(name == 'training' and '--compile' in rest for name, rest in commands) == 3
 
 
+@pytest.mark.parametrize('module', [training, ceiling, dropout_impl, trainer], ids=lambda m: m.__name__)
+@pytest.mark.parametrize('rate', ['0', '1', 'nan', '-0.1'])
+def test_res_drop_rate_that_times_nothing_is_refused(module, rate, capsys):
+    with pytest.raises(SystemExit):
+        module.parse_args(['--smoke', '--res-drop-rate', rate])
+    assert f'--res-drop-rate: must be in (0, 1), got {rate}' in capsys.readouterr().err
+
+
 def test_gpu_check_refuses_a_bad_budget_before_anything_runs():
     script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_check.sh'
     env = dict(os.environ, GPU_CHECK_BUDGET='9m', PY='/nonexistent/python')
