@@ -11,7 +11,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from timm_dropres.hub.export import save_pretrained_folder
+from timm_dropres.models.hf_folder import save_pretrained_folder
 
 ARCH = 'test_resnet_dropres'
 LABELS = ['t-shirt', 'trouser', 'pullover', 'dress']

@@ -13,7 +13,7 @@ from helpers_train import PYTHON, REPO, subprocess_env
 from hub_helpers import code_blocks
 from safetensors.torch import load_file, save_file
 
-from timm_dropres.hub.export import save_pretrained_folder
+from timm_dropres.models.hf_folder import save_pretrained_folder
 
 README = (REPO / 'README.md').read_text()
 FOLDER_IN_README = "'runs/pets/best'"

@@ -11,8 +11,8 @@ import timm
 import torch
 from transformers import AutoModelForImageClassification
 
-from timm_dropres.hub.export import save_pretrained_folder, trained_pretrained_cfg
 from timm_dropres.hub.push import PushError, push
+from timm_dropres.models.hf_folder import save_pretrained_folder, trained_pretrained_cfg
 
 DATA_CFG = dict(input_size=(3, 32, 32), interpolation='bicubic', mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2),
                 crop_pct=0.9)

@@ -157,7 +157,7 @@ def test_cli_sees_dropblock_inside_norm_modules(name: str, n_drop_blocks: int, t
 
 
 def test_local_dir_and_json(tmp_path) -> None:
-    from timm_dropres.hub.export import save_pretrained_folder
+    from timm_dropres.models.hf_folder import save_pretrained_folder
     folder = save_pretrained_folder(timm.create_model('test_resnet_dropres', num_classes=3), tmp_path / 'm')
     out = tmp_path / 'a.json'
     assert audit_main([f'local-dir:{folder}', '--input-size', '3', '32', '32', '--json', str(out), '--strict']) == 0

@@ -30,7 +30,7 @@ import timm_dropres.training.trainer as trainer_mod
 from timm_dropres.cli._config_args import load_yaml
 from timm_dropres.cli.finetune import main as finetune_main
 from timm_dropres.cli.validate import main as validate_main
-from timm_dropres.hub.export import save_pretrained_folder
+from timm_dropres.models.hf_folder import save_pretrained_folder
 from timm_dropres.training.checkpoints import CheckpointError, list_checkpoints
 from timm_dropres.training.config import FinetuneConfig
 from timm_dropres.training.data import DataError, resolve_data

@@ -26,9 +26,9 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..files import files_like_folder, temp_dir_beside
 from ..models.dropres import registered_models
+from ..models.hf_folder import CONFIG_NAME, WEIGHTS_NAME, read_folder_config
 from ..models.layers import check_dropout_args
 from ..models.published import registry_entry
-from .export import CONFIG_NAME, WEIGHTS_NAME, read_folder_config
 from .model_card import build_card, find_summary, read_summary, scrub_paths
 
 __all__ = ['CARD_NAME', 'PushError', 'PushResult', 'FolderInfo', 'check_repo_id', 'inspect_folder',

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Dict, Tuple
 import timm
 import torch.nn as nn
 
-from ..hub.export import read_folder_config
 from ..models.convert import dropout_args
+from ..models.hf_folder import read_folder_config
 from ..models.layers import check_dropout_args, check_rate
 
 if TYPE_CHECKING:

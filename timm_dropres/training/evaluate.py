@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from ..files import write_json_atomic
-from ..hub.export import read_folder_config
+from ..models.hf_folder import read_folder_config
 from .build import check_model_name, in_chans_of
 from .config import ValidateConfig
 from .data import DataError, TransformedDataset, eval_loader, resolve_data, resolve_transforms

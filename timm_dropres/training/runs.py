@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Tuple
 import torch
 import torch.nn as nn
 
-from ..hub.export import CONFIG_NAME, WEIGHTS_NAME
+from ..models.hf_folder import CONFIG_NAME, WEIGHTS_NAME
 from .checkpoints import CKPT_DIR, CKPT_PREFIX, OUTPUT_ARTIFACTS, CheckpointError, list_checkpoints
 
 if TYPE_CHECKING:

@@ -40,7 +40,7 @@ from timm.utils import ModelEmaV3
 
 from .. import __version__
 from ..files import write_json_atomic, write_text_atomic
-from ..hub.export import DATA_CFG_KEYS, save_pretrained_folder
+from ..models.hf_folder import DATA_CFG_KEYS, save_pretrained_folder
 from .build import build_model, in_chans_of, model_identity, weights_origin
 from .checkpoints import (
     ARGS_FILE,

@@ -36,7 +36,7 @@ from timm.data.transforms import str_to_interp_mode
 from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import fmnist
+from .. import fmnist
 
 __all__ = [
     'DataBundle', 'DataError', 'ImageFiles', 'EpochSeededDataset', 'TransformedDataset', 'EpochSeededSampler',

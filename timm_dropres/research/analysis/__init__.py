@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.layers import ResidualDropout, check_rate
+from ...models.layers import ResidualDropout, check_rate
 
 __all__ = [
     'BNShift', 'variance_shift', 'calibrate_bn', 'shift_mean', 'shift_max', 'format_shift_table',
@@ -449,7 +449,7 @@ def image_batches(
         return gaussian_batches(n_batches, batch_size, (chans, height, width), seed=seed)
     if source != 'fmnist':
         raise ValueError(f"data source must be one of ['fmnist', 'gaussian'], got {source!r}")
-    from ..training.fmnist import find_fashion_mnist, load_fashion_mnist
+    from ...training.fmnist import find_fashion_mnist, load_fashion_mnist
     if find_fashion_mnist() is None:
         raise FileNotFoundError(
             'Fashion-MNIST not found: apt-get install dataset-fashion-mnist, or use --data gaussian')
@@ -1017,7 +1017,7 @@ def shift_by_position(
     """
     import timm
 
-    from ..models.layers import RES_DROP_POSITIONS
+    from ...models.layers import RES_DROP_POSITIONS
     valid = ('none', *RES_DROP_POSITIONS)
     results = {}
     for pos in positions:

@@ -37,12 +37,12 @@ from timm.models.resnetv2 import ResNetV2
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-from ..files import read_json, write_json_atomic
-from ..models.blocks import block_norms
-from ..models.convert import residual_blocks
-from ..models.layers import AFTER_LAST_BN, AUTO, BEFORE_LAST_CONV, check_rate
-from ..training.evaluate import evaluate
-from .analysis import shift_max, shift_mean, variance_shift
+from ...files import read_json, write_json_atomic
+from ...models.blocks import block_norms
+from ...models.convert import residual_blocks
+from ...models.layers import AFTER_LAST_BN, AUTO, BEFORE_LAST_CONV, check_rate
+from ...training.evaluate import evaluate
+from ..analysis import shift_max, shift_mean, variance_shift
 
 __all__ = [
     'AblationConfig', 'CONFIGS', 'get_config', 'AblationDropout', 'place_before_every_bn', 'place_after_add',
@@ -538,7 +538,7 @@ def load_fmnist_data(spec: DataSpec, root: Optional[str | os.PathLike] = None) -
         >>> data.train_x.shape, data.num_classes  # doctest: +SKIP
         (torch.Size([200, 1, 28, 28]), 2)
     """
-    from ..training.fmnist import load_fashion_mnist
+    from ...training.fmnist import load_fashion_mnist
 
     tr_x, tr_y = load_fashion_mnist('train', root)
     te_x, te_y = load_fashion_mnist('test', root)

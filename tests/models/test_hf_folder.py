@@ -8,7 +8,7 @@ import timm
 import torch
 
 import timm_dropres
-from timm_dropres.hub.export import read_folder_config, save_pretrained_folder
+from timm_dropres.models.hf_folder import read_folder_config, save_pretrained_folder
 
 
 @pytest.mark.parametrize('arch,pos', [('resnet18', 'before_last_conv'), ('resnetv2_18', 'auto')])

@@ -27,7 +27,7 @@ import torch.nn as nn
 from timm.models import save_for_hf
 
 from ..files import files_like_folder, temp_dir_beside
-from ..models.convert import dropout_args
+from .convert import dropout_args
 
 __all__ = ['save_pretrained_folder', 'read_folder_config', 'trained_pretrained_cfg', 'WEIGHTS_NAME', 'CONFIG_NAME',
            'ARCH_CFG_KEYS', 'DATA_CFG_KEYS']
