@@ -9,10 +9,11 @@ import timm
 import torch
 import torch.nn as nn
 
-from timm_dropres import RES_DROP_POSITIONS, ResidualDropout
+from timm_dropres import RES_DROP_POSITIONS, ResidualDropout, residual_blocks
 from timm_dropres.cli import ablate as cli
 from timm_dropres.research import ablation, report
-from timm_dropres.research.ablation import CONFIGS, AblationSpec, ArchSpec, DataSpec, Schedule
+from timm_dropres.research.ablation import CONFIGS, AblationSpec, ArchSpec, DataSpec, Schedule, runner
+from timm_dropres.research.ablation.data import _augment
 
 # tiny models: one intra-op thread is fastest, and two threads spin on a busy 2-core box
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
@@ -51,7 +52,7 @@ def test_before_every_bn_drops_the_input_of_every_branch_bn_only(arch: ArchSpec)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.register_forward_pre_hook(record(name))
     model(torch.randn(8, 1, 28, 28))
-    blocks = list(ablation.residual_blocks(model))
+    blocks = list(residual_blocks(model))
     assert len(branch_bns) == 2 * len(blocks) == 16  # BasicBlock: two BN per branch, 8 blocks
     for name, (in_branch, zeros) in seen.items():
         if in_branch:
@@ -67,7 +68,7 @@ def test_before_every_bn_drops_the_input_of_every_branch_bn_only(arch: ArchSpec)
 @pytest.mark.parametrize('arch', [POST, PRE], ids=['post', 'pre'])
 def test_after_add_drops_the_block_output(arch: ArchSpec) -> None:
     model = _model(arch, 'after_add', p=0.5)
-    _, block = list(ablation.residual_blocks(model))[2]
+    _, block = list(residual_blocks(model))[2]
     x = torch.randn(8, *_block_input_shape(model, block))
     torch.manual_seed(1)
     dropped = block(x)
@@ -126,7 +127,7 @@ def test_default_and_public_positions_use_the_core_modules() -> None:
 
 
 def timm_dropres_positions(model: nn.Module) -> set:
-    return {b.res_drop_pos for _, b in ablation.residual_blocks(model) if b.res_drop.p > 0}
+    return {b.res_drop_pos for _, b in residual_blocks(model) if b.res_drop.p > 0}
 
 
 def test_configs_for_skips_the_duplicate_preact_position() -> None:
@@ -150,7 +151,7 @@ def test_small_input_stem_gives_a_2x2_final_map() -> None:
 
 def test_augment_is_a_translation_or_flip_of_the_image() -> None:
     x = torch.arange(2 * 28 * 28, dtype=torch.float32).view(2, 1, 28, 28)
-    out = ablation._augment(x, -1.0, torch.Generator().manual_seed(0))
+    out = _augment(x, -1.0, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     for i in range(2):
         vals = set(out[i][out[i] != -1.0].tolist())
@@ -215,7 +216,7 @@ def test_smoke_run_writes_its_table_and_resumes(tmp_path: Path, monkeypatch: pyt
     # second call: nothing is trained again
     def boom(*a, **k):
         raise AssertionError('a finished run was trained again')
-    monkeypatch.setattr(ablation, 'run_one', boom)
+    monkeypatch.setattr(runner, 'run_one', boom)
     again, _ = ablation.run_ablation(spec, tmp_path / 'runs', data, log=logs.append)
     assert again == records and sum(line.startswith('skip') for line in logs) == 2
 
@@ -234,7 +235,7 @@ def test_configs_share_initial_weights_and_data_order(monkeypatch: pytest.Monkey
         model.register_forward_pre_hook(lambda m, a: seen[config.name]['inputs'].append(a[0].clone())
                                         if m.training else None)
         return model
-    monkeypatch.setattr(ablation, 'build_model', recording_build)
+    monkeypatch.setattr(runner, 'build_model', recording_build)
     spec, data = _smoke_spec(), _tiny_data()
     for name in ('none', 'after_add'):
         ablation.run_one(spec, POST, CONFIGS[name], 0, data, log=lambda s: None)
@@ -278,7 +279,7 @@ def test_rate_variants_parse_validate_and_get_their_own_fingerprint() -> None:
         with pytest.raises(ValueError, match=msg):
             ablation.get_config(bad)
     spec = _smoke_spec()
-    fps = {ablation._fingerprint(spec, POST, ablation.get_config(n)) for n in ('default', 'default@0.1', 'default@0.2')}
+    fps = {runner._fingerprint(spec, POST, ablation.get_config(n)) for n in ('default', 'default@0.1', 'default@0.2')}
     assert len(fps) == 3  # spec rates are 0.2 but the name differs, so no JSON is shared
     model = ablation.build_model(POST, c, res_drop_rate=0.1, head_drop_rate=0.1)
     assert timm_dropres_positions(model) == {'after_last_bn'} and model.head_drop.p == 0.1

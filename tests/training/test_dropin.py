@@ -28,7 +28,8 @@ from timm_dropres.recipes import RECIPES_DIR, find_recipe, list_recipes
 from timm_dropres.training.build import build_model, weights_origin
 from timm_dropres.training.config import FinetuneConfig, ValidateConfig
 from timm_dropres.training.data import DataBundle, resolve_data
-from timm_dropres.training.trainer import finetune, progress_bar
+from timm_dropres.training.progress import progress_bar
+from timm_dropres.training.trainer import finetune
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 

@@ -43,20 +43,11 @@ from timm.scheduler import create_scheduler_v2
 
 from ..files import read_json, write_json_atomic
 from ..models.layers import AUTO, check_rate
-from .ablation import (
-    AFTER_ADD,
-    BEFORE_EVERY_BN,
-    HEAD_AFTER,
-    HEAD_BEFORE,
-    config_rates,
-    configs_for,
-    dataclass_from_mapping,
-    get_config,
-    per_class_subset,
-    read_spec_mapping,
-    resolved_position,
-)
-from .ablation import ArchSpec as _AblationArch
+from .ablation.configs import AFTER_ADD, BEFORE_EVERY_BN, HEAD_AFTER, HEAD_BEFORE, config_rates, get_config
+from .ablation.data import per_class_subset
+from .ablation.placement import configs_for, resolved_position
+from .ablation.spec import ArchSpec as _AblationArch
+from .ablation.spec import dataclass_from_mapping, read_spec_mapping
 
 __all__ = ['TransferArch', 'Pretrain', 'Finetune', 'TransferSpec', 'load_transfer_spec', 'TransferData',
            'load_transfer_data', 'pretrain', 'finetune_config', 'run_one', 'run_transfer', 'skipped_configs',
@@ -287,7 +278,7 @@ def load_transfer_data(spec: TransferSpec, root: Optional[str | os.PathLike] = N
         >>> data = load_transfer_data(load_transfer_spec('configs/study_transfer.yaml'))  # doctest: +SKIP
     """
     from ..training.fmnist import CLASSES, load_fashion_mnist
-    from .ablation import select_classes
+    from .ablation.data import select_classes
 
     tr_x, tr_y = load_fashion_mnist('train', root)
     te_x, te_y = load_fashion_mnist('test', root)

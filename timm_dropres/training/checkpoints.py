@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from pathlib import Path
 from typing import Any, Dict, List
+
+import numpy as np
+import torch
 
 __all__ = ['OUTPUT_ARTIFACTS', 'ARGS_FILE', 'SUMMARY_CSV', 'CKPT_DIR', 'CKPT_PREFIX', 'STATE_FILE', 'EMA_FILE',
            'CheckpointError', 'list_checkpoints', 'find_checkpoint', 'read_state']
@@ -122,3 +126,27 @@ def read_state(ckpt: Path) -> Dict[str, Any]:
     if problems:
         raise CheckpointError.corrupt(ckpt, f'{STATE_FILE} is not a trainer state: {"; ".join(problems)}')
     return state
+
+
+def _mark_rng() -> Dict[str, Any]:
+    """Put every generator accelerate restores into a fresh random state, and return those states."""
+    seed = int.from_bytes(os.urandom(8), 'little') & (2 ** 63 - 1)
+    random.seed(seed)
+    np.random.seed(seed & (2 ** 32 - 1))
+    torch.manual_seed(seed)
+    marker: Dict[str, Any] = dict(python=random.getstate(), numpy=np.random.get_state()[1].copy(),
+                                  torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+        marker['cuda'] = torch.cuda.get_rng_state_all()
+    return marker
+
+
+def _rng_restored(marker: Dict[str, Any]) -> bool:
+    """True when no generator is still in its marker state (``acc.load_state`` restored them all)."""
+    if random.getstate() == marker['python'] or np.array_equal(np.random.get_state()[1], marker['numpy']):
+        return False
+    if torch.equal(torch.get_rng_state(), marker['torch']):
+        return False
+    return 'cuda' not in marker or not any(
+        torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), marker['cuda'], strict=True))

@@ -9,22 +9,16 @@ of checkpoints. Written here: the loop, atomic rotated checkpoint folders, the r
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import os
 import pickle
-import platform
-import random
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, TextIO, Tuple
+from typing import Any, Dict, List, Tuple
 
-import numpy as np
 import timm
 import torch
 import torch.nn as nn
@@ -50,6 +44,8 @@ from .checkpoints import (
     STATE_FILE,
     SUMMARY_CSV,
     CheckpointError,
+    _mark_rng,
+    _rng_restored,
     find_checkpoint,
     list_checkpoints,
     read_state,
@@ -68,6 +64,7 @@ from .data import (
     train_loader,
 )
 from .evaluate import EvalResult, evaluate, format_results
+from .progress import _flat_config, _progress, _trackers, _versions, write_history_csv
 from .runs import (
     TRACKER_PROJECT,
     TrainingDiverged,
@@ -80,7 +77,7 @@ from .runs import (
     plan_run,
 )
 
-__all__ = ['finetune', 'progress_bar', 'write_history_csv']
+__all__ = ['finetune']
 
 _logger = get_logger(__name__)  # accelerate's: logs on the main process only, unless told otherwise
 
@@ -537,98 +534,6 @@ class _Trainer:
             config=asdict(self.cfg), versions=_versions(),
         )
 
-
-def _mark_rng() -> Dict[str, Any]:
-    """Put every generator accelerate restores into a fresh random state, and return those states."""
-    seed = int.from_bytes(os.urandom(8), 'little') & (2 ** 63 - 1)
-    random.seed(seed)
-    np.random.seed(seed & (2 ** 32 - 1))
-    torch.manual_seed(seed)
-    marker: Dict[str, Any] = dict(python=random.getstate(), numpy=np.random.get_state()[1].copy(),
-                                  torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-        marker['cuda'] = torch.cuda.get_rng_state_all()
-    return marker
-
-
-def _rng_restored(marker: Dict[str, Any]) -> bool:
-    """True when no generator is still in its marker state (``acc.load_state`` restored them all)."""
-    if random.getstate() == marker['python'] or np.array_equal(np.random.get_state()[1], marker['numpy']):
-        return False
-    if torch.equal(torch.get_rng_state(), marker['torch']):
-        return False
-    return 'cuda' not in marker or not any(
-        torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), marker['cuda'], strict=True))
-
-
-def _trackers(log_with: str | None) -> Any:
-    if not log_with:
-        return None
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-    need = ['tensorboard', 'wandb'] if log_with == 'all' else [log_with]
-    avail = dict(tensorboard=is_tensorboard_available(), wandb=is_wandb_available())
-    missing = [t for t in need if not avail.get(t, False)]
-    if log_with != 'all' and missing:
-        raise ValueError(f'--log-with {log_with}: {missing[0]} is not installed (pip install {missing[0]})')
-    return [t for t in need if avail.get(t, False)] or None
-
-
-def _flat_config(cfg: FinetuneConfig) -> Dict[str, Any]:
-    """Tracker hparams accept scalars only."""
-    out = {}
-    for k, v in asdict(cfg).items():
-        out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
-def _progress(cfg: FinetuneConfig, acc: Accelerator, total: int, initial: int, desc: str) -> Any:
-    if cfg.progress is False or not acc.is_local_main_process:
-        return None
-    bar = progress_bar(total=total, initial=initial, desc=desc, enabled=cfg.progress)
-    return None if bar.disable else bar  # no bar: the loop skips the postfix's loss.item() syncs too
-
-
-def progress_bar(*, total: int, initial: int = 0, desc: str = '', enabled: bool | None = None,
-                 file: TextIO | None = None) -> Any:
-    """A tqdm bar that draws on a terminal and stays silent on a file or pipe.
-
-    Args:
-        total: steps in the bar.
-        initial: steps already done (a resumed epoch).
-        desc: the bar's label.
-        enabled: True: always draw; False: never; None: only when ``file`` is a terminal (tqdm's ``disable=None``).
-        file: where to draw (default: stderr).
-
-    Returns:
-        The tqdm bar (a disabled one does nothing on ``update``/``close``).
-    """
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=file or sys.stderr,
-                disable=None if enabled is None else not enabled)
-
-
-def write_history_csv(path: Path, history: List[Dict[str, Any]]) -> None:
-    """The per-epoch metrics as CSV (one row per epoch, a column per metric), written atomically.
-
-    Args:
-        path: the file (``summary.csv`` in the run folder).
-        history: the trainer's per-epoch rows, oldest first.
-    """
-    columns: List[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator='\n')
-    writer.writeheader()
-    writer.writerows(history)
-    write_text_atomic(path, buf.getvalue())
-
-
-def _versions() -> Dict[str, str]:
-    import accelerate
-    return dict(timm_dropres=__version__, timm=timm.__version__, torch=torch.__version__,
-                accelerate=accelerate.__version__, python=platform.python_version(), platform=sys.platform)
 
 
 def finetune(cfg: FinetuneConfig, data: DataBundle | None = None) -> Dict[str, Any]:

@@ -1,0 +1,38 @@
+"""Train and eval ``DataLoader``s: epoch-seeded order for training, plain order for evaluation."""
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .dataset import EpochSeededDataset, EpochSeededSampler
+
+
+def _loader_kwargs(num_workers: int, pin_memory: bool) -> Dict[str, Any]:
+    kw: Dict[str, Any] = dict(num_workers=num_workers, pin_memory=pin_memory)
+    if num_workers > 0:
+        kw['prefetch_factor'] = 4
+    return kw
+
+
+def train_loader(
+        ds: EpochSeededDataset, batch_size: int, *, seed: int, num_workers: int, drop_last: bool,
+        pin_memory: bool = False,
+) -> Tuple[DataLoader, EpochSeededSampler]:
+    """A loader whose order and augmentations are pure functions of (seed, epoch, position).
+
+    Its own ``generator`` keeps the worker base-seed draw off the global RNG, so creating an iterator
+    mid-run (resume) does not shift dropout's random stream.
+    """
+    sampler = EpochSeededSampler(len(ds), seed=seed)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                        generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+                        **_loader_kwargs(num_workers, pin_memory))
+    return loader, sampler
+
+
+def eval_loader(ds: Dataset, batch_size: int, *, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False,
+                      generator=torch.Generator().manual_seed(0), **_loader_kwargs(num_workers, pin_memory))
+

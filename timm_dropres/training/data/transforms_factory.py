@@ -1,0 +1,74 @@
+"""Train and eval transforms from the model's data config (timm's ``create_transform``), and Mixup/CutMix."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Sequence, Tuple
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from timm.data import Mixup, create_transform, resolve_model_data_config
+from timm.data.transforms import str_to_interp_mode
+
+# ----------------------------------------------------------------------------------------------
+# transforms and loaders
+
+
+def resolve_transforms(
+        model: torch.nn.Module,
+        in_chans: int,
+        *,
+        img_size: int | None = None,
+        crop_pct: float | None = None,
+        interpolation: str | None = None,
+        auto_augment: str | None = None,
+        hflip: float = 0.5,
+        color_jitter: float = 0.4,
+        re_prob: float = 0.0,
+        scale: Sequence[float] | None = None,
+        ratio: Sequence[float] | None = None,
+        pad_crop: int = 0,
+) -> Tuple[Callable, Callable, Dict[str, Any]]:
+    """timm train/eval transforms from the model's data config, adapted to ``in_chans`` and ``img_size``.
+
+    ``pad_crop > 0`` replaces timm's RandomResizedCrop with the CIFAR recipe of He et al. (2016): resize to
+    ``img_size``, zero-pad by ``pad_crop`` pixels, take a random ``img_size`` crop, flip with ``hflip``.
+    timm's ``create_transform`` has no such mode, so it is composed here from torchvision transforms.
+    """
+    cfg = resolve_model_data_config(model)
+    if img_size:
+        cfg['input_size'] = (in_chans, img_size, img_size)
+    else:
+        cfg['input_size'] = (in_chans, *cfg['input_size'][1:])
+    if crop_pct is not None:
+        cfg['crop_pct'] = crop_pct
+    if interpolation:
+        cfg['interpolation'] = interpolation
+    if len(cfg['mean']) != in_chans:  # grayscale data: one channel, the mean of the RGB statistics
+        cfg['mean'] = tuple([float(np.mean(cfg['mean']))] * in_chans)
+        cfg['std'] = tuple([float(np.mean(cfg['std']))] * in_chans)
+    common = dict(input_size=cfg['input_size'], interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'])
+    train_tf = create_transform(
+        **common, is_training=True, auto_augment=auto_augment or None, hflip=hflip, color_jitter=color_jitter,
+        re_prob=re_prob, scale=tuple(scale) if scale else None, ratio=tuple(ratio) if ratio else None)
+    if pad_crop > 0:
+        size = cfg['input_size'][1:]
+        train_tf = T.Compose([
+            T.Resize(size, interpolation=str_to_interp_mode(cfg['interpolation'])),
+            T.RandomCrop(size, padding=pad_crop), T.RandomHorizontalFlip(hflip), T.ToTensor(),
+            T.Normalize(cfg['mean'], cfg['std'])])
+    eval_tf = create_transform(**common, is_training=False, crop_pct=cfg['crop_pct'],
+                               crop_mode=cfg.get('crop_mode'))
+    return train_tf, eval_tf, cfg
+
+
+def create_mixup(
+        mixup: float, cutmix: float, label_smoothing: float, num_classes: int,
+        mixup_prob: float = 1.0, switch_prob: float = 0.5,
+) -> Mixup | None:
+    """timm's batch-wise Mixup/CutMix (which also applies label smoothing), or None when both are off."""
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=switch_prob,
+                 label_smoothing=label_smoothing, num_classes=num_classes)
+
+
