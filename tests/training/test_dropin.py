@@ -22,10 +22,11 @@ from safetensors.torch import save_file
 from timm.layers import DropBlock2d, DropPath
 from torch.utils.data import Dataset
 
-from timm_dropres.cli._config_args import build_parser, parse_config
+from timm_dropres.cli._config_args import build_parser, parse_checked, parse_config
 from timm_dropres.cli.finetune import main as finetune_main
+from timm_dropres.models.reference import ModelRef
 from timm_dropres.recipes import RECIPES_DIR, find_recipe, list_recipes
-from timm_dropres.training.build import build_model, weights_origin
+from timm_dropres.training.build import build_model, resolve_model, weights_origin
 from timm_dropres.training.config import FinetuneConfig, ValidateConfig
 from timm_dropres.training.data import DataBundle, resolve_data
 from timm_dropres.training.progress import progress_bar
@@ -35,7 +36,8 @@ pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _parse(*argv: str) -> FinetuneConfig:
-    return parse_config(FinetuneConfig, list(argv), 'test', 'dropres-finetune', recipes=True)
+    """As ``dropres-finetune`` parses: the config, then the library's model checks, both as usage errors."""
+    return parse_checked(FinetuneConfig, list(argv), 'test', 'dropres-finetune', resolve_model, recipes=True)[0]
 
 
 # ----------------------------------------------------------------------------------------------- flags
@@ -130,7 +132,7 @@ def test_repo_configs_folder_is_the_shipped_one():
 # ----------------------------------------------------------------------------------------------- reaching the model
 def test_model_flags_reach_the_model(tmp_path):
     cfg = tiny_config('unused', tmp_path, drop_path_rate=0.1, drop_block_rate=0.05, grad_checkpointing=True)
-    model, kwargs = build_model(cfg, num_classes=3, in_chans=3)
+    model, kwargs = build_model(cfg, resolve_model(cfg), num_classes=3, in_chans=3)
     assert kwargs['drop_path_rate'] == 0.1 and kwargs['drop_block_rate'] == 0.05
     assert max(m.drop_prob for m in model.modules() if isinstance(m, DropPath)) == pytest.approx(0.1)
     assert any(isinstance(m, DropBlock2d) for m in model.modules())
@@ -141,20 +143,23 @@ def test_model_flags_reach_the_model(tmp_path):
     (tmp_path / 'folder').mkdir()
     save_file(src.state_dict(), tmp_path / 'folder' / 'model.safetensors')
     for path in (tmp_path / 'init.safetensors', tmp_path / 'folder'):
-        model, _ = build_model(tiny_config('unused', tmp_path, initial_checkpoint=str(path)), 3, 3)
+        cfg = tiny_config('unused', tmp_path, initial_checkpoint=str(path))
+        model, _ = build_model(cfg, resolve_model(cfg), 3, 3)
         got, want = model.state_dict(), src.state_dict()
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     with pytest.raises(ValueError, match='cannot be loaded strictly into test_resnet_dropres'):
-        build_model(tiny_config('unused', tmp_path, initial_checkpoint=str(tmp_path / 'init.safetensors')), 5, 3)
+        cfg = tiny_config('unused', tmp_path, initial_checkpoint=str(tmp_path / 'init.safetensors'))
+        build_model(cfg, resolve_model(cfg), 5, 3)
 
 
 def test_weights_origin_only_when_training_started_from_weights(tmp_path):
     model = timm.create_model('test_resnet_dropres', num_classes=3)
-    assert weights_origin(model, tiny_config('x', tmp_path)) is None  # from scratch: no provenance
-    assert weights_origin(model, tiny_config('x', tmp_path, pretrained=True)) == dict(
+    ref = ModelRef.parse('test_resnet_dropres')
+    assert weights_origin(model, tiny_config('x', tmp_path), ref) is None  # from scratch: no provenance
+    assert weights_origin(model, tiny_config('x', tmp_path, pretrained=True), ref) == dict(
         finetuned_from='test_resnet_dropres', license='apache-2.0')  # the starting weights' license carries over
     (tmp_path / 'w.safetensors').write_bytes(b'')
-    assert weights_origin(model, tiny_config('x', tmp_path, pretrained_file=str(tmp_path / 'w.safetensors'))) == \
+    assert weights_origin(model, tiny_config('x', tmp_path, pretrained_file=str(tmp_path / 'w.safetensors')), ref) == \
         dict(finetuned_from='w.safetensors', license=None)  # a local file: its license is unknown
 
 

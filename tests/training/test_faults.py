@@ -31,8 +31,9 @@ from timm_dropres.cli._config_args import load_yaml
 from timm_dropres.cli.finetune import main as finetune_main
 from timm_dropres.cli.validate import main as validate_main
 from timm_dropres.models.hf_folder import save_pretrained_folder
+from timm_dropres.training.build import resolve_model
 from timm_dropres.training.checkpoints import CheckpointError, list_checkpoints
-from timm_dropres.training.config import FinetuneConfig
+from timm_dropres.training.config import FinetuneConfig, OptionError
 from timm_dropres.training.data import DataError, resolve_data
 from timm_dropres.training.runs import (
     FREE,
@@ -506,17 +507,25 @@ def test_a_single_class_dataset_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize('kw, message', [
-    (dict(lr=float('nan')), '--lr must be a finite number, got nan'),
-    (dict(lr=float('inf')), '--lr must be a finite number, got inf'),
-    (dict(weight_decay=-0.05), '--weight-decay must be >= 0, got -0.05'),
-    (dict(scale=[0.5, float('inf')]), '--scale must be a finite number'),
-    (dict(reprob=1.5), r'--reprob must be in \[0, 1\], got 1.5'),
-    (dict(eval_batch_size=0), '--eval-batch-size must be > 0, got 0'),
-    (dict(model='resnet18_dropres.not_a_tag'), r"unknown pretrained tag 'not_a_tag' for resnet18_dropres .*a1_in1k"),
+    (dict(lr=float('nan')), '^lr must be a finite number, got nan'),
+    (dict(lr=float('inf')), '^lr must be a finite number, got inf'),
+    (dict(weight_decay=-0.05), '^weight_decay must be >= 0, got -0.05'),
+    (dict(scale=[0.5, float('inf')]), '^scale must be a finite number'),
+    (dict(reprob=1.5), r'^reprob must be in \[0, 1\], got 1.5'),
+    (dict(eval_batch_size=0), '^eval_batch_size must be > 0, got 0'),
 ])
 def test_bad_values_are_refused_by_the_config(data, tmp_path, kw, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(OptionError, match=message):  # in library terms: the options' field names
         tiny_config(data, tmp_path / 'o', **kw)
+
+
+def test_an_unknown_tag_is_refused_before_anything_is_written(data, tmp_path):
+    cfg = tiny_config(data, tmp_path / 'o', model='resnet18_dropres.not_a_tag')  # a value check passes
+    with pytest.raises(OptionError, match=r"unknown pretrained tag 'not_a_tag' for resnet18_dropres .*a1_in1k"):
+        resolve_model(cfg)  # the model checks, which finetune runs first
+    with pytest.raises(OptionError, match=r"unknown pretrained tag 'not_a_tag'"):
+        finetune(cfg)
+    assert not (tmp_path / 'o').exists()
 
 
 def test_cli_bad_values_exit_2_naming_the_flag(data, tmp_path, capsys):

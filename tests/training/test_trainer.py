@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import timm_dropres
 from timm_dropres.cli.finetune import main as finetune_main
 from timm_dropres.training import fmnist
-from timm_dropres.training.build import build_model
+from timm_dropres.training.build import build_model, resolve_model
 from timm_dropres.training.checkpoints import CheckpointError, list_checkpoints
 from timm_dropres.training.config import ValidateConfig
 from timm_dropres.training.data import DataError
@@ -201,7 +201,7 @@ def test_pretrained_replaces_the_classifier_and_logs_it(tmp_path, caplog):
     save_file(src.state_dict(), str(tmp_path / 'w.safetensors'))
     cfg = tiny_config('unused', tmp_path / 'o', pretrained=True, pretrained_file=str(tmp_path / 'w.safetensors'))
     with caplog.at_level(logging.INFO, logger='timm_dropres.training.build'):
-        model, _ = build_model(cfg, num_classes=3, in_chans=1)
+        model, _ = build_model(cfg, resolve_model(cfg), num_classes=3, in_chans=1)
     assert model.num_classes == 3 and model.get_classifier().out_features == 3
     assert 'replaced it with a new, randomly initialised 3-class classifier' in caplog.text
     assert 'adapted it to 1' in caplog.text
@@ -215,8 +215,9 @@ def test_pretrained_from_a_local_hub_cache(tmp_path):
     save_file(src.state_dict(), str(tmp_path / 'model.safetensors'))
     build_hf_cache(tmp_path / 'hub', 'timm/test_resnet.r160_in1k', [tmp_path / 'model.safetensors'])
     code = ('import timm_dropres, torch; from timm_dropres.training.config import FinetuneConfig; '
-            'from timm_dropres.training.build import build_model; '
-            'm, _ = build_model(FinetuneConfig(model="test_resnet_dropres.r160_in1k", pretrained=True), 5, 3); '
+            'from timm_dropres.training.build import build_model, resolve_model; '
+            'c = FinetuneConfig(model="test_resnet_dropres.r160_in1k", pretrained=True); '
+            'm, _ = build_model(c, resolve_model(c), 5, 3); '
             'print(m.num_classes, float(m.conv1[0].weight.sum()))')
     proc = subprocess.run([PYTHON, '-c', code], env=subprocess_env(HF_HUB_CACHE=str(tmp_path / 'hub')),
                           capture_output=True, text=True, timeout=120)
@@ -250,7 +251,7 @@ def test_unknown_model(dataset, tmp_path):
     (dict(res_drop_rate=1.0), r'res_drop_rate must be in \[0, 1\)'),
     (dict(drop_rate=-0.1), r'drop_rate must be in \[0, 1\)'),
     (dict(res_drop_pos='before_bn'), 'res_drop_pos must be one of'),
-    (dict(model='resnet18', res_drop_rate=0.1), '--model resnet18_dropres'),
+    (dict(model='resnet18', res_drop_rate=0.1), 'use model resnet18_dropres'),
     (dict(model='vit_tiny_patch16_224', res_drop_pos='auto'), 'only ResNet/ResNetV2'),
 ])
 def test_invalid_dropout_options(dataset, tmp_path, kw, match):
@@ -328,7 +329,7 @@ def test_model_kwargs_and_pad_crop_reach_the_model_and_the_loader(dataset, tmp_p
     summary = finetune(cfg)
     assert summary['model_kwargs']['channels'] == [8, 8, 8, 8]
     assert summary['global_steps'] >= 1
-    with pytest.raises(ValueError, match=r"--model-kwargs \['res_drop_rate'\]"):
+    with pytest.raises(ValueError, match=r"model_kwargs \['res_drop_rate'\]"):
         finetune(tiny_config(dataset, tmp_path / 'kw2', res_drop_rate=0.1, model_kwargs=dict(res_drop_rate=0.2)))
-    with pytest.raises(ValueError, match='--decay-milestones'):
+    with pytest.raises(ValueError, match='sched multistep needs decay_milestones'):
         tiny_config(dataset, tmp_path / 'x', sched='multistep')

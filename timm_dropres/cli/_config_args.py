@@ -15,15 +15,18 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Type, TypeVar
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Type, TypeVar
 
 import yaml
 
 from ..recipes import find_recipe, list_recipes
+from ..training.config import OptionError
+from ..training.runs import error_line
 
-__all__ = ['build_parser', 'parse_config', 'load_yaml', 'yaml_aliases']
+__all__ = ['build_parser', 'parse_config', 'parse_checked', 'flag_message', 'load_yaml', 'yaml_aliases']
 
 T = TypeVar('T')
+R = TypeVar('R')
 
 #: timm's --amp-dtype values -> accelerate's mixed-precision names
 _AMP_DTYPES = {'float16': 'fp16', 'bfloat16': 'bf16'}
@@ -292,6 +295,38 @@ def load_yaml(path: str | Path, cls: Type[Any]) -> Dict[str, Any]:
     return check_yaml_types(cls, out, path)
 
 
+def flag_message(e: BaseException) -> str:
+    """The one line that explains ``e``, with the library's option names rendered as this CLI's flags.
+
+    Args:
+        e: an error from the library; an :class:`~timm_dropres.training.config.OptionError` names options by
+            their config field names, which become ``--field-name`` here.
+
+    Returns:
+        The message (a DataLoader worker's traceback reduced to its last line, see ``error_line``).
+    """
+    if isinstance(e, OptionError):
+        return e.render(_flag)
+    return error_line(e)
+
+
+def _parse(parser: argparse.ArgumentParser, cls: Type[T], argv: Sequence[str] | None, recipes: bool) -> T:
+    """``argv`` (YAML from ``--config`` first, flags on top) into a ``cls`` instance; bad input is a usage error."""
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        try:
+            path = find_recipe(pre.config) if recipes else Path(pre.config)
+            parser.set_defaults(**load_yaml(path, cls))
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(flag_message(e))
+    args = vars(parser.parse_args(argv))
+    args.pop('config')
+    try:
+        return cls(**args)  # the config class validates its values
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(flag_message(e))
+
+
 def parse_config(cls: Type[T], argv: Sequence[str] | None, description: str, prog: str | None = None,
                  recipes: bool = False) -> T:
     """Parse ``argv`` (YAML from ``--config`` first, command-line flags on top) into a ``cls`` instance.
@@ -306,17 +341,29 @@ def parse_config(cls: Type[T], argv: Sequence[str] | None, description: str, pro
     Returns:
         The validated config; bad input exits with argparse's usage error (status 2).
     """
+    return _parse(build_parser(cls, description, prog, recipes=recipes), cls, argv, recipes)
+
+
+def parse_checked(cls: Type[T], argv: Sequence[str] | None, description: str, prog: str | None,
+                  check: Callable[[T], R], recipes: bool = False) -> Tuple[T, R]:
+    """:func:`parse_config`, then the library's boundary check (``check(config)``), both as usage errors.
+
+    Args:
+        cls: the config dataclass.
+        argv: the arguments (None: ``sys.argv[1:]``).
+        description: the parser's description.
+        prog: the program name.
+        check: the library function that checks what needs the registry or the file system, e.g.
+            :func:`timm_dropres.training.build.resolve_model`.
+        recipes: as for :func:`parse_config`.
+
+    Returns:
+        ``(config, check(config))``; an error of either exits with argparse's usage error (status 2), naming
+        the flags.
+    """
     parser = build_parser(cls, description, prog, recipes=recipes)
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        try:
-            path = find_recipe(pre.config) if recipes else Path(pre.config)
-            parser.set_defaults(**load_yaml(path, cls))
-        except (FileNotFoundError, ValueError) as e:
-            parser.error(str(e))
-    args = vars(parser.parse_args(argv))
-    args.pop('config')
+    cfg = _parse(parser, cls, argv, recipes)
     try:
-        return cls(**args)  # the config class validates its values
+        return cfg, check(cfg)
     except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+        parser.error(flag_message(e))

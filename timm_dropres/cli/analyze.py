@@ -75,16 +75,18 @@ def _model_input(model: Any, input_size: Sequence[int] | None) -> tuple[tuple[in
 def _shift(args: argparse.Namespace) -> dict:
     import timm
 
+    from ..models.reference import ModelRef
     from ..research import analysis as A
     name = args.model
-    fresh = name.endswith('_dropres') or '_dropres.' in name
-    probe = timm.create_model(name, pretrained=name.startswith('local-dir:'))
+    ref = ModelRef.parse(name)
+    fresh = ref.source is None and ref.architecture.endswith('_dropres')
+    probe = timm.create_model(name, pretrained=ref.loads_weights())
     size, mean, std = _model_input(probe, args.input_size)
 
     def batches(seed: int) -> list:
         return A.image_batches(args.data, args.batches, args.batch_size, size, mean=mean, std=std, seed=seed)
 
-    calibrate = args.calibrate if args.calibrate is not None else not name.startswith('local-dir:')
+    calibrate = args.calibrate if args.calibrate is not None else not ref.is_folder
     if fresh:
         results = A.shift_by_position(name, args.positions, batches(args.seed + 1), batches(args.seed),
                                       res_drop_rate=args.res_drop_rate, seed=args.seed)
@@ -128,7 +130,9 @@ def _head(args: argparse.Namespace) -> dict:
     real = None
     if args.model:
         import timm
-        model = timm.create_model(args.model, pretrained=args.model.startswith('local-dir:'))
+
+        from ..models.reference import ModelRef
+        model = timm.create_model(args.model, pretrained=ModelRef.parse(args.model).loads_weights())
         size, mean, std = _model_input(model, args.input_size)
         batches = A.image_batches(args.data, max(1, args.images // 32), min(32, args.images), size,
                                   mean=mean, std=std, seed=args.seed)

@@ -8,8 +8,7 @@ from typing import Sequence
 from ..training.config import ValidateConfig
 from ..training.data import DataError
 from ..training.evaluate import validate
-from ..training.runs import error_line
-from ._config_args import parse_config
+from ._config_args import flag_message, parse_config
 
 __all__ = ['main']
 
@@ -21,10 +20,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         validate(cfg)
     except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f'dropres-validate: error: {error_line(e)}', file=sys.stderr)
+        print(f'dropres-validate: error: {flag_message(e)}', file=sys.stderr)
         return 2
     except OSError as e:  # e.g. the results file cannot be written
-        print(f'dropres-validate: error: {error_line(e)}', file=sys.stderr)
+        print(f'dropres-validate: error: {flag_message(e)}', file=sys.stderr)
         return 1
     return 0
 

@@ -18,6 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..models.convert import dropout_args
 from ..models.layers import AFTER_LAST_BN, BEFORE_LAST_CONV, HEAD_BEFORE_POOL
+from ..models.reference import ModelRef
 from ..models.summary import describe
 
 __all__ = [
@@ -163,13 +164,15 @@ def base_model_id(summary: Mapping[str, Any] | None) -> str | None:
         return None
     if cfg.get('pretrained_file'):
         return None  # started from a local weights file: no Hub id to point at
-    if name.startswith('hf-hub:'):
-        return name[len('hf-hub:'):].split('@')[0]
-    if name.startswith(('local-dir:', 'timm/')):
+    try:
+        ref = ModelRef.parse(name, read_folder=False)  # the run's folder need not exist here
+    except ValueError:  # a bare Hub id, which timm no longer takes without hf-hub:
         return name[len('timm/'):] if name.startswith('timm/') else None
+    if ref.source is not None:
+        return ref.hub_id  # None for a folder
     from timm.models import get_pretrained_cfg  # lazy: only needed for registry names
     tag = cfg.get('pretrained_tag')
-    pcfg = get_pretrained_cfg(f'{name}.{tag}' if tag and '.' not in name else name, allow_unregistered=True)
+    pcfg = get_pretrained_cfg(f'{name}.{tag}' if tag and not ref.tag else name, allow_unregistered=True)
     return pcfg.hf_hub_id if pcfg is not None and pcfg.hf_hub_id else None
 
 

@@ -26,9 +26,10 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..files import files_like_folder, temp_dir_beside
 from ..models.dropres import registered_models
-from ..models.hf_folder import CONFIG_NAME, WEIGHTS_NAME, read_folder_config
+from ..models.hf_folder import CONFIG_NAME, WEIGHTS_NAME
 from ..models.layers import check_dropout_args
 from ..models.published import registry_entry
+from ..models.reference import ModelRef
 from .model_card import build_card, find_summary, read_summary, scrub_paths
 
 __all__ = ['CARD_NAME', 'PushError', 'PushResult', 'FolderInfo', 'check_repo_id', 'inspect_folder',
@@ -100,7 +101,7 @@ def _check_safetensors(path: Path) -> Dict[str, List[int]]:
         if head.startswith(_PICKLE_MAGIC):
             raise PushError(f'{path} is not a safetensors file: it starts like a pickle / torch.save checkpoint. Only '
                             'safetensors weights are published; re-export with '
-                            'timm_dropres.hub.export.save_pretrained_folder') from None
+                            'timm_dropres.models.hf_folder.save_pretrained_folder') from None
         raise PushError(f'{path} is not a valid safetensors file ({e})') from None
 
 
@@ -115,20 +116,21 @@ def _build_meta(config: Mapping[str, Any]) -> nn.Module:
         raise PushError(f'config.json model_args {args} do not build {config["architecture"]}: {e}') from None
 
 
-def _check_loads(folder: Path) -> None:
+def _check_loads(ref: ModelRef) -> None:
     """Load the folder once as its users will, so that only what loads is published.
 
     The checks above read the config and the weights' header; this runs timm's own path
     (``timm.create_model('local-dir:<folder>', pretrained=True)`` with the plugin imported), which also
     catches config fields timm handles specially, e.g. a ``pretrained_cfg_overlay`` in ``model_args``.
     """
+    folder = ref.folder
     try:
-        timm.create_model(f'local-dir:{folder}', pretrained=True)
+        timm.create_model(ref.name, pretrained=ref.loads_weights())
     except Exception as e:  # TypeError, RuntimeError, ValueError...: whatever users would see
         first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        raise PushError(f'{folder} does not load with timm.create_model("local-dir:{folder}", pretrained=True): '
+        raise PushError(f'{folder} does not load with timm.create_model("{ref.name}", pretrained=True): '
                         f'{type(e).__name__}: {first}. Only folders that load are published; re-export it with '
-                        'timm_dropres.hub.export.save_pretrained_folder') from None
+                        'timm_dropres.models.hf_folder.save_pretrained_folder') from None
 
 
 def inspect_folder(folder: str | os.PathLike) -> FolderInfo:
@@ -141,11 +143,12 @@ def inspect_folder(folder: str | os.PathLike) -> FolderInfo:
         missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
         present = sorted(p.name for p in folder.iterdir())
         raise PushError(f'{folder} has no {" or ".join(missing)} (it holds {present or "nothing"}); expected a folder '
-                        'written by timm_dropres.hub.export.save_pretrained_folder, e.g. runs/<name>/best')
+                        'written by timm_dropres.models.hf_folder.save_pretrained_folder, e.g. runs/<name>/best')
     try:
-        config = read_folder_config(folder)
+        ref = ModelRef.from_folder(folder)  # config.json is read here, once
     except ValueError as e:
         raise PushError(str(e)) from None
+    config = dict(ref.folder_config or {})
     arch = config.get('architecture')
     known = registered_models()
     if arch not in known:
@@ -159,11 +162,11 @@ def inspect_folder(folder: str | os.PathLike) -> FolderInfo:
     if model_args.get('num_classes', config['num_classes']) != config['num_classes']:
         raise PushError(f'{folder / CONFIG_NAME}: model_args num_classes {model_args["num_classes"]} disagrees with '
                         f'num_classes {config["num_classes"]}; re-export with '
-                        'timm_dropres.hub.export.save_pretrained_folder')
+                        'timm_dropres.models.hf_folder.save_pretrained_folder')
     missing_args = [k for k in _DROPOUT_ARGS if k not in model_args]
     if missing_args:
         raise PushError(f'{folder / CONFIG_NAME}: model_args lack {missing_args}, so the dropout placement would not '
-                        'be rebuilt; re-export with timm_dropres.hub.export.save_pretrained_folder')
+                        'be rebuilt; re-export with timm_dropres.models.hf_folder.save_pretrained_folder')
     try:
         check_dropout_args(model_args['drop_rate'], model_args['res_drop_rate'], model_args['res_drop_pos'])
     except (TypeError, ValueError) as e:
@@ -183,7 +186,7 @@ def inspect_folder(folder: str | os.PathLike) -> FolderInfo:
         raise PushError(f'{weights} does not match {arch} as config.json builds it: missing {missing}, '
                         f'unexpected {extra}, wrong shape {[(k, shapes[k], expected[k]) for k in wrong]}')
 
-    _check_loads(folder)
+    _check_loads(ref)
 
     summary_path = find_summary(folder)
     summary = read_summary(summary_path) if summary_path else None

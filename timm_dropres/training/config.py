@@ -1,20 +1,56 @@
 """The options of ``dropres-finetune`` and ``dropres-validate``: one dataclass each, validated on creation.
 
 Each field is a CLI flag (``--field-name``), a YAML key and a keyword of the library call; its help text is
-the CLI's. Validation lives in ``__post_init__``, so a bad value fails before any process, file or model is
-created, whichever way the config was made.
+the CLI's. ``__post_init__`` checks the values themselves (ranges, combinations) and nothing else: what needs
+the model registry or the file system (the model name, a checkpoint file, a compile backend) is checked once
+by :func:`timm_dropres.training.build.resolve_model`, which ``finetune`` calls before it creates anything.
+
+Errors name options by their field names (:class:`OptionError`); a front end renders its own names for them
+(the CLIs print ``--field-name``).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
-from ..models.layers import RES_DROP_POSITIONS, check_dropout_args
-from .build import check_compile_backend, check_model_name, checkpoint_file, dropout_kwargs
+from ..models.layers import RES_DROP_POSITIONS, check_dropout_args, check_rate
 
-__all__ = ['FinetuneConfig', 'ValidateConfig', 'config_field']
+__all__ = ['FinetuneConfig', 'ValidateConfig', 'OptionError', 'config_field', 'check_numbers']
+
+
+class OptionError(ValueError):
+    """A bad option value, phrased in library terms: options are named by their config field names.
+
+    The message is a ``str.format`` template whose positional fields are the options it names and whose
+    keyword fields are values, so a front end can name the options its own way with :meth:`render`.
+
+    Args:
+        template: the message, e.g. ``'{0} must be > 0, got {value}'``.
+        *options: the config fields the message names, in the template's positional order.
+        **values: the values the template shows.
+
+    Example:
+        >>> e = OptionError('{0} must be > 0, got {value}', 'lr', value=-1.0)
+        >>> str(e), e.render(lambda name: '--' + name.replace('_', '-'))
+        ('lr must be > 0, got -1.0', '--lr must be > 0, got -1.0')
+    """
+
+    def __init__(self, template: str, *options: str, **values: Any) -> None:
+        self.template, self.options, self.values = template, options, values
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with every option named by ``name(field)``.
+
+        Args:
+            name: maps a config field name to the name a front end uses for it.
+
+        Returns:
+            The message.
+        """
+        return self.template.format(*(name(o) for o in self.options), **self.values)
 
 
 def config_field(default: Any, help: str, **kw: Any) -> Any:
@@ -35,6 +71,11 @@ def config_field(default: Any, help: str, **kw: Any) -> Any:
 
 _f = config_field
 
+#: ``create_model`` keywords the trainer always sets (the data's classes and channels, the weights):
+#: ``model_kwargs`` may not hold them, nor a dropout option that is set by its own field.
+MODEL_KWARGS_SET_ELSEWHERE = ('num_classes', 'in_chans', 'pretrained', 'pretrained_cfg_overlay')
+_DROPOUT_OPTIONS = ('drop_rate', 'res_drop_rate', 'res_drop_pos', 'drop_path_rate', 'drop_block_rate')
+
 
 def check_numbers(cfg: Any, *, non_negative: Sequence[str] = (), positive: Sequence[str] = (),
                   unit: Sequence[str] = ()) -> None:
@@ -47,19 +88,19 @@ def check_numbers(cfg: Any, *, non_negative: Sequence[str] = (), positive: Seque
         unit: options that must lie in [0, 1] when set.
 
     Raises:
-        ValueError: naming the flag and the value.
+        OptionError: naming the option and the value.
     """
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f'--{f.name.replace("_", "-")} must be a finite number, got {value}')
+                raise OptionError('{0} must be a finite number, got {value}', f.name, value=value)
     for names, ok, want in ((non_negative, lambda v: v >= 0, '>= 0'), (positive, lambda v: v > 0, '> 0'),
                             (unit, lambda v: 0 <= v <= 1, 'in [0, 1]')):
         for name in names:
             value = getattr(cfg, name)
             if value is not None and not ok(value):
-                raise ValueError(f'--{name.replace("_", "-")} must be {want}, got {value}')
+                raise OptionError('{0} must be {want}, got {value}', name, want=want, value=value)
 
 
 @dataclass
@@ -156,51 +197,61 @@ class FinetuneConfig:
                                      'terminal, so a run logged to a file gets no bar refreshes)')
 
     def __post_init__(self) -> None:
-        """Reject bad values up front, naming the flag, before any process builds anything."""
+        """Reject bad values up front, naming the option, before any process builds anything.
+
+        Raises:
+            OptionError: a value out of range, or options that do not go together.
+            ValueError: a bad dropout rate or position (``timm_dropres.models.layers.check_dropout_args``).
+        """
+        if not self.model:
+            raise OptionError('no model given: set {0} (a timm name, hf-hub:<repo id> or local-dir:<folder>)', 'model')
         check_numbers(self, non_negative=('weight_decay', 'momentum', 'warmup_epochs', 'warmup_lr', 'min_lr',
                                           'color_jitter', 'mixup', 'cutmix'),
                       positive=('eval_batch_size', 'img_size', 'crop_pct', 'layer_decay', 'clip_grad',
                                 'train_subset', 'val_subset'), unit=('hflip', 'reprob'))
         check_dropout_args(self.drop_rate, self.res_drop_rate, self.res_drop_pos)
+        for name in ('drop_path_rate', 'drop_block_rate'):  # timm's --drop-path / --drop-block, for any timm model
+            if getattr(self, name) is not None:
+                check_rate(name, getattr(self, name))
+        set_elsewhere = set(MODEL_KWARGS_SET_ELSEWHERE) | {k for k in _DROPOUT_OPTIONS if getattr(self, k) is not None}
+        overlap = sorted(set(self.model_kwargs) & set_elsewhere)
+        if overlap:
+            raise OptionError('{0} {overlap} are set by the trainer or by their own options ({1}, {2}, {3}, {4}, '
+                              '{5}; classes and channels come from the data)', 'model_kwargs', 'drop_rate',
+                              'res_drop_rate', 'res_drop_pos', 'drop_path_rate', 'drop_block_rate', overlap=overlap)
         positive = ('epochs', 'batch_size', 'grad_accum_steps', 'keep_checkpoints')
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(self, name)}')
+                raise OptionError('{0} must be >= 1, got {value}', name, value=getattr(self, name))
         for name in ('checkpoint_every', 'num_workers', 'log_every'):
             if getattr(self, name) < 0:
-                raise ValueError(f'--{name.replace("_", "-")} must be >= 0, got {getattr(self, name)}')
+                raise OptionError('{0} must be >= 0, got {value}', name, value=getattr(self, name))
         if self.sched == 'multistep' and not self.decay_milestones:
-            raise ValueError('--sched multistep needs --decay-milestones (epochs, e.g. 81 122)')
+            raise OptionError('{0} multistep needs {1} (epochs, e.g. 81 122)', 'sched', 'decay_milestones')
         if self.decay_milestones and (sorted(self.decay_milestones) != list(self.decay_milestones)
                                       or not all(0 < m < self.epochs for m in self.decay_milestones)):
-            raise ValueError(f'--decay-milestones must be increasing epochs in (0, --epochs={self.epochs}), '
-                             f'got {list(self.decay_milestones)}')
+            raise OptionError('{0} must be increasing epochs in (0, {1}={epochs}), got {value}', 'decay_milestones',
+                              'epochs', epochs=self.epochs, value=list(self.decay_milestones))
         if not 0.0 < self.decay_rate <= 1.0:
-            raise ValueError(f'--decay-rate must be in (0, 1], got {self.decay_rate}')
+            raise OptionError('{0} must be in (0, 1], got {value}', 'decay_rate', value=self.decay_rate)
         if self.pad_crop < 0:
-            raise ValueError(f'--pad-crop must be >= 0, got {self.pad_crop}')
+            raise OptionError('{0} must be >= 0, got {value}', 'pad_crop', value=self.pad_crop)
         if self.lr <= 0:
-            raise ValueError(f'--lr must be > 0, got {self.lr}')
+            raise OptionError('{0} must be > 0, got {value}', 'lr', value=self.lr)
         if not 0.0 <= self.smoothing < 1.0:
-            raise ValueError(f'--smoothing must be in [0, 1), got {self.smoothing}')
+            raise OptionError('{0} must be in [0, 1), got {value}', 'smoothing', value=self.smoothing)
         if self.mixed_precision not in ('no', 'fp16', 'bf16'):
-            raise ValueError(f"--mixed-precision must be one of ['no', 'fp16', 'bf16'], got {self.mixed_precision!r}")
+            raise OptionError("{0} must be one of ['no', 'fp16', 'bf16'], got {value!r}", 'mixed_precision',
+                              value=self.mixed_precision)
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
-            raise ValueError(f'--stop-after-steps must be >= 1, got {self.stop_after_steps}')
+            raise OptionError('{0} must be >= 1, got {value}', 'stop_after_steps', value=self.stop_after_steps)
         if self.ema and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f'--ema-decay must be in (0, 1), got {self.ema_decay}')
-        if self.torchcompile is not None:
-            check_compile_backend(self.torchcompile)
-            if self.grad_checkpointing:  # seen with torch 2.14 + timm 1.0.31 on every ResNet, dropres or not
-                raise ValueError('--torchcompile and --grad-checkpointing together fail in the backward pass of '
-                                 'timm\'s ResNets (the compiled checkpoint replays BatchNorm\'s in-place '
-                                 'num_batches_tracked update); use one of them')
-        if self.initial_checkpoint is not None:
-            checkpoint_file(self.initial_checkpoint)
-        if not self.model:
-            raise ValueError('no model given: pass --model')
-        check_model_name(self.model)
-        dropout_kwargs(self)
+            raise OptionError('{0} must be in (0, 1), got {value}', 'ema_decay', value=self.ema_decay)
+        if self.torchcompile is not None and self.grad_checkpointing:
+            # seen with torch 2.14 + timm 1.0.31 on every ResNet, dropres or not
+            raise OptionError('{0} and {1} together fail in the backward pass of timm\'s ResNets (the compiled '
+                              'checkpoint replays BatchNorm\'s in-place num_batches_tracked update); use one of them',
+                              'torchcompile', 'grad_checkpointing')
 
 
 @dataclass
@@ -227,10 +278,15 @@ class ValidateConfig:
     overwrite: bool = _f(False, 'allow replacing an existing --results-file')
 
     def __post_init__(self) -> None:
+        """Reject bad values up front, naming the option.
+
+        Raises:
+            OptionError: a value out of range.
+        """
         check_numbers(self, positive=('num_classes', 'img_size', 'crop_pct', 'val_subset'))
         if not self.model:
-            raise ValueError('no model given: pass --model (a timm name or local-dir:<folder>)')
+            raise OptionError('no model given: set {0} (a timm name or local-dir:<folder>)', 'model')
         if self.batch_size < 1:
-            raise ValueError(f'--batch-size must be >= 1, got {self.batch_size}')
+            raise OptionError('{0} must be >= 1, got {value}', 'batch_size', value=self.batch_size)
         if self.num_workers < 0:
-            raise ValueError(f'--num-workers must be >= 0, got {self.num_workers}')
+            raise OptionError('{0} must be >= 0, got {value}', 'num_workers', value=self.num_workers)

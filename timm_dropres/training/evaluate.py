@@ -11,7 +11,7 @@ import logging
 import os
 import pickle
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Sequence
 
 import timm
 import torch
@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from ..files import write_json_atomic
-from ..models.hf_folder import read_folder_config
-from .build import check_model_name, in_chans_of
-from .config import ValidateConfig
+from ..models.reference import ModelRef
+from .build import check_model, in_chans_of
+from .config import OptionError, ValidateConfig
 from .data import DataError, TransformedDataset, eval_loader, resolve_data, resolve_transforms
 from .runs import model_load_error
 
-__all__ = ['EvalResult', 'evaluate', 'ValidateConfig', 'validate', 'format_results']
+__all__ = ['EvalResult', 'evaluate', 'ValidateConfig', 'resolve_validate_model', 'validate', 'format_results']
 
 _logger = logging.getLogger(__name__)
 
@@ -113,11 +113,36 @@ def format_results(result: EvalResult, title: str = '') -> str:
     return '\n'.join(lines)
 
 
-def validate(cfg: ValidateConfig) -> Dict[str, Any]:
+def resolve_validate_model(cfg: ValidateConfig) -> ModelRef:
+    """Parse ``cfg.model`` once and run the checks that need the registry or the file system.
+
+    Args:
+        cfg: the options of ``dropres-validate``.
+
+    Returns:
+        The parsed model reference.
+
+    Raises:
+        OptionError: an unknown model or tag, or a folder timm cannot build; or ``results_file`` exists and
+            ``overwrite`` is off.
+        ValueError: a model string timm cannot parse.
+        FileNotFoundError: a ``local-dir:`` folder that does not exist or has no ``config.json``.
+    """
+    if cfg.results_file and os.path.exists(cfg.results_file) and not cfg.overwrite:
+        raise OptionError('{0} {path} exists; set {1} to replace it', 'results_file', 'overwrite',
+                          path=cfg.results_file)
+    ref = ModelRef.parse(cfg.model)
+    check_model(ref)
+    return ref
+
+
+def validate(cfg: ValidateConfig, *, ref: ModelRef | None = None) -> Dict[str, Any]:
     """Build the model and the data split named by ``cfg`` and evaluate it.
 
     Args:
         cfg: the validated options (``dropres-validate``'s flags).
+        ref: ``cfg.model`` parsed and checked (:func:`resolve_validate_model`), when the caller has done so
+            already (the CLI); None: it is done here.
 
     Returns:
         The metrics (top-1, top-5, loss, per-class accuracy) with the model, data and input size.
@@ -126,15 +151,11 @@ def validate(cfg: ValidateConfig) -> Dict[str, Any]:
         FileExistsError: ``results_file`` exists and ``overwrite`` is off.
         ValueError: the model does not fit the data (channels, classes).
     """
-    if cfg.results_file and os.path.exists(cfg.results_file) and not cfg.overwrite:
-        raise FileExistsError(f'{cfg.results_file} exists; pass --overwrite to replace it')
-    check_model_name(cfg.model)
-    label_names: List[str] | None = None
+    if ref is None:
+        ref = resolve_validate_model(cfg)
+    label_names = ref.label_names
     model_kwargs: Dict[str, Any] = {}
-    is_folder = cfg.model.startswith('local-dir:')
-    if is_folder:
-        folder_cfg = read_folder_config(cfg.model[len('local-dir:'):])
-        label_names = folder_cfg.get('label_names')
+    is_folder = ref.is_folder
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     data = resolve_data(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, split=cfg.split,
                         val_subset=cfg.val_subset, seed=cfg.seed, class_names=label_names)
@@ -142,7 +163,7 @@ def validate(cfg: ValidateConfig) -> Dict[str, Any]:
         model_kwargs['num_classes'] = cfg.num_classes or (None if cfg.pretrained else data.num_classes)
         model_kwargs['in_chans'] = data.in_chans
     model_kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
-    pretrained = cfg.pretrained or is_folder or cfg.model.startswith('hf-hub:')
+    pretrained = ref.loads_weights(cfg.pretrained)
     try:
         model = timm.create_model(cfg.model, pretrained=pretrained, **model_kwargs)
     except (TypeError, RuntimeError, pickle.UnpicklingError) as e:  # see runs.model_load_error

@@ -35,7 +35,8 @@ from timm.utils import ModelEmaV3
 from .. import __version__
 from ..files import write_json_atomic, write_text_atomic
 from ..models.hf_folder import DATA_CFG_KEYS, save_pretrained_folder
-from .build import build_model, in_chans_of, model_identity, weights_origin
+from ..models.reference import ModelRef
+from .build import build_model, in_chans_of, model_identity, resolve_model, weights_origin
 from .checkpoints import (
     ARGS_FILE,
     CKPT_DIR,
@@ -88,8 +89,9 @@ _FINITE_CHECK_EVERY = 10
 class _Trainer:
     """One run's mutable state. Split out of ``finetune`` only to keep each step short to read."""
 
-    def __init__(self, cfg: FinetuneConfig, data: DataBundle | None) -> None:
+    def __init__(self, cfg: FinetuneConfig, data: DataBundle | None, ref: ModelRef | None) -> None:
         self.cfg = cfg
+        self.ref = ref if ref is not None else resolve_model(cfg)  # the model checks, before anything is created
         self.t_start = time.perf_counter()
         self.out = Path(cfg.output_dir)
         self.resume_ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
@@ -138,13 +140,13 @@ class _Trainer:
     def setup(self) -> None:
         cfg, acc, data = self.cfg, self.acc, self.data
         try:
-            model, self.model_kwargs = build_model(cfg, data.num_classes, data.in_chans)
+            model, self.model_kwargs = build_model(cfg, self.ref, data.num_classes, data.in_chans)
         except (RuntimeError, pickle.UnpicklingError) as e:  # weights refused by torch.load or not fitting
             raise ValueError(model_load_error(cfg.model, e, cfg.pretrained_file)) from e
         if in_chans_of(model) != data.in_chans:
             raise ValueError(f'{cfg.model} takes {in_chans_of(model)}-channel input; the data has {data.in_chans}')
-        self.identity = model_identity(model, cfg, data.num_classes, data.in_chans)
-        self.origin = weights_origin(model, cfg)
+        self.identity = model_identity(model, self.ref, data.num_classes, data.in_chans)
+        self.origin = weights_origin(model, cfg, self.ref)
         if self.resume_state is not None:
             self._check_resume_identity()
         train_tf, eval_tf, self.data_cfg = resolve_transforms(
@@ -352,15 +354,14 @@ class _Trainer:
             state = acc.get_state_dict(model)  # collective: gathers the full weights on the main process
             if not acc.is_main_process:
                 return
-            model = timm.create_model(self.cfg.model if not self.cfg.model.startswith('local-dir:') else
-                                      self.identity['architecture'], pretrained=False, **self.model_kwargs)
+            model = timm.create_model(self.ref.create_name(pretrained=False), pretrained=False, **self.model_kwargs)
             model.load_state_dict(state)
         elif model is self.model:
             model = acc.unwrap_model(model)
         if not acc.is_main_process:
             return
         # config.json describes these weights: the preprocessing they were trained and evaluated with,
-        # and where they started from only when they started from weights (see hub.export)
+        # and where they started from only when they started from weights (see models.hf_folder)
         data_cfg = {k: self.data_cfg[k] for k in DATA_CFG_KEYS if self.data_cfg.get(k) is not None}
         extra = dict(metrics=metrics, weights=source, dataset=self.cfg.dataset or self.data.description)
         if self.origin is not None:
@@ -536,13 +537,21 @@ class _Trainer:
 
 
 
-def finetune(cfg: FinetuneConfig, data: DataBundle | None = None) -> Dict[str, Any]:
+def finetune(cfg: FinetuneConfig, data: DataBundle | None = None, *, ref: ModelRef | None = None) -> Dict[str, Any]:
     """Run a fine-tuning job and return its summary (also written to ``<output_dir>/summary.json``).
 
-    ``data`` skips dataset resolution (benchmarks, in-memory tensors); otherwise ``cfg.dataset`` is
-    resolved by :func:`timm_dropres.data.resolve_data`. Call under ``accelerate launch`` for several
-    processes; every process must call it with the same config.
+    Call under ``accelerate launch`` for several processes; every process must call it with the same config.
+
+    Args:
+        cfg: the run's options.
+        data: the data, already resolved (benchmarks, in-memory tensors); None: ``cfg.dataset`` is resolved by
+            :func:`timm_dropres.training.data.resolve_data`.
+        ref: ``cfg.model`` as :func:`~timm_dropres.training.build.resolve_model` returned it, when the caller
+            has checked it already (the CLI); None: it is resolved here, before anything is created.
+
+    Returns:
+        The run's summary: final and best metrics, the history, where the weights went, the versions.
     """
-    trainer = _Trainer(dataclasses.replace(cfg), data)
+    trainer = _Trainer(dataclasses.replace(cfg), data, ref)
     trainer.setup()
     return trainer.run()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 from typing import Any, Dict, Sequence, Tuple
 
 import torch
@@ -44,20 +43,22 @@ def load_model(spec: str | nn.Module, **kwargs: Any) -> Tuple[nn.Module, str]:
 
     import timm_dropres  # noqa: F401  (registers *_dropres and the CIFAR networks)
 
-    if spec.startswith('local-dir:'):
-        folder = spec.split(':', 1)[1]
-        if not os.path.isfile(os.path.join(folder, 'config.json')):
-            raise AuditError(f'{spec!r}: no config.json in {folder!r}; expected a folder written by '
-                             'timm.models.save_for_hf or timm_dropres.hub.export.save_pretrained_folder')
+    from ...models.reference import ModelRef
+
+    try:
+        ref = ModelRef.parse(spec)
+    except (FileNotFoundError, ValueError) as e:  # no such folder, no config.json, a name timm cannot parse
+        raise AuditError(f'{spec!r}: {e}') from None
+    if ref.is_folder:
         try:
             return timm.create_model(spec, pretrained=True, **kwargs), spec
         except Exception as e:  # noqa: BLE001 - turned into one clear message
             raise AuditError(f'could not build {spec!r}: {type(e).__name__}: {e}') from e
-    if spec.startswith('hf-hub:') or not timm.is_model(spec.split('.')[0]):
-        if spec.startswith('hf-hub:'):
+    if ref.architecture is None or not timm.is_model(ref.architecture):
+        if ref.architecture is None:
             hint = 'the Hub is not reachable here; use local-dir:<folder>'
         else:
-            close = timm.list_models(f'*{spec.split(".")[0][:8]}*')[:8]
+            close = timm.list_models(f'*{ref.architecture[:8]}*')[:8]
             hint = f'similar names: {close}' if close else 'see timm.list_models()'
         raise AuditError(f'unknown model {spec!r}: not a registered timm model ({hint})')
     try:
