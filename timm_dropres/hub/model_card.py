@@ -70,7 +70,14 @@ _TEST_SPLIT = frozenset(('zalando-datasets/fashion_mnist', 'uoft-cs/cifar10', 'u
 
 # ---------------------------------------------------------------------------------------------- summary.json
 def find_summary(folder: str | os.PathLike) -> Path | None:
-    """``summary.json`` in ``folder`` or one level up (``runs/x/best`` -> ``runs/x/summary.json``)."""
+    """Find the run summary of a saved folder.
+
+    Args:
+        folder: a run's ``best/`` or ``last/`` folder, or any saved folder.
+
+    Returns:
+        ``summary.json`` in ``folder`` or one level up (``runs/x/best`` -> ``runs/x/summary.json``), or None.
+    """
     folder = Path(folder)
     for cand in (folder / SUMMARY_NAME, folder.parent / SUMMARY_NAME):
         if cand.is_file():
@@ -79,6 +86,17 @@ def find_summary(folder: str | os.PathLike) -> Path | None:
 
 
 def read_summary(path: str | os.PathLike) -> Dict[str, Any]:
+    """Read a trainer ``summary.json``.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The summary.
+
+    Raises:
+        ValueError: the file is not JSON or does not hold an object.
+    """
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
@@ -97,6 +115,13 @@ def eval_metrics(summary: Mapping[str, Any], checkpoint: str = 'best') -> Dict[s
 
     Reads the trainer's ``{"best": {"top1": ...}, "last": {...}, "epochs_completed": n}``. Accuracies are
     percentages, as timm reports them.
+
+    Args:
+        summary: the trainer's ``summary.json``.
+        checkpoint: ``'best'`` or ``'last'``.
+
+    Returns:
+        The metrics that are present and finite.
     """
     if checkpoint not in ('best', 'last'):
         raise ValueError(f'checkpoint must be "best" or "last", got {checkpoint!r}')
@@ -114,7 +139,16 @@ def eval_metrics(summary: Mapping[str, Any], checkpoint: str = 'best') -> Dict[s
 
 
 def weights_metrics(config: Mapping[str, Any], summary: Mapping[str, Any] | None, checkpoint: str) -> Dict[str, Any]:
-    """Eval results of the published weights: from the summary, else the ``metrics`` the trainer put in config.json."""
+    """Eval results of the published weights: from the summary, else the ``metrics`` the trainer put in config.json.
+
+    Args:
+        config: the folder's ``config.json``.
+        summary: the trainer's ``summary.json``, or None.
+        checkpoint: ``'best'`` or ``'last'``.
+
+    Returns:
+        The metrics (see :func:`eval_metrics`); empty when neither source has any.
+    """
     if summary:
         m = eval_metrics(summary, checkpoint)
         if m:
@@ -127,17 +161,39 @@ def weights_metrics(config: Mapping[str, Any], summary: Mapping[str, Any] | None
 
 
 def summary_config(summary: Mapping[str, Any]) -> Dict[str, Any]:
+    """The run's options as the summary records them.
+
+    Args:
+        summary: the trainer's ``summary.json``.
+
+    Returns:
+        Its ``config`` mapping (empty when there is none).
+    """
     cfg = summary.get('config') or {}
     return dict(cfg) if isinstance(cfg, Mapping) else {}
 
 
 def scrub_paths(text: str) -> str:
-    """``text`` with every absolute local path cut to ``.../<last part>`` (no local layout on the Hub)."""
+    """Cut every absolute local path in ``text`` to ``.../<last part>`` (no local layout on the Hub).
+
+    Args:
+        text: any text.
+
+    Returns:
+        The text with the paths cut.
+    """
     return _ABS_PATH.sub(r'.../\1', text)
 
 
 def redact(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """Scalar recipe fields fit for a public card: secrets dropped, local paths cut to their last part."""
+    """Scalar recipe fields fit for a public card: secrets dropped, local paths cut to their last part.
+
+    Args:
+        config: the run's options.
+
+    Returns:
+        The fields to show.
+    """
     out = {}
     for k, v in config.items():
         if _SECRET_KEY.search(str(k)) or k in _RUNTIME_KEYS or v is None or v == '' or isinstance(v, Mapping):
@@ -155,7 +211,14 @@ def redact(config: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def base_model_id(summary: Mapping[str, Any] | None) -> str | None:
-    """Hub id of the weights the run started from, when the summary says it started from pretrained weights."""
+    """Hub id of the weights the run started from, when the summary says it started from pretrained weights.
+
+    Args:
+        summary: the trainer's ``summary.json``, or None.
+
+    Returns:
+        The Hub repo id, or None (trained from scratch, from a local file or folder, or unknown).
+    """
     if not summary:
         return None
     cfg = summary_config(summary)
@@ -177,7 +240,14 @@ def base_model_id(summary: Mapping[str, Any] | None) -> str | None:
 
 
 def dataset_id(name: Any) -> Tuple[str | None, str | None]:
-    """(Hub dataset id or None, readable name) of a trainer ``--dataset`` value."""
+    """The Hub dataset and a readable name of a trainer ``dataset`` value.
+
+    Args:
+        name: the value.
+
+    Returns:
+        ``(Hub dataset id or None, readable name or None)``; a local folder gives its last part only.
+    """
     if not isinstance(name, str) or not name:
         return None, None
     key = name.lower()
@@ -189,7 +259,15 @@ def dataset_id(name: Any) -> Tuple[str | None, str | None]:
 
 
 def run_dataset(config: Mapping[str, Any], summary: Mapping[str, Any] | None) -> Any:
-    """The run's ``--dataset`` value: from the summary's config, else the ``dataset`` the trainer put in config.json."""
+    """The run's ``dataset`` value: from the summary's config, else the ``dataset`` the trainer put in config.json.
+
+    Args:
+        config: the folder's ``config.json``.
+        summary: the trainer's ``summary.json``, or None.
+
+    Returns:
+        The value, or None.
+    """
     return summary_config(summary or {}).get('dataset') or (summary or {}).get('dataset') or config.get('dataset')
 
 
@@ -205,6 +283,9 @@ def plain_timm_snippet(repo_id: str, architecture: str) -> str:
     Args:
         repo_id: the Hub repo.
         architecture: the ``*_dropres`` architecture (named in a comment).
+
+    Returns:
+        The code.
     """
     base = architecture.removesuffix('_dropres')
     return f"""import json
@@ -223,7 +304,14 @@ model = timm.create_model(
 
 
 def dropres_snippet(repo_id: str) -> str:
-    """Python that rebuilds the published model with its dropouts (timm + the timm_dropres plugin)."""
+    """Python that rebuilds the published model with its dropouts (timm + the timm_dropres plugin).
+
+    Args:
+        repo_id: the Hub repo.
+
+    Returns:
+        The code.
+    """
     return f"""import timm
 import timm_dropres  # noqa: F401  (registers the *_dropres models)
 
@@ -235,7 +323,14 @@ transform = timm.data.create_transform(**data_cfg, is_training=False)
 
 
 def transformers_snippet(repo_id: str) -> str:
-    """Python that loads the published model with transformers' ``AutoModelForImageClassification``."""
+    """Python that loads the published model with transformers' ``AutoModelForImageClassification``.
+
+    Args:
+        repo_id: the Hub repo.
+
+    Returns:
+        The code.
+    """
     return f"""import timm_dropres  # noqa: F401  (registers the *_dropres models, which transformers builds with timm)
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -250,6 +345,9 @@ def transformers_plain_snippet(repo_id: str, config: Mapping[str, Any]) -> str:
     Args:
         repo_id: the Hub repo.
         config: its ``config.json`` (architecture and ``model_args``).
+
+    Returns:
+        The code.
     """
     base = str(config['architecture']).removesuffix('_dropres')
     args = {k: v for k, v in (config.get('model_args') or {}).items()
@@ -315,11 +413,18 @@ def build_card(
 ) -> ModelCard:
     """The model card of a dropres folder.
 
-    ``config``: the folder's ``config.json``; ``model``: that config rebuilt (any device, e.g. meta) so
-    the placement table comes from the network itself; ``summary``: the trainer's ``summary.json``
-    (None: the card says there are no eval results); ``checkpoint``: which of its results the
-    weights are ('best' or 'last'). ``license``/``base_model``/``dataset`` override what the
-    config and summary say.
+    Args:
+        config: the folder's ``config.json``.
+        repo_id: the Hub repo the card is for.
+        model: that config rebuilt (any device, e.g. meta), so the placement table comes from the network itself.
+        summary: the trainer's ``summary.json`` (None: the card says there are no eval results).
+        checkpoint: which of its results the weights are (``'best'`` or ``'last'``).
+        license: overrides the license the config and summary give.
+        base_model: overrides the Hub id of the starting weights.
+        dataset: overrides the dataset.
+
+    Returns:
+        The card (``huggingface_hub.ModelCard``).
     """
     arch = str(config['architecture'])
     base_arch = arch[:-len('_dropres')] if arch.endswith('_dropres') else arch

@@ -76,7 +76,17 @@ class PushResult:
 
 
 def check_repo_id(repo_id: str) -> str:
-    """``repo_id`` if it is ``<namespace>/<name>`` as the Hub accepts it; the card's snippets need the namespace."""
+    """Check that ``repo_id`` is ``<namespace>/<name>`` as the Hub accepts it; the card's snippets need the namespace.
+
+    Args:
+        repo_id: the repo id.
+
+    Returns:
+        ``repo_id``.
+
+    Raises:
+        PushError: no namespace, or a name the Hub refuses.
+    """
     if not isinstance(repo_id, str) or repo_id.count('/') != 1:
         raise PushError(
             f'invalid repo id {repo_id!r}: expected "<user or org>/<name>", e.g. "alice/resnet50_dropres.pets"')
@@ -134,7 +144,18 @@ def _check_loads(ref: ModelRef) -> None:
 
 
 def inspect_folder(folder: str | os.PathLike) -> FolderInfo:
-    """Validate a folder written by ``save_pretrained_folder`` and read its ``summary.json`` if there is one."""
+    """Validate a folder written by ``save_pretrained_folder`` and read its ``summary.json`` if there is one.
+
+    Args:
+        folder: a run's ``best/`` or ``last/`` folder, or any folder ``save_pretrained_folder`` wrote.
+
+    Returns:
+        The config, the weights file, the model rebuilt on the meta device and the summary.
+
+    Raises:
+        PushError: the folder is missing files, its config does not rebuild a dropres model, its weights are
+            not safetensors or do not fit, or it does not load with timm.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise PushError(f'{folder} is not a folder; pass a run\'s best/ or last/ folder ({CONFIG_NAME} + weights)')
@@ -204,7 +225,14 @@ def public_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     """``config`` as published: the trainer's informational root fields (``dataset``, ``finetuned_from``)
     keep no local directory layout, and ``model_args`` holds no ``num_classes`` (folders saved before
     0.1.0's fix had one, which transformers' TimmWrapper passes twice). Otherwise fields timm reads are
-    never changed."""
+    never changed.
+
+    Args:
+        config: the folder's ``config.json``.
+
+    Returns:
+        The config to upload.
+    """
     out = dict(config)
     if 'num_classes' in (config.get('model_args') or {}):  # equal to the root's: inspect_folder checked it
         out['model_args'] = {k: v for k, v in config['model_args'].items() if k != 'num_classes'}
@@ -216,7 +244,16 @@ def public_config(config: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def write_repo_folder(info: FolderInfo, dst: Path, card_text: str | None) -> List[str]:
-    """Write the files to upload into the empty folder ``dst``; returns their names."""
+    """Write the files to upload into the empty folder ``dst``.
+
+    Args:
+        info: the inspected folder.
+        dst: an empty folder.
+        card_text: the model card (None: no card is written, an existing one on the Hub is kept).
+
+    Returns:
+        The names of the files written.
+    """
     (dst / CONFIG_NAME).write_text(json.dumps(public_config(info.config), indent=2), encoding='utf-8')
     shutil.copyfile(info.weights, dst / WEIGHTS_NAME)
     if card_text is not None:
@@ -264,6 +301,28 @@ def push(
     creating the repo if needed. An existing card on the Hub is kept unless ``overwrite_card``.
     ``dry_run`` writes the exact upload to ``out_dir`` and touches no network. The token comes from
     ``token``, else ``HF_TOKEN`` or ``huggingface_hub`` login; it is passed to the API and never logged.
+
+    Args:
+        folder: the folder to publish.
+        repo_id: ``<namespace>/<name>`` on the Hub.
+        token: a Hub token (None: ``HF_TOKEN`` or the login).
+        private: create the repo private.
+        revision: the branch to commit to.
+        create_pr: open a pull request instead of committing.
+        commit_message: the commit message (None: a generated one).
+        overwrite_card: replace a card that is already on the Hub.
+        dry_run: write the upload to ``out_dir`` only.
+        out_dir: where a dry run writes (required with ``dry_run``; a new or empty folder).
+        license: overrides the card's license.
+        base_model: overrides the card's base model.
+        dataset: overrides the card's dataset.
+        api: the ``HfApi`` to call (None: a new one; tests pass a recorder).
+
+    Returns:
+        What was uploaded (or would be), the card's fate and the commit or PR URL.
+
+    Raises:
+        PushError: bad input, found before anything is uploaded.
     """
     from .. import __version__
 

@@ -40,6 +40,9 @@ class CheckpointError(RuntimeError):
         Args:
             ckpt: the checkpoint folder.
             reason: what is wrong with it.
+
+        Returns:
+            The error (to raise).
         """
         run = ckpt.parent.parent if ckpt.parent.name == CKPT_DIR else None
         older = [p for p in list_checkpoints(run) if p.name < ckpt.name] if run is not None else []
@@ -53,7 +56,14 @@ class CheckpointError(RuntimeError):
         return cls(f'checkpoint {ckpt} is corrupt or incomplete: {reason}{hint}')
 
 def list_checkpoints(run_dir: str | os.PathLike) -> List[Path]:
-    """Complete checkpoints of a run, oldest first (incomplete ones are dot-prefixed temp folders)."""
+    """Complete checkpoints of a run, oldest first (incomplete ones are dot-prefixed temp folders).
+
+    Args:
+        run_dir: the run folder.
+
+    Returns:
+        The ``checkpoints/step_*`` folders, by step.
+    """
     d = Path(run_dir) / CKPT_DIR
     if not d.is_dir():
         return []
@@ -62,6 +72,12 @@ def list_checkpoints(run_dir: str | os.PathLike) -> List[Path]:
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder from ``path``: itself, or the latest checkpoint of a run folder.
+
+    Args:
+        path: a checkpoint folder or a run folder (the ``resume`` option).
+
+    Returns:
+        The checkpoint folder.
 
     Raises:
         CheckpointError: ``path`` does not exist, holds no checkpoint, or is an incomplete checkpoint (a
@@ -113,6 +129,12 @@ def _state_problems(state: Any) -> List[str]:
 
 def read_state(ckpt: Path) -> Dict[str, Any]:
     """The trainer state of checkpoint ``ckpt``, checked field by field.
+
+    Args:
+        ckpt: the checkpoint folder.
+
+    Returns:
+        The parsed ``trainer_state.json``.
 
     Raises:
         CheckpointError: the file is missing, not valid JSON, or not a trainer state; the message names the

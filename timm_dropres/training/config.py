@@ -62,6 +62,9 @@ def config_field(default: Any, help: str, **kw: Any) -> Any:
         **kw: further settings kept in the metadata: argparse's ``choices``, ``nargs``, ``const``, ``metavar``;
             ``aliases``, more option strings for the flag (timm's names, e.g. ``('-b',)``); ``amp_flags``,
             add timm's ``--amp``/``--amp-dtype`` for this mixed-precision field.
+
+    Returns:
+        A ``dataclasses.field`` with the help text and settings in its metadata.
     """
     meta = dict(help=help, **kw)
     if isinstance(default, (list, dict)):

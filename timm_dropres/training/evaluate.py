@@ -41,6 +41,11 @@ class EvalResult:
     per_class_count: Dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
+        """The result as a JSON-able dict.
+
+        Returns:
+            Every field by name.
+        """
         return asdict(self)
 
 
@@ -56,6 +61,17 @@ def evaluate(
     """Evaluate ``model`` on ``loader`` (prepared by ``accelerator`` when one is given).
 
     Accuracies are percentages; ``loss`` is the mean cross-entropy over all samples.
+
+    Args:
+        model: the model (put in eval mode here, and back afterwards).
+        loader: batches of ``(images, targets)``.
+        accelerator: the run's accelerate ``Accelerator``: results are gathered from every process, each
+            sample once (None: one process).
+        label_names: class names for the per-class accuracy (None: class indices).
+        num_classes: the class count for per-class counts (None: from ``label_names`` or the logits).
+
+    Returns:
+        Top-1, top-5, loss, the sample count and the per-class accuracy.
     """
     was_training = model.training
     model.eval()
@@ -101,7 +117,15 @@ def evaluate(
 
 
 def format_results(result: EvalResult, title: str = '') -> str:
-    """A plain-text table: overall metrics, then accuracy per class."""
+    """A plain-text table: overall metrics, then accuracy per class.
+
+    Args:
+        result: what :func:`evaluate` returned.
+        title: an optional first line.
+
+    Returns:
+        The table.
+    """
     lines = [title] if title else []
     lines.append(f'top-1 {result.top1:6.2f} %   top-5 {result.top5:6.2f} %   loss {result.loss:.4f}   '
                  f'({result.num_samples} images)')

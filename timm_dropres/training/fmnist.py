@@ -31,7 +31,14 @@ class FashionMNISTNotFound(FileNotFoundError):
 
 
 def find_fashion_mnist(root: Optional[str | os.PathLike] = None) -> Optional[Path]:
-    """The folder holding the four idx files: ``root``, ``$FASHION_MNIST_DIR``, or Debian's path."""
+    """The folder holding the four idx files: ``root``, ``$FASHION_MNIST_DIR``, or Debian's path.
+
+    Args:
+        root: a folder to look in first (None: only the environment variable and Debian's path).
+
+    Returns:
+        The first of those folders that holds all four files, or None.
+    """
     candidates = [root] if root else [os.environ.get('FASHION_MNIST_DIR'), *FMNIST_DIRS]
     for c in candidates:
         if c and all((Path(c) / f).is_file() for pair in _FILES.values() for f in pair):
@@ -53,7 +60,15 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
 def load_fashion_mnist(
         split: str = 'train', root: Optional[str | os.PathLike] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(images uint8 [N, 28, 28], labels int64 [N])`` for ``split`` in {'train', 'test'}."""
+    """Load one split of Fashion-MNIST.
+
+    Args:
+        split: ``'train'`` (60,000 images) or ``'test'`` (10,000).
+        root: the folder of the idx files (None: found by :func:`find_fashion_mnist`).
+
+    Returns:
+        ``(images uint8 [N, 28, 28], labels int64 [N])``.
+    """
     if split not in _FILES:
         raise ValueError(f'split must be one of {sorted(_FILES)}, got {split!r}')
     folder = find_fashion_mnist(root)

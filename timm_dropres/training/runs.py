@@ -171,7 +171,11 @@ class RunPlan:
     remove: Tuple[Path, ...] = ()
 
     def describe(self) -> str:
-        """One line for the log."""
+        """One line for the log.
+
+        Returns:
+            What the plan does to the output folder, and from which checkpoint it resumes.
+        """
         what = {'new': 'new run', 'overwrite': 'new run, replacing the previous run\'s outputs',
                 'continue': 'continuing the run', 'fork': 'continuing into a new folder'}[self.action]
         src = f' from {self.resume_ckpt}' if self.resume_ckpt is not None else ''
@@ -276,6 +280,9 @@ def clean_partial_writes(out: Path) -> List[str]:
 
 def apply_plan(plan: RunPlan) -> None:
     """Carry out ``plan`` (main process only): remove the previous outputs, create ``checkpoints/``, clean up.
+
+    Args:
+        plan: what :func:`plan_run` decided.
 
     Raises:
         OutputDirError: the folder cannot be written (the message names it and the reason).
@@ -388,6 +395,12 @@ def nonfinite_tensors(module: nn.Module) -> List[str]:
     """Names of the floating-point parameters and buffers of ``module`` that hold a NaN or an infinity.
 
     One host sync for the whole module (the per-tensor flags are stacked on the device first).
+
+    Args:
+        module: the model (or its EMA copy).
+
+    Returns:
+        The qualified names of the tensors that are not finite (empty when all are).
     """
     named = [(n, t) for n, t in list(module.named_parameters()) + list(module.named_buffers())
              if t.is_floating_point()]
@@ -402,6 +415,12 @@ def error_line(e: BaseException) -> str:
 
     An error raised in a DataLoader worker comes back as the same exception type whose message is the
     worker's whole traceback; its last line is the original message.
+
+    Args:
+        e: the error.
+
+    Returns:
+        Its message, or the last line of a worker's traceback.
     """
     text = str(e).strip()
     if 'Original Traceback' in text:
@@ -412,7 +431,15 @@ def error_line(e: BaseException) -> str:
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
-    """``TypeName: first line of the message``, at most ``limit`` characters (torch's run for paragraphs)."""
+    """The type and the first line of an error's message (torch's run for paragraphs).
+
+    Args:
+        e: the error.
+        limit: the most characters of the message kept (more are cut and marked ``...``).
+
+    Returns:
+        ``'TypeName: first line'``, or ``'TypeName'`` for an empty message.
+    """
     text = str(e).strip().splitlines()[0] if str(e).strip() else ''
     text = text if len(text) <= limit else text[:limit] + '...'
     return f'{type(e).__name__}: {text}' if text else type(e).__name__
@@ -427,6 +454,9 @@ def model_load_error(model: str, e: BaseException, weights: str | None = None) -
             ``RuntimeError``/``UnpicklingError`` for weights ``torch.load(weights_only=True)`` refuses or cannot
             read, ``RuntimeError`` for weights that do not fit).
         weights: the weights file, when one was named (``--pretrained-file``).
+
+    Returns:
+        The message: which model, which weights, and what timm or torch said.
     """
     src = f' from {weights}' if weights else ''
     if isinstance(e, TypeError):

@@ -94,6 +94,9 @@ class ImageFiles(Dataset):
             index: the sample.
             basename: only the file name.
             absolute: the full path; otherwise relative to ``root``.
+
+        Returns:
+            The path, as a string.
         """
         path = self.samples[index][0]
         if basename:
@@ -198,6 +201,11 @@ class EpochSeededDataset(Dataset):
         self.base, self.transform, self.seed, self.epoch = base, transform, int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Seed the next pass's augmentations from ``epoch``.
+
+        Args:
+            epoch: the epoch about to start (0-based).
+        """
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -232,6 +240,11 @@ class EpochSeededSampler(Sampler[int]):
         self.num_samples, self.seed, self.shuffle, self.epoch = num_samples, int(seed), shuffle, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Draw the next pass's order from ``epoch``.
+
+        Args:
+            epoch: the epoch about to start (0-based).
+        """
         self.epoch = int(epoch)
 
     def __len__(self) -> int:

@@ -30,7 +30,14 @@ _GRAY_MODES = ('1', 'L', 'I', 'I;16', 'F')
 
 
 def dataset_kind(dataset: str) -> str:
-    """'fmnist', 'timm' or 'folder' for a ``--dataset`` value."""
+    """Which kind of dataset a ``dataset`` value names.
+
+    Args:
+        dataset: the value (a folder, a timm dataset name or ``fashion_mnist``).
+
+    Returns:
+        ``'fmnist'``, ``'timm'`` or ``'folder'``.
+    """
     if dataset.lower() in FMNIST_NAMES:
         return 'fmnist'
     if dataset.lower().startswith(TIMM_PREFIXES):
@@ -54,7 +61,17 @@ def _stratified_order(targets: Sequence[int], seed: int) -> List[int]:
 
 
 def subset(ds: Dataset, n: int | None, seed: int, name: str = 'subset') -> Dataset:
-    """The first ``n`` of a seeded, class-stratified order (plain seeded shuffle without targets)."""
+    """The first ``n`` of a seeded, class-stratified order (plain seeded shuffle without targets).
+
+    Args:
+        ds: the dataset.
+        n: how many samples to keep (None: all of them).
+        seed: the order's seed.
+        name: the option that set ``n``, for the log line when ``n`` exceeds the dataset.
+
+    Returns:
+        ``ds`` itself when ``n`` is None or not smaller, else a view of ``n`` of its samples.
+    """
     if n is None:
         return ds
     if n <= 0:
@@ -72,7 +89,17 @@ def subset(ds: Dataset, n: int | None, seed: int, name: str = 'subset') -> Datas
 
 
 def image_folder_classes(root: Path) -> List[str]:
-    """Class folder names under ``root``, each checked to hold at least one image (recursively)."""
+    """Class folder names under ``root``, each checked to hold at least one image (recursively).
+
+    Args:
+        root: an ImageFolder root (one folder per class).
+
+    Returns:
+        The class names, sorted as timm sorts them (natural order).
+
+    Raises:
+        DataError: ``root`` is not a folder or has no class folders, or a class folder holds no images.
+    """
     if not root.is_dir():
         raise DataError(f'{root} is not a folder')
     exts = get_img_extensions(as_set=True)
@@ -276,6 +303,24 @@ def resolve_data(
 
     ``split`` selects a single evaluation split (validation CLI); ``class_names`` forces the label
     order (a trained model's), failing when the data has classes the model does not know.
+
+    Args:
+        dataset: a folder, a timm dataset name or ``fashion_mnist``.
+        data_dir: the root folder of timm dataset names (their download target).
+        download: let torchvision download ``torch/*`` datasets.
+        val_fraction: the hold-out fraction of a folder without a validation split (None: 0.1).
+        train_subset: keep a class-balanced subset of this many training images.
+        val_subset: keep a class-balanced subset of this many validation images.
+        seed: the seed of the hold-out and the subsets.
+        split: ``'val'`` or ``'train'``: resolve only that split, as the evaluation set.
+        class_names: the label order to use (a trained model's).
+
+    Returns:
+        The datasets, the class names, the channel count and a description.
+
+    Raises:
+        DataError: a missing path, an empty class folder, inconsistent class sets, classes the model does
+            not know, or a dataset that needs a download.
     """
     if not dataset:
         raise DataError('no dataset given: pass --dataset (an ImageFolder path, a timm name like torch/cifar10, '

@@ -24,6 +24,17 @@ def train_loader(
 
     Its own ``generator`` keeps the worker base-seed draw off the global RNG, so creating an iterator
     mid-run (resume) does not shift dropout's random stream.
+
+    Args:
+        ds: the training set, wrapped so that its augmentations are seeded per epoch.
+        batch_size: images per batch.
+        seed: the run's seed (order and augmentations).
+        num_workers: loader worker processes.
+        drop_last: drop the last incomplete batch.
+        pin_memory: pin host memory (CUDA).
+
+    Returns:
+        ``(loader, sampler)``; call ``set_epoch`` on both the sampler and ``ds`` before each epoch.
     """
     sampler = EpochSeededSampler(len(ds), seed=seed)
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
@@ -33,6 +44,17 @@ def train_loader(
 
 
 def eval_loader(ds: Dataset, batch_size: int, *, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A loader over ``ds`` in its own order, every sample once.
+
+    Args:
+        ds: the evaluation set (transforms applied).
+        batch_size: images per batch.
+        num_workers: loader worker processes.
+        pin_memory: pin host memory (CUDA).
+
+    Returns:
+        The loader.
+    """
     return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False,
                       generator=torch.Generator().manual_seed(0), **_loader_kwargs(num_workers, pin_memory))
 

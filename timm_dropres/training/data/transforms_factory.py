@@ -33,6 +33,24 @@ def resolve_transforms(
     ``pad_crop > 0`` replaces timm's RandomResizedCrop with the CIFAR recipe of He et al. (2016): resize to
     ``img_size``, zero-pad by ``pad_crop`` pixels, take a random ``img_size`` crop, flip with ``hflip``.
     timm's ``create_transform`` has no such mode, so it is composed here from torchvision transforms.
+
+    Args:
+        model: the model whose data config (``timm.data.resolve_model_data_config``) is the starting point.
+        in_chans: the data's channel count (mean and std are adapted to it).
+        img_size: the input resolution (None: the model's).
+        crop_pct: the eval center-crop fraction (None: the model's).
+        interpolation: the resize interpolation (None: the model's).
+        auto_augment: a timm AutoAugment/RandAugment policy.
+        hflip: horizontal flip probability.
+        color_jitter: color jitter strength.
+        re_prob: random erasing probability.
+        scale: RandomResizedCrop scale range.
+        ratio: RandomResizedCrop aspect ratio range.
+        pad_crop: pixels of padding for the CIFAR-style crop (0: timm's RandomResizedCrop).
+
+    Returns:
+        ``(train transform, eval transform, data config)``; the data config holds the input size, crop,
+        mean/std and interpolation the eval transform uses.
     """
     cfg = resolve_model_data_config(model)
     if img_size:
@@ -65,7 +83,19 @@ def create_mixup(
         mixup: float, cutmix: float, label_smoothing: float, num_classes: int,
         mixup_prob: float = 1.0, switch_prob: float = 0.5,
 ) -> Mixup | None:
-    """timm's batch-wise Mixup/CutMix (which also applies label smoothing), or None when both are off."""
+    """timm's batch-wise Mixup/CutMix (which also applies label smoothing).
+
+    Args:
+        mixup: mixup alpha (0: off).
+        cutmix: cutmix alpha (0: off).
+        label_smoothing: the smoothing of the mixed targets.
+        num_classes: the class count.
+        mixup_prob: the probability of mixing a batch.
+        switch_prob: the probability of CutMix instead of mixup when both are on.
+
+    Returns:
+        timm's ``Mixup``, or None when both alphas are 0.
+    """
     if mixup <= 0 and cutmix <= 0:
         return None
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=switch_prob,
