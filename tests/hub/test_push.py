@@ -100,7 +100,7 @@ def test_dry_run_refuses_non_empty_out_dir(run, tmp_path):
     with pytest.raises(PushError, match='not an empty folder'):
         push(run['folder'], REPO, dry_run=True, out_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.txt']
-    with pytest.raises(PushError, match='--out-dir'):
+    with pytest.raises(PushError, match='to out_dir; pass one'):
         push(run['folder'], REPO, dry_run=True)
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import platform
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, TypeVar
 
 import torch
 
 from ..recipes import find_recipe
 
-__all__ = ['add_run_args', 'find_config', 'runs_line']
+__all__ = ['add_run_args', 'find_config', 'load_config', 'runs_line']
+
+S = TypeVar('S')
 
 
 def add_run_args(p: argparse.ArgumentParser, *, threads: int) -> None:
@@ -27,6 +29,25 @@ def find_config(p: argparse.ArgumentParser, name: str) -> Path:
         return find_recipe(name)
     except FileNotFoundError as e:
         p.error(str(e))
+        raise  # unreachable: p.error exits
+
+
+def load_config(p: argparse.ArgumentParser, name: str, load: Callable[[Path], S]) -> S:
+    """The study specification behind ``--config``, read by the library's ``load``; a bad one is a usage error.
+
+    Args:
+        p: the CLI's parser (its ``error`` exits with status 2).
+        name: the ``--config`` value: a path, or a shipped recipe's name.
+        load: the library's reader, e.g. ``ablation.load_spec``; its ``ValueError`` names the file and the key.
+
+    Returns:
+        The specification.
+    """
+    path = find_config(p, name)
+    try:
+        return load(path)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(f'--config: {e}')
         raise  # unreachable: p.error exits
 
 

@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 
 from ..research import ablation, report
-from ._study import add_run_args, find_config, runs_line
+from ._study import add_run_args, load_config, runs_line
 
 
 def _train_size(data: ablation.DataSpec) -> str:
@@ -69,8 +69,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         The exit code: 0 on success, 1 if ``--report-only`` finds no run JSON.
 
     Raises:
-        SystemExit: from argparse, for ``--help`` or invalid arguments.
-        ValueError: if the specification is invalid or an existing run JSON belongs to another one.
+        SystemExit: from argparse, for ``--help``, invalid arguments or an invalid specification (status 2).
+        ValueError: if an existing run JSON belongs to another specification.
         FileNotFoundError: if the Fashion-MNIST files are not found (when training).
 
     Example:
@@ -87,7 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_run_args(p, threads=2)
     args = p.parse_args(argv)
 
-    spec = ablation.load_spec(find_config(p, args.config))
+    spec = load_config(p, args.config, ablation.load_spec)
     out_dir = Path(args.out_dir)
     runs_dir = Path(args.runs_dir) if args.runs_dir else out_dir / f'{args.stem}_runs'
     torch.set_num_threads(args.threads)

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog='dropres-push',
         description='Publish a run folder (config.json + model.safetensors, e.g. runs/pets/best) to the Hub with a '
                     'generated model card. The token comes from --token, else HF_TOKEN, else `hf auth login`.')
-    p.add_argument('folder', help='folder written by the trainer or timm_dropres.hub.export.save_pretrained_folder')
+    p.add_argument('folder', help='folder written by the trainer or '
+                                  'timm_dropres.models.hf_folder.save_pretrained_folder')
     p.add_argument('--repo-id', required=True, help='<user or org>/<name> on the Hub')
     p.add_argument('--token', default=None, help='Hub token with write access (default: HF_TOKEN or stored login)')
     p.add_argument('--private', action='store_true', help='create the repo as private (an existing repo is unchanged)')
@@ -41,6 +42,7 @@ def main(argv: List[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format='%(levelname)s %(message)s')
     from ..hub.push import PushError, push  # after parsing: --help stays fast
+    from ._config_args import flag_message
 
     try:
         result = push(args.folder, args.repo_id, token=args.token, private=args.private, revision=args.revision,
@@ -48,7 +50,7 @@ def main(argv: List[str] | None = None) -> int:
                       overwrite_card=args.overwrite_card, dry_run=args.dry_run, out_dir=args.out_dir,
                       license=args.license, base_model=args.base_model, dataset=args.dataset)
     except (PushError, FileNotFoundError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {flag_message(e)}', file=sys.stderr)
         return 2
     except HfHubHTTPError as e:
         print(f'error: the Hub refused the upload: {e}', file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 
 from ..research import ablation, report, transfer
-from ._study import add_run_args, find_config, runs_line
+from ._study import add_run_args, load_config, runs_line
 
 
 def _header(spec: transfer.TransferSpec, config: str, records: list, skipped: dict, out: Path, argv: List[str]) -> str:
@@ -70,8 +70,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         The exit code: 0 on success, 1 if there is no run JSON under ``<out-dir>/runs``.
 
     Raises:
-        SystemExit: from argparse, for ``--help`` or invalid arguments.
-        ValueError: if the specification is invalid or an existing run JSON belongs to another one.
+        SystemExit: from argparse, for ``--help``, invalid arguments or an invalid specification (status 2).
+        ValueError: if an existing run JSON belongs to another specification.
         FileNotFoundError: if the Fashion-MNIST files are not found (when training).
 
     Example:
@@ -86,7 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    spec = transfer.load_transfer_spec(find_config(p, args.config))
+    spec = load_config(p, args.config, transfer.load_transfer_spec)
     out = Path(args.out_dir)
     torch.set_num_threads(args.threads)
     skipped = transfer.skipped_configs(spec)

@@ -24,6 +24,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..errors import OptionError
 from ..files import files_like_folder, temp_dir_beside
 from ..models.dropres import registered_models
 from ..models.hf_folder import CONFIG_NAME, WEIGHTS_NAME
@@ -44,8 +45,11 @@ _TIMM_KEYS = ('architecture', 'num_classes', 'num_features', 'global_pool', 'lab
 _PICKLE_MAGIC = (b'PK\x03\x04', b'\x80')  # torch.save zip archive, raw pickle protocol >= 2
 
 
-class PushError(ValueError):
-    """Bad input to ``push``: raised before anything is uploaded."""
+class PushError(OptionError):
+    """Bad input to ``push``: raised before anything is uploaded.
+
+    A message that names one of ``push``'s arguments names it by its parameter name (see ``OptionError``).
+    """
 
 
 @dataclass
@@ -264,7 +268,8 @@ def write_repo_folder(info: FolderInfo, dst: Path, card_text: str | None) -> Lis
 def _write_dry_run(info: FolderInfo, out_dir: Path, card_text: str) -> List[str]:
     """Write the repo contents to ``out_dir`` atomically (beside it, then renamed); never over existing files."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise PushError(f'--out-dir {out_dir} exists and is not an empty folder; choose a new or empty one')
+        raise PushError('{0} {path} exists and is not an empty folder; choose a new or empty one', 'out_dir',
+                        path=str(out_dir))
     tmp = temp_dir_beside(out_dir)  # the mode a plain mkdir gives, not mkdtemp's 0700
     try:
         files = write_repo_folder(info, tmp, card_text)
@@ -328,7 +333,7 @@ def push(
 
     check_repo_id(repo_id)
     if dry_run and out_dir is None:
-        raise PushError('a dry run writes what would be uploaded to --out-dir; pass one')
+        raise PushError('a dry run writes what would be uploaded to {0}; pass one', 'out_dir')
     info = inspect_folder(folder)
     card = build_card(info.config, repo_id=repo_id, model=info.model, summary=info.summary,
                       checkpoint=info.checkpoint, license=license, base_model=base_model, dataset=dataset)
@@ -350,7 +355,7 @@ def push(
                           architecture=info.config['architecture'])
 
     if token is None and api is None:
-        raise PushError('no Hugging Face token: pass --token, set HF_TOKEN, or log in with `hf auth login`')
+        raise PushError('no Hugging Face token: pass {0}, set HF_TOKEN, or log in with `hf auth login`', 'token')
     api = api if api is not None else HfApi(library_name='timm_dropres', library_version=__version__)
     commit_message = commit_message or f'Upload {info.config["architecture"]} (timm-dropres {__version__})'
 

@@ -48,7 +48,7 @@ def check_model(ref: ModelRef) -> None:
     if not timm.is_model(ref.architecture):
         close = difflib.get_close_matches(ref.architecture, timm.list_models(), n=5, cutoff=0.6)
         hint = f'; did you mean one of {close}?' if close else '; see timm.list_models() for the names'
-        raise OptionError('unknown {0} {name!r}{hint}', 'model', name=ref.name, hint=hint)
+        raise OptionError('unknown model {name!r}{hint}', name=ref.name, hint=hint)
     if ref.tag:  # timm raises a bare RuntimeError for an unknown tag, at creation
         try:
             timm.models.get_pretrained_cfg(ref.name)

@@ -13,44 +13,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
+from ..errors import OptionError
 from ..models.layers import RES_DROP_POSITIONS, check_dropout_args, check_rate
 
 __all__ = ['FinetuneConfig', 'ValidateConfig', 'OptionError', 'config_field', 'check_numbers']
-
-
-class OptionError(ValueError):
-    """A bad option value, phrased in library terms: options are named by their config field names.
-
-    The message is a ``str.format`` template whose positional fields are the options it names and whose
-    keyword fields are values, so a front end can name the options its own way with :meth:`render`.
-
-    Args:
-        template: the message, e.g. ``'{0} must be > 0, got {value}'``.
-        *options: the config fields the message names, in the template's positional order.
-        **values: the values the template shows.
-
-    Example:
-        >>> e = OptionError('{0} must be > 0, got {value}', 'lr', value=-1.0)
-        >>> str(e), e.render(lambda name: '--' + name.replace('_', '-'))
-        ('lr must be > 0, got -1.0', '--lr must be > 0, got -1.0')
-    """
-
-    def __init__(self, template: str, *options: str, **values: Any) -> None:
-        self.template, self.options, self.values = template, options, values
-        super().__init__(self.render(lambda name: name))
-
-    def render(self, name: Callable[[str], str]) -> str:
-        """The message with every option named by ``name(field)``.
-
-        Args:
-            name: maps a config field name to the name a front end uses for it.
-
-        Returns:
-            The message.
-        """
-        return self.template.format(*(name(o) for o in self.options), **self.values)
 
 
 def config_field(default: Any, help: str, **kw: Any) -> Any:
