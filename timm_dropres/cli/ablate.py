@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Dropout-placement ablation on Fashion-MNIST: ``python scripts/ablate.py --config configs/ablation_fmnist.yaml``.
 
-A thin CLI over ``timm_dropres.ablation``: it reads the YAML, trains every missing run (finished runs are
+A thin CLI over ``timm_dropres.research.ablation``: it reads the YAML, trains every missing run (finished runs are
 skipped, so rerunning resumes), and rewrites ``<out-dir>/ablation.{csv,md,png}`` from all run JSONs.
 """
 from __future__ import annotations

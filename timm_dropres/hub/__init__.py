@@ -1,3 +1,3 @@
-"""Publishing: the Hugging Face folder format (``export``), model cards (``model_card``) and uploads (``push``).
-Depends on :mod:`timm_dropres.models`.
+"""Publishing: model cards (``model_card``) and uploads (``push``) of folders in the Hugging Face format that
+:mod:`timm_dropres.models.hf_folder` writes. Depends on :mod:`timm_dropres.models`.
 """

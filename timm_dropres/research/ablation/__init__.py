@@ -14,6 +14,10 @@ tables, a CSV and a PNG, with differences inside the seed spread marked not sign
 
 Data are in-memory tensors, not the trainer's PIL DataLoader: at 28x28 on 2 CPU cores the per-image PIL
 pipeline would cost more than the network, and the ablation needs dozens of runs.
+
+Modules: ``configs`` (the configurations), ``placement`` (hook-placed hazards, ``build_model``), ``spec`` (the
+YAML), ``data`` and ``runner`` (one run, the resumable loop, the records; the training loop lives only there).
+The report is :mod:`timm_dropres.research.report`. This package re-exports the public names.
 """
 from __future__ import annotations
 

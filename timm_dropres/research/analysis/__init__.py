@@ -34,6 +34,9 @@ prediction wherever the path from the dropout to that BN is linear.
 
 ``head_variance_test(features, ...)``: variance over dropout masks of pooled features and logits with
 dropout before vs after global average pooling, against the exact expectation and ``1 / (H*W)``.
+
+Modules: ``shift`` (the variance-shift engine), ``sources`` (input batches), ``blocks`` and ``head`` (the two
+module tests), ``tables`` and ``plots``; this package re-exports their public names.
 """
 from __future__ import annotations
 

@@ -11,8 +11,12 @@ train/eval flags and the RNG state are restored afterwards.
 Each dropout-like op (``nn.Dropout*`` including ``ResidualDropout``, ``F.dropout*``, ``DropBlock``,
 ``DropPath``/stochastic depth, the dropout inside ``F.scaled_dot_product_attention``, and any tensor
 multiplied by a random mask) gets a **location** (:data:`LOCATIONS`) and a **verdict**
-(:data:`VERDICTS`). Both vocabularies are defined once, here; ``docs/placement.md`` states the same rules
-and a test keeps the two in sync.
+(:data:`VERDICTS`). Both vocabularies are defined once, in ``vocabulary``; ``docs/placement.md`` states the
+same rules and a test keeps the two in sync.
+
+Modules: ``vocabulary`` (locations, verdicts, terms, the result types), ``tracer`` (the execution trace),
+``rules`` (the data-flow graph and the classification), ``engine`` (``load_model``, ``audit``) and ``report``
+(the text table, ``describe_rules``); this package re-exports their public names.
 """
 from __future__ import annotations
 

@@ -6,13 +6,17 @@ Three kinds of ``dataset`` are understood:
   ``valid``, ``test`` also accepted for val), or class folders directly under ``root`` / ``root/train``
   with a seeded, stratified hold-out fraction for validation;
 * a name timm's ``create_dataset`` understands (``torch/cifar10``, ``torch/fashion_mnist``, ``hfds/...``);
-* ``fashion_mnist`` (alias ``fmnist``): Debian's ``dataset-fashion-mnist`` via :mod:`timm_dropres.fmnist`,
+* ``fashion_mnist`` (alias ``fmnist``): Debian's ``dataset-fashion-mnist`` via :mod:`timm_dropres.training.fmnist`,
   found without any flag.
 
 Class count, label names and input channels are inferred from the data. Transforms and Mixup come from
 timm. The one hand-written piece is :class:`EpochSeededDataset`: it seeds each sample's augmentation
 from ``(seed, epoch, index)`` so that a resumed run sees exactly the augmentations an uninterrupted
 run would have seen, whatever the worker count (timm/torch have no such wrapper).
+
+Modules, split as ``timm.data`` is: ``dataset`` (the dataset classes), ``dataset_factory`` (``resolve_data``),
+``transforms_factory`` (``resolve_transforms``, ``create_mixup``), ``loader`` (``train_loader``, ``eval_loader``)
+and ``signature`` (``data_signature``, for resume); this package re-exports their public names.
 """
 from __future__ import annotations
 
