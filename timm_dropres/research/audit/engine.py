@@ -51,7 +51,7 @@ def load_model(spec: str | nn.Module, **kwargs: Any) -> Tuple[nn.Module, str]:
         raise AuditError(f'{spec!r}: {e}') from None
     if ref.is_folder:
         try:
-            return timm.create_model(spec, pretrained=True, **kwargs), spec
+            return timm.create_model(spec, pretrained=ref.loads_weights(), **kwargs), spec
         except Exception as e:  # noqa: BLE001 - turned into one clear message
             raise AuditError(f'could not build {spec!r}: {type(e).__name__}: {e}') from e
     if ref.architecture is None or not timm.is_model(ref.architecture):
@@ -62,7 +62,7 @@ def load_model(spec: str | nn.Module, **kwargs: Any) -> Tuple[nn.Module, str]:
             hint = f'similar names: {close}' if close else 'see timm.list_models()'
         raise AuditError(f'unknown model {spec!r}: not a registered timm model ({hint})')
     try:
-        return timm.create_model(spec, pretrained=False, **kwargs), spec
+        return timm.create_model(spec, pretrained=ref.loads_weights(), **kwargs), spec
     except Exception as e:  # noqa: BLE001
         raise AuditError(f'could not build {spec!r} with {kwargs}: {type(e).__name__}: {e}') from e
 
