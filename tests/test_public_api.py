@@ -22,7 +22,8 @@ ALLOWED = {
     'hub': {'hub', 'models'} | _BASE,
     'training': {'training', 'hub', 'models'} | _BASE,
     'research': {'research', 'training', 'hub', 'models'} | _BASE,
-    'cli': {'cli', 'research', 'training', 'hub', 'models'} | _BASE,
+    'study': {'study', 'research', 'training', 'hub', 'models'} | _BASE,
+    'cli': {'cli', 'study', 'research', 'training', 'hub', 'models'} | _BASE,
 }
 
 

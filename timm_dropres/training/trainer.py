@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, TextIO, Tuple
+from typing import Any, Callable, Dict, List, TextIO, Tuple
 
 import numpy as np
 import timm
@@ -91,8 +91,10 @@ _FINITE_CHECK_EVERY = 10
 class _Trainer:
     """One run's mutable state. Split out of ``finetune`` only to keep each step short to read."""
 
-    def __init__(self, cfg: FinetuneConfig, data: DataBundle | None) -> None:
+    def __init__(self, cfg: FinetuneConfig, data: DataBundle | None,
+                 model_hook: Callable[[nn.Module], nn.Module] | None = None) -> None:
         self.cfg = cfg
+        self.model_hook = model_hook
         self.t_start = time.perf_counter()
         self.out = Path(cfg.output_dir)
         self.resume_ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
@@ -144,6 +146,8 @@ class _Trainer:
             model, self.model_kwargs = build_model(cfg, data.num_classes, data.in_chans)
         except (RuntimeError, pickle.UnpicklingError) as e:  # weights refused by torch.load or not fitting
             raise ValueError(model_load_error(cfg.model, e, cfg.pretrained_file)) from e
+        if self.model_hook is not None:  # e.g. a study's hook-placed dropout; it must not consume the RNG
+            model = self.model_hook(model)
         if in_chans_of(model) != data.in_chans:
             raise ValueError(f'{cfg.model} takes {in_chans_of(model)}-channel input; the data has {data.in_chans}')
         self.identity = model_identity(model, cfg, data.num_classes, data.in_chans)
@@ -154,8 +158,8 @@ class _Trainer:
             model, data.in_chans, img_size=cfg.img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
             auto_augment=cfg.aa, hflip=cfg.hflip, color_jitter=cfg.color_jitter, re_prob=cfg.reprob,
             scale=cfg.scale, ratio=cfg.ratio, pad_crop=cfg.pad_crop)
-        if data.preprocessed:
-            train_tf = eval_tf = None
+        if data.preprocessed:  # tensors already at model resolution; only tensor augmentation may remain
+            train_tf, eval_tf = data.train_transform, None
         if cfg.sync_bn and acc.num_processes > 1 and acc.device.type != 'cuda':
             raise ValueError(f'--sync-bn needs CUDA devices (torch.nn.SyncBatchNorm); this run is on {acc.device.type}')
         if cfg.sync_bn and acc.num_processes > 1:
@@ -631,13 +635,16 @@ def _versions() -> Dict[str, str]:
                 accelerate=accelerate.__version__, python=platform.python_version(), platform=sys.platform)
 
 
-def finetune(cfg: FinetuneConfig, data: DataBundle | None = None) -> Dict[str, Any]:
+def finetune(cfg: FinetuneConfig, data: DataBundle | None = None, *,
+             model_hook: Callable[[nn.Module], nn.Module] | None = None) -> Dict[str, Any]:
     """Run a fine-tuning job and return its summary (also written to ``<output_dir>/summary.json``).
 
     ``data`` skips dataset resolution (benchmarks, in-memory tensors); otherwise ``cfg.dataset`` is
-    resolved by :func:`timm_dropres.data.resolve_data`. Call under ``accelerate launch`` for several
+    resolved by :func:`timm_dropres.data.resolve_data`. ``model_hook`` is called with the built model
+    before anything else sees it and returns the model to train (:mod:`timm_dropres.study` adds its
+    hook-placed dropout and stem changes with it). Call under ``accelerate launch`` for several
     processes; every process must call it with the same config.
     """
-    trainer = _Trainer(dataclasses.replace(cfg), data)
+    trainer = _Trainer(dataclasses.replace(cfg), data, model_hook)
     trainer.setup()
     return trainer.run()
