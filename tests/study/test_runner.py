@@ -29,7 +29,7 @@ def folder(tmp_path_factory):
 
 
 def _records(out: Path):
-    return sorted((out / 'results' / 'runs').glob('*/*.json'))
+    return sorted((out / 'results' / 'records').glob('*/*.json'))
 
 
 def test_configurations_of_a_seed_share_initial_weights_and_augmented_batches(folder, tmp_path, one_torch_thread):
@@ -66,7 +66,7 @@ def test_study_records_report_and_report_only(folder, tmp_path, one_torch_thread
     spec = parse_study_spec(study_dict(folder, tmp_path, select='best'))
     result = run_study(spec, log=lambda m: None)
     assert not result.failed and len(result.ran) == 4 and len(result.records) == 4
-    rec = json.loads((tmp_path / 'results' / 'runs' / 'p20' / 'residual_seed1.json').read_text())
+    rec = json.loads((tmp_path / 'results' / 'records' / 'p20' / 'residual_seed1.json').read_text())
     for key in ('top1', 'top5', 'nll', 'ece', 'train_nll', 'curve', 'data', 'versions', 'wall_s', 'cpu_s',
                 'fingerprint', 'val'):
         assert rec[key] is not None, key

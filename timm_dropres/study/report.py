@@ -159,6 +159,10 @@ def markdown(spec: StudySpec, records: Sequence[Mapping[str, Any]], comparisons:
         lines += [f'### {arch.name}', '']
         if arch.label:
             lines += [arch.label, '']
+        for name, why in arch.skip_configs.items():
+            lines += [f'- `{name}` not run on {arch.name}: {why}']
+        if arch.skip_configs:
+            lines.append('')
         head = ['configuration', 'n'] + [label for _, label, _ in _SUMMARY]
         lines += ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
         for r in (r for r in rows if r['arch'] == arch.name):
@@ -271,7 +275,7 @@ def write_study_report(spec: StudySpec, records: Sequence[Mapping[str, Any]], *,
         ValueError: no records.
     """
     if not records:
-        raise ValueError(f'study {spec.name}: no run records in {spec.resolved_out_dir() / "runs"} to report on')
+        raise ValueError(f'study {spec.name}: no run records in {spec.resolved_out_dir() / "records"} to report on')
     out = spec.resolved_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     comps = compare(spec, records)
@@ -286,7 +290,7 @@ def write_study_report(spec: StudySpec, records: Sequence[Mapping[str, Any]], *,
     head += [
         f'- command: `{command}`' if command else f'- spec: study `{spec.name}`',
         f'- records: {len(records)}' + (f' of {planned} planned' if planned is not None else '') +
-        f' (`{out / "runs"}`); sum of per-run wall times {wall / 60:.1f} min, CPU time {cpu / 60:.1f} min; '
+        f' (`{out / "records"}`); sum of per-run wall times {wall / 60:.1f} min, CPU time {cpu / 60:.1f} min; '
         f'device {", ".join(devices)}, {", ".join(machines)}; torch {v.get("torch", "?")}, timm {v.get("timm", "?")}',
         f'- data: {records[0]["data"].get("description", "")}',
         f'- tested weights: the {spec.select} epoch\'s (chosen on validation only); the test split is read once per '

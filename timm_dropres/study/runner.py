@@ -4,7 +4,7 @@ One run = :func:`timm_dropres.training.trainer.finetune` with the study's ``trai
 configuration's dropout and the seed (which fixes the initial weights, the data order and the augmentation,
 identically for every configuration: dropout has no parameters) -> the weights chosen on validation only (the
 last epoch, or the best validation top-1) -> the test split, read once, and the training split in eval mode.
-Each finished run writes its record atomically (``<out_dir>/runs/<arch>/<config>_seed<seed>.json``) and
+Each finished run writes its record atomically (``<out_dir>/records/<arch>/<config>_seed<seed>.json``) and
 deletes its trainer folder, so a killed study loses at most the runs in flight; ``resume=True`` skips every
 recorded run, and continues an unfinished one from its last trainer checkpoint.
 
@@ -64,8 +64,8 @@ class StudyResult:
 
 
 def record_path(spec: StudySpec, run: Run) -> Path:
-    """``<out_dir>/runs/<arch>/<config>_seed<seed>.json``."""
-    return spec.resolved_out_dir() / 'runs' / run.arch.name / f'{run.config.name}_seed{run.seed}.json'
+    """``<out_dir>/records/<arch>/<config>_seed<seed>.json``."""
+    return spec.resolved_out_dir() / 'records' / run.arch.name / f'{run.config.name}_seed{run.seed}.json'
 
 
 def read_records(spec: StudySpec, runs: Sequence[Run] | None = None) -> Dict[str, Dict[str, Any]]:
@@ -182,11 +182,16 @@ def _key(*parts: Any) -> str:
                       sort_keys=True, default=str)
 
 
+def _cached(cache: Dict[str, Any], key: str, make: Callable[[], Any]) -> Any:
+    """One entry per cache: a worker keeps the data of its current runs, not of every seed's subset."""
+    if key not in cache:
+        cache.clear()
+        cache[key] = make()
+    return cache[key]
+
+
 def _splits(data: DataSpec) -> SplitData:
-    k = _key(data)
-    if k not in _SPLITS:
-        _SPLITS[k] = resolve_splits(data)
-    return _SPLITS[k]
+    return _cached(_SPLITS, _key(data), lambda: resolve_splits(data))
 
 
 def _run_data(data: DataSpec, cfg: FinetuneConfig, arch: ArchSpec) -> Tuple[Any, Any, Any, Dict[str, Any]]:
@@ -207,9 +212,7 @@ def _run_data(data: DataSpec, cfg: FinetuneConfig, arch: ArchSpec) -> Tuple[Any,
                 fp)
     k = _key(data, {m: data_cfg.get(m) for m in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation',
                                                  'crop_mode')})
-    if k not in _TENSORS:
-        _TENSORS[k] = tensor_bundle(splits, eval_tf, data_cfg, data)
-    bundle, test, train_eval, digests = _TENSORS[k]
+    bundle, test, train_eval, digests = _cached(_TENSORS, k, lambda: tensor_bundle(splits, eval_tf, data_cfg, data))
     return bundle, test, train_eval, dict(fp, tensors=digests)
 
 
@@ -263,7 +266,7 @@ def run_one(spec: StudySpec, run: Run, *, pretrained_file: Optional[Path] = None
     t0, c0 = time.perf_counter(), time.process_time()
     out = spec.resolved_work_dir() / run.arch.name / f'{run.config.name}_seed{run.seed}'
     cfg = finetune_config(spec, run, out, pretrained_file)
-    bundle, test, train_eval, data_fp = _run_data(spec.data, cfg, run.arch)
+    bundle, test, train_eval, data_fp = _run_data(spec.data.for_seed(run.seed), cfg, run.arch)
     hook = model_hook(run.arch, run.config)
     summary = _train(cfg, bundle, hook)
     folder = out / spec.select
@@ -373,7 +376,7 @@ def run_study(spec: StudySpec, *, workers: int = 1, resume: bool = False, thread
         raise StudyError(f'--workers must be >= 1, got {workers}')
     todo, done = pending_runs(spec, only_arch)
     if done and not resume:
-        raise StudyError(f'{spec.resolved_out_dir() / "runs"} already holds {len(done)} of this study\'s records; '
+        raise StudyError(f'{spec.resolved_out_dir() / "records"} already holds {len(done)} of this study\'s records; '
                          'pass --resume to run the rest (finished runs are not re-run)')
     result = StudyResult([], skipped=[r.key for r in done])
     log(f'study {spec.name}: {len(todo)} runs to go, {len(done)} recorded; {workers} worker(s)')

@@ -78,6 +78,8 @@ class ArchSpec:
         img_size: input resolution (default: the model's).
         stem_stride: adapt an ImageNet stem to tiny inputs (:func:`timm_dropres.research.ablation.small_input_stem`):
             first conv at this stride, no max-pool.
+        skip_configs: configurations not run on this network, each with the reason the report gives (e.g. a
+            position that is the same network as another one here).
         label: description shown in the report.
     """
 
@@ -88,9 +90,13 @@ class ArchSpec:
     pretrained: bool = False
     img_size: Optional[int] = None
     stem_stride: Optional[int] = None
+    skip_configs: Dict[str, str] = field(default_factory=dict)
     label: str = ''
 
     def __post_init__(self) -> None:
+        if not isinstance(self.skip_configs, Mapping) or not all(isinstance(v, str) and v
+                                                                 for v in self.skip_configs.values()):
+            raise ValueError(f'{self.name}: skip_configs maps a configuration name to the reason it is not run')
         if not self.name or '/' in self.name or self.name.startswith('.'):
             raise ValueError(f'architecture name must be a plain file name, got {self.name!r}')
         if self.stem_stride not in (None, 1, 2):
@@ -183,6 +189,8 @@ class DataSpec:
             resolution) and train on tensors, with ``augment`` on tensors instead of the trainer's transforms.
         augment: in-memory augmentation: ``pad`` (random translation by up to this many pixels, padding with
             black) and ``hflip`` (flip probability); ``{}`` for none.
+        subset_per_seed: draw the subsets with ``seed + <run seed>``, so each seed trains on its own subset (the
+            same for every configuration of that seed): few-shot studies then do not rest on one draw.
     """
 
     dataset: str = ''
@@ -197,6 +205,11 @@ class DataSpec:
     seed: int = 0
     in_memory: bool = False
     augment: Dict[str, float] = field(default_factory=dict)
+    subset_per_seed: bool = False
+
+    def for_seed(self, seed: int) -> DataSpec:
+        """The data of run seed ``seed``: this spec, or with ``subset_per_seed`` its subsets drawn for that seed."""
+        return dataclasses.replace(self, seed=self.seed + seed, subset_per_seed=False) if self.subset_per_seed else self
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -272,7 +285,7 @@ class StudySpec:
         power: the power of the minimum detectable effect.
         effect: the effect of interest in top-1 points: the report's seed calculator says how many seeds
             resolve it.
-        out_dir: records (``runs/``) and the report (default ``docs/results/<name>``).
+        out_dir: records (``records/``) and the report (default ``docs/results/<name>``).
         work_dir: the trainer's run folders, deleted when a run is recorded (default ``runs/study/<name>``).
         title: the report's title.
         header: markdown placed under the title (what the study is for).
@@ -305,6 +318,11 @@ class StudySpec:
             if len(set(names)) != len(names):
                 raise ValueError(f'{what} names must be unique, got {names}')
         names = {c.name for c in self.configs}
+        for arch in self.architectures:
+            bad = sorted(set(arch.skip_configs) - names)
+            if bad:
+                raise ValueError(f'architectures.{arch.name}.skip_configs: unknown configurations {bad}; valid: '
+                                 f'{sorted(names)}')
         for family, pairs in self.comparisons.items():
             for pair in pairs:
                 if len(pair) != 2 or pair[0] == pair[1]:
@@ -448,7 +466,8 @@ def plan_runs(spec: StudySpec, only_arch: Sequence[str] | None = None) -> List[R
             raise ValueError(f'--only-arch {bad}: not an architecture of this study; valid: {names}')
     archs = [a for a in spec.architectures if not only_arch or a.name in only_arch]
     seeds = sorted({s for c in spec.configs for s in spec.seeds_of(c)})
-    return [Run(a, c, s) for s in seeds for a in archs for c in spec.configs if s in spec.seeds_of(c)]
+    return [Run(a, c, s) for s in seeds for a in archs for c in spec.configs
+            if s in spec.seeds_of(c) and c.name not in a.skip_configs]
 
 
 def run_fingerprint(spec: StudySpec, run: Run) -> str:
