@@ -43,8 +43,8 @@ from .data import SplitData, resolve_splits, tensor_bundle
 from .metrics import ECE_BINS, predict, split_metrics
 from .spec import ArchSpec, ConfigSpec, DataSpec, Run, StudySpec, plan_runs, run_fingerprint
 
-__all__ = ['StudyError', 'StudyResult', 'record_path', 'read_records', 'finetune_config', 'run_one', 'pretrain',
-           'run_study', 'pending_runs']
+__all__ = ['StudyError', 'StudyResult', 'record_path', 'read_records', 'finetune_config', 'run_data', 'run_one',
+           'pretrain', 'run_study', 'pending_runs']
 
 _logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def _splits(data: DataSpec) -> SplitData:
     return _cached(_SPLITS, _key(data), lambda: resolve_splits(data))
 
 
-def _run_data(data: DataSpec, cfg: FinetuneConfig, arch: ArchSpec) -> Tuple[Any, Any, Any, Dict[str, Any]]:
+def run_data(data: DataSpec, cfg: FinetuneConfig, arch: ArchSpec) -> Tuple[Any, Any, Any, Dict[str, Any]]:
     """``(bundle for the trainer, test dataset, train dataset for eval, data fingerprint)`` of one run.
 
     The eval transform is the trainer's (``resolve_transforms`` for the run's model, image size, crop and
@@ -266,7 +266,7 @@ def run_one(spec: StudySpec, run: Run, *, pretrained_file: Optional[Path] = None
     t0, c0 = time.perf_counter(), time.process_time()
     out = spec.resolved_work_dir() / run.arch.name / f'{run.config.name}_seed{run.seed}'
     cfg = finetune_config(spec, run, out, pretrained_file)
-    bundle, test, train_eval, data_fp = _run_data(spec.data.for_seed(run.seed), cfg, run.arch)
+    bundle, test, train_eval, data_fp = run_data(spec.data.for_seed(run.seed), cfg, run.arch)
     hook = model_hook(run.arch, run.config)
     summary = _train(cfg, bundle, hook)
     folder = out / spec.select
@@ -324,7 +324,7 @@ def pretrain(spec: StudySpec, arch: ArchSpec, log: Callable[[str], None] = print
     run = Run(arch, ConfigSpec('pretrain'), pre.seed)
     out = spec.resolved_work_dir() / 'pretrain' / arch.name
     cfg = finetune_config(spec, run, out, train=pre.train, data=pre.data)
-    bundle, _, _, data_fp = _run_data(pre.data, cfg, arch)
+    bundle, _, _, data_fp = run_data(pre.data, cfg, arch)
     summary = _train(cfg, bundle, model_hook(arch, run.config))
     weights.parent.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_suffix('.tmp')
