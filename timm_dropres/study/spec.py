@@ -285,8 +285,8 @@ class StudySpec:
         power: the power of the minimum detectable effect.
         effect: the effect of interest in top-1 points: the report's seed calculator says how many seeds
             resolve it.
-        out_dir: records (``records/``) and the report (default ``docs/results/<name>``).
-        work_dir: the trainer's run folders, deleted when a run is recorded (default ``runs/study/<name>``).
+        out_dir: records (``records/``) and the report (default ``runs/study/<name>``).
+        work_dir: the trainer's run folders, deleted when a run is recorded (default ``<out_dir>/work``).
         title: the report's title.
         header: markdown placed under the title (what the study is for).
     """
@@ -347,10 +347,10 @@ class StudySpec:
         return next(c for c in self.configs if c.name == name)
 
     def resolved_out_dir(self) -> Path:
-        return Path(self.out_dir or f'docs/results/{self.name}')
+        return Path(self.out_dir or f'runs/study/{self.name}')
 
     def resolved_work_dir(self) -> Path:
-        return Path(self.work_dir or f'runs/study/{self.name}')
+        return Path(self.work_dir) if self.work_dir else self.resolved_out_dir() / 'work'
 
 
 def check_train_options(train: Mapping[str, Any], where: str) -> FinetuneConfig:
