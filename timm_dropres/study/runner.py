@@ -9,8 +9,7 @@ deletes its trainer folder, so a killed study loses at most the runs in flight; 
 recorded run, and continues an unfinished one from its last trainer checkpoint.
 
 Runs go side by side in ``workers`` processes (spawned; each with ``threads`` torch threads); on a GPU several
-workers share it. A run can itself use ``accelerate`` on many GPUs by calling :func:`run_one` under
-``accelerate launch`` (the trainer is the same).
+workers share it (each trains on the GPU when there is one, as the trainer does).
 """
 from __future__ import annotations
 
