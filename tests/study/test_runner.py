@@ -120,3 +120,28 @@ def test_killed_study_resumes_without_rerunning_finished_runs(folder, tmp_path):
     assert all(p.read_bytes() == b for p, b in first.items()), 'a finished run was re-run'
     assert f'{4 - len(first)} runs to go, {len(first)} recorded' in done.stdout
     assert (tmp_path / 'results' / 'tiny.png').is_file() and (tmp_path / 'results' / 'tiny.md').is_file()
+
+
+def test_pretraining_stage_feeds_every_run_and_is_reused(folder, tmp_path, one_torch_thread):
+    """Transfer: the network is pretrained once through the same trainer; every run starts from those weights."""
+    pre = dict(seed=0, data=dict(dataset=str(folder), classes=['disc', 'bars'], val_fraction=0.25, in_memory=True),
+               train=dict(epochs=1, batch_size=12, opt='sgd', lr=0.05, warmup_epochs=0, smoothing=0.0))
+    spec = parse_study_spec(study_dict(folder, tmp_path, seeds=1, pretrain=pre,
+                                       data=dict(dataset=str(folder), val_fraction=0.25, in_memory=True,
+                                                 train_subset=30, subset_per_seed=True)))
+    logs = []
+    result = run_study(spec, log=logs.append)
+    assert not result.failed and len(result.records) == 2
+    weights = tmp_path / 'work' / 'pretrained' / 'p20.safetensors'
+    pre_rec = json.loads((tmp_path / 'results' / 'pretrained' / 'p20.json').read_text())
+    assert pre_rec['classes'] == ['disc', 'bars'] and weights.is_file()
+    shas = {r['pretrained_file_sha256'] for r in result.records}
+    assert shas == {pre_rec['sha256']}
+    assert all(r['data']['train_size'] == 30 for r in result.records)
+    # a second study over the same pretraining reuses the weights instead of training them again
+    spec2 = dataclasses.replace(spec, seeds=(0, 1))
+    logs.clear()
+    recs = run_study(spec2, resume=True, log=logs.append).records
+    assert len({r['data']['train_files'] for r in recs}) == 2, 'subset_per_seed: each seed draws its own subset'
+    assert len({r['data']['train_files'] for r in recs if r['seed'] == 1}) == 1, '...the same for every config'
+    assert any('(recorded)' in m for m in logs) and not any(m.startswith('pretrained p20: validation') for m in logs)
