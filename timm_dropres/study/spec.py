@@ -45,7 +45,7 @@ HAZARDS = ('before_every_bn', 'after_add', 'head_after_pool')
 #: FinetuneConfig fields the engine sets per run; a spec's ``train:`` must not set them
 ENGINE_KEYS = ('model', 'pretrained', 'pretrained_file', 'drop_rate', 'res_drop_rate', 'res_drop_pos',
                'drop_path_rate', 'model_kwargs', 'dataset', 'data_dir', 'download', 'val_fraction', 'train_subset',
-               'val_subset', 'img_size', 'seed', 'output_dir', 'overwrite', 'resume', 'progress', 'cpu')
+               'val_subset', 'img_size', 'seed', 'output_dir', 'overwrite', 'resume', 'progress')
 
 
 def _from_mapping(cls: type, values: Any, where: str) -> Any:
