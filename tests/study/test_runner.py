@@ -17,7 +17,7 @@ from study_helpers import make_image_folder, study_dict, write_spec
 
 from timm_dropres.cli.study import main as study_main
 from timm_dropres.study.data import resolve_splits, tensor_bundle
-from timm_dropres.study.runner import finetune_config, model_hook, run_study
+from timm_dropres.study.runner import finetune_config, model_hook, run_data, run_one, run_study
 from timm_dropres.study.spec import parse_study_spec, plan_runs
 from timm_dropres.training.data import EpochSeededDataset, resolve_transforms
 from timm_dropres.training.trainer import finetune
@@ -145,3 +145,19 @@ def test_pretraining_stage_feeds_every_run_and_is_reused(folder, tmp_path, one_t
     assert len({r['data']['train_files'] for r in recs}) == 2, 'subset_per_seed: each seed draws its own subset'
     assert len({r['data']['train_files'] for r in recs if r['seed'] == 1}) == 1, '...the same for every config'
     assert any('(recorded)' in m for m in logs) and not any(m.startswith('pretrained p20: validation') for m in logs)
+
+
+def test_a_run_killed_mid_training_continues_from_its_checkpoint(folder, tmp_path, one_torch_thread):
+    spec = parse_study_spec(study_dict(folder, tmp_path, seeds=1))
+    run = plan_runs(spec)[1]
+    out = tmp_path / 'work' / run.arch.name / f'{run.config.name}_seed{run.seed}'
+    cfg = finetune_config(spec, run, out)
+    bundle, *_ = run_data(spec.data, cfg, run.arch)
+    # what a kill after step 3 leaves behind: the trainer's folder with a checkpoint, and no record
+    finetune(dataclasses.replace(cfg, stop_after_steps=3, overwrite=True), data=bundle,
+             model_hook=model_hook(run.arch, run.config))
+    rec = run_one(spec, run, log=lambda m: None)
+    assert rec['resumed_at_steps'] == [3] and rec['steps'] == 8 and not out.exists()
+    fresh = parse_study_spec(study_dict(folder, tmp_path / 'b', seeds=1))
+    again = run_one(fresh, plan_runs(fresh)[1], log=lambda m: None)
+    assert again['resumed_at_steps'] == [] and again['top1'] == rec['top1'] and again['nll'] == rec['nll']

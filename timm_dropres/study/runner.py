@@ -259,7 +259,8 @@ def run_one(spec: StudySpec, run: Run, *, pretrained_file: Optional[Path] = None
         ``fingerprint``, ``model``, ``dropout``, ``resolved_res_pos``), the test metrics (``top1``, ``top5``,
         ``nll``, ``ece``, on ``test_images``), ``train_nll``/``train_top1`` (eval mode, unaugmented training
         images), the final validation metrics (``val``), the per-epoch validation ``curve``, which weights were
-        tested (``select``, ``epoch``), ``steps``, the data fingerprint (``data``), ``versions``, ``device``,
+        tested (``select``, ``epoch``), ``steps``, ``resumed_at_steps`` (a killed run continued from its trainer
+        checkpoint; the trainer's resume is exact), the data fingerprint (``data``), ``versions``, ``device``,
         ``wall_s`` and ``cpu_s`` (this process's CPU time).
     """
     t0, c0 = time.perf_counter(), time.process_time()
@@ -287,6 +288,7 @@ def run_one(spec: StudySpec, run: Run, *, pretrained_file: Optional[Path] = None
         curve=[dict(epoch=h['epoch'], train_loss=h['train_loss'], val_top1=h['top1'], val_top5=h['top5'],
                     val_nll=h['loss']) for h in history],
         select=spec.select, epoch=epoch, steps=summary['global_steps'],
+        resumed_at_steps=[r['step'] for r in summary.get('resumes') or []],
         pretrained_file_sha256=_sha256(pretrained_file) if pretrained_file is not None else None,
         data=data_fp, versions=summary.get('versions'), device=str(device), threads=torch.get_num_threads(),
         machine=platform.machine(), wall_s=round(time.perf_counter() - t0, 2),
