@@ -76,3 +76,19 @@ def test_shipped_study_specs_load_and_follow_the_seed_calculation(path):
     assert 12 <= len(spec.seeds) <= 20, 'main comparisons: 12-20 seeds from the power calculation'
     assert all(len(c.seeds) == 5 for c in wrong), 'wrong placements stay at 5 seeds'
     assert {'none'} <= {c.name for c in main}
+
+
+def test_readme_study_example_is_a_valid_spec_and_its_calculator_line_runs(capsys):
+    import yaml
+    from hub_helpers import code_blocks
+
+    from timm_dropres.cli.study import main
+
+    readme = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
+    block = next(b for b in code_blocks(readme, 'yaml') if 'name: flowers' in b)
+    spec = parse_study_spec(yaml.safe_load(block))
+    assert len(plan_runs(spec)) == 12 * 4 and spec.config('timm').timm
+    line = next(b for b in code_blocks(readme, 'bash') if '--seeds-for-sd' in b and 'my_study.yaml' in b)
+    args = next(x for x in line.splitlines() if '--seeds-for-sd' in x).split('#')[0].split()[1:]
+    assert main(args) == 0
+    assert 'seeds resolve 0.5' in capsys.readouterr().out
