@@ -133,7 +133,7 @@ def test_pretraining_stage_feeds_every_run_and_is_reused(folder, tmp_path, one_t
     result = run_study(spec, log=logs.append)
     assert not result.failed and len(result.records) == 2
     weights = tmp_path / 'work' / 'pretrained' / 'p20.safetensors'
-    pre_rec = json.loads((tmp_path / 'results' / 'pretrained' / 'p20.json').read_text())
+    pre_rec = json.loads((tmp_path / 'results' / 'pretraining' / 'p20.json').read_text())
     assert pre_rec['classes'] == ['disc', 'bars'] and weights.is_file()
     shas = {r['pretrained_file_sha256'] for r in result.records}
     assert shas == {pre_rec['sha256']}

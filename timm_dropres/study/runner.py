@@ -307,12 +307,12 @@ def pretrain(spec: StudySpec, arch: ArchSpec, log: Callable[[str], None] = print
 
     Returns:
         The weights file (``<work_dir>/pretrained/<arch>.safetensors``); its record, with the file's SHA-256,
-        is ``<out_dir>/pretrained/<arch>.json``. An existing file whose hash matches its record is reused.
+        is ``<out_dir>/pretraining/<arch>.json``. An existing file whose hash matches its record is reused.
     """
     pre = spec.pretrain
     assert pre is not None
     weights = spec.resolved_work_dir() / 'pretrained' / f'{arch.name}.safetensors'
-    rec_path = spec.resolved_out_dir() / 'pretrained' / f'{arch.name}.json'
+    rec_path = spec.resolved_out_dir() / 'pretraining' / f'{arch.name}.json'
     fp = hashlib.sha256(json.dumps(dict(arch={k: v for k, v in dataclasses.asdict(arch).items() if k != 'label'},
                                         pretrain=dataclasses.asdict(pre)), sort_keys=True, default=str
                                    ).encode()).hexdigest()[:16]
