@@ -11,6 +11,7 @@ the training images in eval mode; the harness evaluates 1,000 test images every 
 variance shift on 500 images.
 
     python benchmarks/study_engine.py                                   # resnet18, none + residual, seed 0
+    python benchmarks/study_engine.py --engine-val-subset 333                 # equal evaluation work
     python benchmarks/study_engine.py --arch preresnet20 --configs none default --seeds 0 1
 """
 from __future__ import annotations
@@ -42,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--seeds', nargs='+', type=int, default=[0])
     p.add_argument('--epochs', type=int, default=None, help='override the specs\' 30 epochs (both sides)')
     p.add_argument('--test-subset', type=int, default=None, help='test on a subset (both sides; smoke runs)')
+    p.add_argument('--engine-val-subset', type=int, default=None,
+                   help='validate the engine\'s runs on this many images per epoch (e.g. 333: 30 epochs x 333 = the '
+                   'harness\'s 10 x 1,000 curve images), to compare the loops at equal evaluation work')
     p.add_argument('--smoke', action='store_true', help=f'a seconds-long check that it runs: {" ".join(SMOKE)}')
     args = p.parse_args(argv)
     if args.smoke:
@@ -49,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for c in args.configs:
         if c not in ablation.CONFIGS:
             p.error(f'--configs: {c!r} is not a configuration of both studies; valid: {list(ablation.CONFIGS)}')
+    if args.engine_val_subset is not None and args.engine_val_subset < 1:
+        p.error(f'--engine-val-subset must be >= 1, got {args.engine_val_subset}')
     if args.epochs is not None and args.epochs < 1:
         p.error(f'--epochs must be >= 1, got {args.epochs}')
     return args
@@ -62,6 +68,8 @@ def _specs(args: argparse.Namespace, tmp: Path):
         old = dataclasses.replace(old, schedule=dataclasses.replace(
             old.schedule, epochs=args.epochs, curve_every=min(old.schedule.curve_every, args.epochs)))
         new = dataclasses.replace(new, train=dict(new.train, epochs=args.epochs))
+    if args.engine_val_subset is not None:
+        new = dataclasses.replace(new, data=dataclasses.replace(new.data, val_subset=args.engine_val_subset))
     if args.test_subset is not None:
         old = dataclasses.replace(old, data=dataclasses.replace(old.data, test_subset=args.test_subset))
         new = dataclasses.replace(new, data=dataclasses.replace(new.data, test_subset=args.test_subset))
@@ -109,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f'| all | | {tot["h_cpu"]:.1f} | {tot["e_cpu"]:.1f} | {tot["e_cpu"] / tot["h_cpu"]:.2f} | '
           f'{tot["h_wall"]:.1f} | {tot["e_wall"]:.1f} | |')
     print()
-    print(f'Data preparation (once per process): harness {prep_old:.1f} s CPU, engine {prep_new:.1f} s CPU.')
+    print(f'Data preparation (once per process): harness {prep_old:.1f} s CPU, engine {prep_new:.1f} s CPU. Engine '
+          f'validation: {new.data.val_subset} images every epoch; harness curve: {old.schedule.curve_images} test '
+          f'images every {old.schedule.curve_every} epochs.')
     return 0
 
 
