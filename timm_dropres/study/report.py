@@ -166,7 +166,8 @@ def markdown(spec: StudySpec, records: Sequence[Mapping[str, Any]], comparisons:
         head = ['configuration', 'n'] + [label for _, label, _ in _SUMMARY]
         lines += ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
         for r in (r for r in rows if r['arch'] == arch.name):
-            name = r['config'] + (f" (→ {r['resolved_res_pos']})" if r['resolved_res_pos'] else '')
+            pos = r['resolved_res_pos']
+            name = r['config'] + (f' (→ {pos})' if pos and pos != r['config'] else '')
             lines.append('| ' + ' | '.join([name, str(r['n'])] + [_ms(r[f'{k}_mean'], r[f'{k}_sd'], d)
                                                                   for k, _, d in _SUMMARY]) + ' |')
         lines.append('')
