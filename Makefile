@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: install test lint demo bench ablate study-overfit study-transfer studies clean
+.PHONY: install test lint demo bench ablate study-overfit study-transfer studies clean \
+	rerun-overfit rerun-transfer rerun-underfit reruns
 
 $(STAMP): pyproject.toml setup.cfg $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,3 +47,13 @@ study-transfer: $(STAMP)
 	$(PY) scripts/transfer.py --config configs/study_transfer.yaml --out-dir docs/results/transfer --threads 1
 
 studies: study-overfit study-transfer ablate
+
+# Issue 19: the three studies re-run through the study engine (dropres-study, the product's trainer), with the
+# seed counts of configs/studies/*.yaml; each target resumes (recorded runs are skipped), so it can be stopped
+# and restarted across sessions. Records: docs/results/<study>/records/ (commit them).
+STUDY_WORKERS ?= 2
+rerun-overfit rerun-transfer rerun-underfit: rerun-%: $(STAMP)
+	$(PY) -m timm_dropres.cli.study studies/$*.yaml --workers $(STUDY_WORKERS) --threads 1 --resume
+
+reruns: rerun-overfit rerun-transfer rerun-underfit
+

@@ -12,7 +12,7 @@ import timm
 import torch
 
 import timm_dropres  # noqa: F401
-from benchmarks import ceiling, compile_check, dropout_impl, inference, run_all, trainer, training
+from benchmarks import ceiling, compile_check, dropout_impl, inference, run_all, study_engine, trainer, training
 from benchmarks import common as C
 
 
@@ -204,3 +204,11 @@ def test_cpu_clock_counts_work_not_waiting():
         C.interleaved(cases, device=torch.device('cuda'), reps=1, warmup=0, iters=1, clock='cpu')
     with pytest.raises(ValueError, match='clock must be one of'):
         C.interleaved(cases, device=torch.device('cpu'), reps=1, warmup=0, iters=1, clock='gpu')
+
+
+@pytest.mark.slow
+def test_study_engine_smoke_times_both_sides(capsys):
+    """One over-fitting run per side (1 epoch, 500 test images): both train, and the table gives the CPU ratio."""
+    assert study_engine.main(['--smoke', '--configs', 'none']) == 0
+    out = capsys.readouterr().out
+    assert '| none | 0 |' in out and '| all |' in out and 'engine / harness (CPU)' in out

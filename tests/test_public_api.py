@@ -34,7 +34,8 @@ ALLOWED = {
     'training': {'training', 'models'} | _BASE,
     'hub': {'hub', 'models'} | _BASE,
     'research': {'research', 'training', 'hub', 'models'} | _BASE,
-    'cli': {'cli', 'research', 'training', 'hub', 'models'} | _BASE,
+    'study': {'study', 'research', 'training', 'hub', 'models'} | _BASE,
+    'cli': {'cli', 'study', 'research', 'training', 'hub', 'models'} | _BASE,
 }
 ROOT = Path(timm_dropres.__file__).parent
 MAX_LINES = 600

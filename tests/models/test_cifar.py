@@ -114,3 +114,30 @@ def test_paper_recipe_runs_one_step(tmp_path: Path, recipe: str, target: str, mo
     summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
     assert summary['global_steps'] == 1 and summary['model'] == (model or cfg['model'])
     assert summary['input_size'] == [3, 32, 32]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('dataset, target', [('10', '96.11 %'), ('100', '81.15 %')])
+def test_wrn_recipes_follow_the_wrn_paper_and_run_one_step(tmp_path: Path, dataset: str, target: str) -> None:
+    """WRN-28-10 recipes: the WRN paper's schedule and protocol (all 50k images, last epoch), no-dropout twins."""
+    from timm_dropres.cli.finetune import main as finetune_main
+    path = RECIPES / f'wrn28_10_cifar{dataset}.yaml'
+    text = path.read_text()
+    assert target in text and 'report the last epoch' in text
+    cfg = yaml.safe_load(text)
+    assert (cfg['opt'], cfg['lr'], cfg['momentum'], cfg['weight_decay'], cfg['batch_size'], cfg['epochs']) == (
+        'sgd', 0.1, 0.9, 5e-4, 128, 200)
+    assert (cfg['sched'], cfg['decay_milestones'], cfg['decay_rate'], cfg['pad_crop'], cfg['warmup_epochs']) == (
+        'multistep', [60, 120, 160], 0.2, 4, 0)
+    assert (cfg['model'], cfg['res_drop_rate'], cfg['drop_rate']) == ('wrn28_10_cifar_dropres', 0.3, 0.0)
+    assert 'val_fraction' not in cfg  # the paper trains on all 50k training images
+    twin = yaml.safe_load((RECIPES / f'wrn28_10_cifar{dataset}_nodrop.yaml').read_text())
+    differ = {k for k in set(twin) | set(cfg) if twin.get(k) != cfg.get(k)}
+    assert differ == {'model', 'res_drop_rate', 'output_dir'} and twin['model'] == 'wrn28_10_cifar'
+    data = _tiny_image_folder(tmp_path / 'data')
+    argv = ['--config', str(path), '--dataset', str(data), '--no-download', '--data-dir', str(data),
+            '--batch-size', '4', '--num-workers', '0', '--output-dir', str(tmp_path / 'run'), '--cpu',
+            '--no-progress', '--stop-after-steps', '1', '--model', 'preresnet20_cifar_dropres']
+    assert finetune_main(argv) == 0  # the recipe's options train (on the smallest network of the family)
+    summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
+    assert summary['global_steps'] == 1 and summary['dropout_args']['res_drop_rate'] == 0.3

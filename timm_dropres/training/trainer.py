@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import timm
 import torch
@@ -89,9 +89,11 @@ _FINITE_CHECK_EVERY = 10
 class _Trainer:
     """One run's mutable state. Split out of ``finetune`` only to keep each step short to read."""
 
-    def __init__(self, cfg: FinetuneConfig, data: DataBundle | None, ref: ModelRef | None) -> None:
+    def __init__(self, cfg: FinetuneConfig, data: DataBundle | None, ref: ModelRef | None,
+                 model_hook: Callable[[nn.Module], nn.Module] | None = None) -> None:
         self.cfg = cfg
         self.ref = ref if ref is not None else resolve_model(cfg)  # the model checks, before anything is created
+        self.model_hook = model_hook
         self.t_start = time.perf_counter()
         self.out = Path(cfg.output_dir)
         self.resume_ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
@@ -143,6 +145,8 @@ class _Trainer:
             model, self.model_kwargs = build_model(cfg, self.ref, data.num_classes, data.in_chans)
         except (RuntimeError, pickle.UnpicklingError) as e:  # weights refused by torch.load or not fitting
             raise ValueError(model_load_error(cfg.model, e, cfg.pretrained_file)) from e
+        if self.model_hook is not None:  # e.g. a study's hook-placed dropout; it must not consume the RNG
+            model = self.model_hook(model)
         if in_chans_of(model) != data.in_chans:
             raise ValueError(f'{cfg.model} takes {in_chans_of(model)}-channel input; the data has {data.in_chans}')
         self.identity = model_identity(model, self.ref, data.num_classes, data.in_chans)
@@ -153,8 +157,8 @@ class _Trainer:
             model, data.in_chans, img_size=cfg.img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
             auto_augment=cfg.aa, hflip=cfg.hflip, color_jitter=cfg.color_jitter, re_prob=cfg.reprob,
             scale=cfg.scale, ratio=cfg.ratio, pad_crop=cfg.pad_crop)
-        if data.preprocessed:
-            train_tf = eval_tf = None
+        if data.preprocessed:  # tensors already at model resolution; only tensor augmentation may remain
+            train_tf, eval_tf = data.train_transform, None
         if cfg.sync_bn and acc.num_processes > 1 and acc.device.type != 'cuda':
             raise ValueError(f'--sync-bn needs CUDA devices (torch.nn.SyncBatchNorm); this run is on {acc.device.type}')
         if cfg.sync_bn and acc.num_processes > 1:
@@ -537,7 +541,8 @@ class _Trainer:
 
 
 
-def finetune(cfg: FinetuneConfig, data: DataBundle | None = None, *, ref: ModelRef | None = None) -> Dict[str, Any]:
+def finetune(cfg: FinetuneConfig, data: DataBundle | None = None, *, ref: ModelRef | None = None,
+             model_hook: Callable[[nn.Module], nn.Module] | None = None) -> Dict[str, Any]:
     """Run a fine-tuning job and return its summary (also written to ``<output_dir>/summary.json``).
 
     Call under ``accelerate launch`` for several processes; every process must call it with the same config.
@@ -548,10 +553,12 @@ def finetune(cfg: FinetuneConfig, data: DataBundle | None = None, *, ref: ModelR
             :func:`timm_dropres.training.data.resolve_data`.
         ref: ``cfg.model`` as :func:`~timm_dropres.training.build.resolve_model` returned it, when the caller
             has checked it already (the CLI); None: it is resolved here, before anything is created.
+        model_hook: called with the built model before anything else sees it; returns the model to train
+            (:mod:`timm_dropres.study` adds its hook-placed dropout and stem changes with it).
 
     Returns:
         The run's summary: final and best metrics, the history, where the weights went, the versions.
     """
-    trainer = _Trainer(dataclasses.replace(cfg), data, ref)
+    trainer = _Trainer(dataclasses.replace(cfg), data, ref, model_hook)
     trainer.setup()
     return trainer.run()

@@ -36,6 +36,9 @@ class DataBundle:
     #: True when samples are already-normalised CHW tensors at model resolution (no transforms applied).
     preprocessed: bool = False
     info: Dict[str, Any] = field(default_factory=dict)
+    #: preprocessed data only: a random transform of one training tensor (e.g. crop and flip on tensors), seeded
+    #: per sample by :class:`EpochSeededDataset` like any other augmentation; None: no augmentation.
+    train_transform: Callable | None = None
 
     @property
     def num_classes(self) -> int:
