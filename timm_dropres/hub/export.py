@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from timm.models import save_for_hf
 
-from ..files import files_like_folder, temp_dir_beside
+from ..files import files_like_folder, replaced_name, temp_dir_beside
 from ..models.convert import dropout_args
 
 __all__ = ['save_pretrained_folder', 'read_folder_config', 'trained_pretrained_cfg', 'WEIGHTS_NAME', 'CONFIG_NAME',
@@ -155,7 +155,7 @@ def save_pretrained_folder(
         files_like_folder(tmp)  # safetensors writes 0600; the folder itself has the umask's mode
         old = None
         if out_dir.exists():
-            old = out_dir.with_name(f'.{out_dir.name}.old')
+            old = replaced_name(out_dir)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)

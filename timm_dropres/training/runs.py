@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Tuple
 import torch
 import torch.nn as nn
 
+from ..files import TEMP_MARKER, replaced_name
 from ..hub.export import CONFIG_NAME, WEIGHTS_NAME
-from .checkpoints import CKPT_DIR, CKPT_PREFIX, OUTPUT_ARTIFACTS, CheckpointError, list_checkpoints
+from .checkpoints import CKPT_DIR, CKPT_PREFIX, OUTPUT_ARTIFACTS, RUN_LOCK, CheckpointError, list_checkpoints
 
 if TYPE_CHECKING:
     from .config import FinetuneConfig
@@ -45,6 +46,15 @@ _logger = logging.getLogger(__name__)
 TRACKER_PROJECT = 'dropres-finetune'
 _EXPORTS = ('best', 'last')
 _CKPT_NAME = re.compile(rf'(\.tmp-)?{CKPT_PREFIX}\d+')
+#: what an interrupted atomic write of an artifact leaves (files.TEMP_MARKER), and an export caught between its
+#: two renames (files.replaced_name): exact names, never a user's ``.best.backup`` or ``.summary.csv.swp``
+_TEMP_NAME = re.compile(rf'\.({"|".join(map(re.escape, OUTPUT_ARTIFACTS))})\.{TEMP_MARKER}-[0-9a-f]+')
+_REPLACED = tuple(replaced_name(e).name for e in _EXPORTS)
+
+
+def _interrupted_write(name: str) -> bool:
+    """True for the exact names an interrupted atomic write of the trainer leaves in a run folder."""
+    return bool(_TEMP_NAME.fullmatch(name)) or name in _REPLACED
 
 #: resume rule: the resumed run must use the checkpoint's value (else it would not be an exact continuation).
 SAME = 'same'
@@ -101,9 +111,8 @@ def _foreign_inside(entry: Path) -> List[str]:
     name = entry.name
     if entry.is_symlink():
         return [name]
-    for artifact in OUTPUT_ARTIFACTS:  # a temporary or replaced copy of an artifact (an interrupted atomic write)
-        if name.startswith(f'.{artifact}.'):
-            return []
+    if _interrupted_write(name):  # a temporary or replaced copy of an artifact (an interrupted atomic write)
+        return []
     if name not in OUTPUT_ARTIFACTS:
         return [name]
     if name == CKPT_DIR:
@@ -202,7 +211,7 @@ def plan_run(output_dir: str | os.PathLike, resume_ckpt: Path | None, overwrite:
     if out.exists() and not out.is_dir():
         raise OutputDirError(f'--output-dir {out} is a file, not a folder')
     _check_writable(out, probe)
-    entries = sorted(out.iterdir()) if out.is_dir() else []
+    entries = sorted(e for e in out.iterdir() if e.name != RUN_LOCK) if out.is_dir() else []
     foreign = [f for e in entries for f in _foreign_inside(e)]
     ours = [e for e in entries if not _foreign_inside(e)]
     run_dir = _run_dir_of(resume_ckpt) if resume_ckpt is not None else None
@@ -240,10 +249,11 @@ def plan_run(output_dir: str | os.PathLike, resume_ckpt: Path | None, overwrite:
 def clean_partial_writes(out: Path) -> List[str]:
     """Remove what interrupted writes left in a run folder; restore an export caught between its two renames.
 
-    A killed run can leave ``checkpoints/.tmp-step_*`` (a checkpoint being written), ``.best.*``/``.last.*``
-    (an export being written) and ``.summary.json.tmp*`` (an atomic file write). An export replaced in place
-    is renamed to ``.best.old`` before the new one is renamed to ``best``; when ``best`` is missing, the old
-    one is put back.
+    A killed run can leave ``checkpoints/.tmp-step_*`` (a checkpoint being written), ``.best.dropres-tmp-*``
+    (an export being written) and ``.summary.json.dropres-tmp-*`` (an atomic file write). An export replaced
+    in place is renamed to ``.best.dropres-old`` before the new one is renamed to ``best``; when ``best`` is
+    missing, the old one is put back. Only these exact names are touched (:data:`files.TEMP_MARKER`): a user's
+    ``.best.backup`` or an editor's swap file stays.
 
     Args:
         out: the run folder.
@@ -259,14 +269,13 @@ def clean_partial_writes(out: Path) -> List[str]:
                 shutil.rmtree(p)
                 done.append(f'{CKPT_DIR}/{p.name}')
     for name in _EXPORTS:
-        old = out / f'.{name}.old'
+        old = replaced_name(out / name)
         if old.is_dir() and not (out / name).exists():
             os.replace(old, out / name)
-            done.append(f'{name} (restored from .{name}.old)')
+            done.append(f'{name} (restored from {old.name})')
     if out.is_dir():
         for p in sorted(out.iterdir()):
-            if p.name.startswith('.') and not p.is_symlink() and any(
-                    p.name.startswith(f'.{a}.') for a in OUTPUT_ARTIFACTS):
+            if not p.is_symlink() and _interrupted_write(p.name):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 done.append(p.name)
     if done:

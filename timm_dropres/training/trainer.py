@@ -68,6 +68,7 @@ from .data import (
     train_loader,
 )
 from .evaluate import EvalResult, evaluate, format_results
+from .lock import lock_run_folder
 from .runs import (
     TRACKER_PROJECT,
     TrainingDiverged,
@@ -104,6 +105,16 @@ class _Trainer:
             log_with=_trackers(cfg.log_with), project_config=ProjectConfiguration(
                 project_dir=str(self.out), logging_dir=str(log_dir), automatic_checkpoint_naming=False),
             step_scheduler_with_optimizer=False)
+        # the run folder is this run's alone from here to the end (released by finetune, or below on a refusal)
+        self.lock = lock_run_folder(self.out, self.acc)
+        try:
+            self._plan_and_check(cfg, data)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _plan_and_check(self, cfg: FinetuneConfig, data: DataBundle | None) -> None:
+        """Decide what happens to the run folder, check the resume settings and the data (nothing is written)."""
         # what happens to --output-dir is decided here and carried out only once everything is validated
         self.plan = plan_run(self.out, self.resume_ckpt, cfg.overwrite, probe=self.acc.is_main_process)
         self.resumes: List[Dict[str, Any]] = list(self.resume_state.get('resumes') or []) if self.resume_state else []
@@ -639,5 +650,8 @@ def finetune(cfg: FinetuneConfig, data: DataBundle | None = None) -> Dict[str, A
     processes; every process must call it with the same config.
     """
     trainer = _Trainer(dataclasses.replace(cfg), data)
-    trainer.setup()
-    return trainer.run()
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        trainer.lock.release()
