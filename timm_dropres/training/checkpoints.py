@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List
 
-__all__ = ['OUTPUT_ARTIFACTS', 'RUN_LOCK', 'ARGS_FILE', 'SUMMARY_CSV', 'CKPT_DIR', 'CKPT_PREFIX', 'STATE_FILE', 'EMA_FILE',
-           'CheckpointError', 'list_checkpoints', 'find_checkpoint', 'read_state']
+__all__ = ['OUTPUT_ARTIFACTS', 'RUN_LOCK', 'ARGS_FILE', 'SUMMARY_CSV', 'CKPT_DIR', 'CKPT_PREFIX', 'STATE_FILE',
+           'EMA_FILE', 'CheckpointError', 'list_checkpoints', 'find_checkpoint', 'read_state']
 
 #: What a run writes into --output-dir; --overwrite removes exactly these, nothing else.
 OUTPUT_ARTIFACTS = ('checkpoints', 'best', 'last', 'summary.json', 'summary.csv', 'args.yaml', 'logs')
