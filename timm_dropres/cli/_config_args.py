@@ -19,7 +19,9 @@ from typing import Any, Dict, List, Sequence, Type, TypeVar
 
 import yaml
 
+from ..checks import cut
 from ..recipes import find_recipe, list_recipes
+from ..strict_yaml import safe_load_strict
 
 __all__ = ['build_parser', 'parse_config', 'load_yaml', 'yaml_aliases']
 
@@ -165,7 +167,7 @@ def build_parser(cls: Type[Any], description: str, prog: str | None = None,
 def _read_yaml(path: Path) -> Any:
     """The YAML document in ``path``; a syntax error becomes one ``ValueError`` line with the file and position."""
     try:
-        return yaml.safe_load(path.read_text(encoding='utf-8')) or {}
+        return safe_load_strict(path.read_text(encoding='utf-8')) or {}  # a key given twice is refused
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark is not None else ''
@@ -177,7 +179,7 @@ def _read_yaml(path: Path) -> Any:
 
 def _describe(value: Any) -> str:
     """``value`` as the error shows it; a string says so (``'false'`` in quotes is not false)."""
-    return f'{value!r} (a string)' if isinstance(value, str) else repr(value)
+    return f'{cut(value)} (a string)' if isinstance(value, str) else cut(value)  # never expands an anchor bomb
 
 
 def _scalar(tp: Any, value: Any) -> Any:
@@ -241,7 +243,7 @@ def check_yaml_types(cls: Type[Any], values: Dict[str, Any], path: str | Path) -
                 if not isinstance(value, list):
                     raise ValueError(f'expected a list, got {_describe(value)}')
                 if isinstance(nargs, int) and len(value) != nargs:
-                    raise ValueError(f'expected a list of {nargs} values, got {value!r}')
+                    raise ValueError(f'expected a list of {nargs} values, got {cut(value)}')
                 if nargs == '+' and not value and default != []:
                     raise ValueError('expected a list of at least one value, got []')
                 elem = typing.get_args(tp)[0]
@@ -250,7 +252,7 @@ def check_yaml_types(cls: Type[Any], values: Dict[str, Any], path: str | Path) -
                 value = _scalar(tp, value)
             choices = f.metadata.get('choices')
             if choices is not None and value is not None and value not in choices:
-                raise ValueError(f'got {value!r}; valid choices: {list(choices)}')
+                raise ValueError(f'got {cut(value)}; valid choices: {list(choices)}')
         except ValueError as e:
             raise ValueError(f'--config {path}: {key}: {e}') from None
         out[key] = value
@@ -285,7 +287,7 @@ def load_yaml(path: str | Path, cls: Type[Any]) -> Dict[str, Any]:
         key = str(k).replace('-', '_')
         key = aliases.get(key, key)
         if key not in names:
-            raise ValueError(f'--config {path}: unknown option {k!r}; valid options: {sorted(names)}')
+            raise ValueError(f'--config {path}: unknown option {cut(k)}; valid options: {sorted(names)}')
         if key in out:
             raise ValueError(f'--config {path}: {key!r} is given twice (as {k!r} and under another name)')
         out[key] = v

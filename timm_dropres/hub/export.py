@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from timm.models import save_for_hf
 
+from ..checks import check_folder_config
 from ..files import files_like_folder, replaced_name, temp_dir_beside
 from ..models.convert import dropout_args
 
@@ -173,6 +174,7 @@ def read_folder_config(folder: str | os.PathLike) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f'{folder!s} has no {CONFIG_NAME}; expected a folder written by save_pretrained_folder')
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f'{path} is not valid JSON: {e}') from e
+    return check_folder_config(config, path)  # types, lengths and sizes, before timm reads them

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 import timm
 import torch.nn as nn
+from safetensors import SafetensorError
 
+from ..checks import check_safetensors_file
 from ..hub.export import read_folder_config
 from ..models.convert import dropout_args
 from ..models.layers import check_dropout_args, check_rate
@@ -46,6 +48,8 @@ def check_model_name(name: str) -> None:
             known = timm.list_models('*_dropres')[:3]
             raise ValueError(f'{folder}/config.json: architecture {arch!r} is not a registered timm model, so the '
                              f'folder cannot be loaded; expected a timm name, e.g. a dropres one like {known}')
+        if (folder / 'model.safetensors').exists():  # a damaged file is named now, not in a traceback later
+            check_safetensors_file(folder / 'model.safetensors', f'--model {name}')
         return
     arch = _architecture(name)
     if arch is None:
@@ -167,7 +171,7 @@ def _load_initial_checkpoint(model: nn.Module, path: str | Path) -> None:
     file = checkpoint_file(path)
     try:
         timm.models.load_checkpoint(model, str(file), strict=True)
-    except RuntimeError as e:  # missing / unexpected keys, shape mismatches, a pickle torch refuses
+    except (RuntimeError, SafetensorError) as e:  # missing / unexpected keys, shapes, a refused pickle, damage
         raise ValueError(f'--initial-checkpoint {file} cannot be loaded strictly into {_arch_name(model)} as built '
                          f'(classes and channels come from the data; --pretrained-file adapts a checkpoint whose '
                          f'classifier or input channels differ): {str(e).strip().splitlines()[0]}') from e

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence
 
+from ..checks import check_finetune_values, check_validate_values
 from ..models.layers import RES_DROP_POSITIONS, check_dropout_args
 from .build import check_compile_backend, check_model_name, checkpoint_file, dropout_kwargs
 
@@ -201,6 +202,7 @@ class FinetuneConfig:
             raise ValueError('no model given: pass --model')
         check_model_name(self.model)
         dropout_kwargs(self)
+        check_finetune_values(self)  # sizes, timm's choices, weights files, the output folder vs the data
 
 
 @dataclass
@@ -234,3 +236,4 @@ class ValidateConfig:
             raise ValueError(f'--batch-size must be >= 1, got {self.batch_size}')
         if self.num_workers < 0:
             raise ValueError(f'--num-workers must be >= 0, got {self.num_workers}')
+        check_validate_values(self)

@@ -37,13 +37,14 @@ from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import fmnist
+from .folder_scan import FolderLayoutError, class_folder_samples
 
 __all__ = [
     'DataBundle', 'DataError', 'ImageFiles', 'EpochSeededDataset', 'TransformedDataset', 'EpochSeededSampler',
     'TensorImageDataset',
     'FMNIST_NAMES', 'TIMM_PREFIXES', 'VAL_FOLDERS', 'TRAIN_FOLDERS',
     'resolve_data', 'subset', 'resolve_transforms', 'create_mixup', 'train_loader', 'eval_loader',
-    'dataset_kind', 'image_folder_classes', 'scan_images', 'data_signature',
+    'dataset_kind', 'image_folder_classes', 'scan_images', 'data_signature', 'channel_stats',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -411,6 +412,14 @@ def _folder_data(
         extra = sorted(set(val_classes) - set(classes))
         if extra:
             raise DataError(f'{val_root} has classes that {train_root} lacks: {extra}')
+        if val_fraction is not None:
+            raise DataError(f'--val-fraction {val_fraction} holds out part of the training images, but {root} has '
+                            f'a {val_root.name}/ folder, which is the validation split; drop --val-fraction, or '
+                            f'move {val_root.name}/ away to hold out from {train_root.name}/ instead')
+        absent = [c for c in classes if c not in val_classes]
+        if absent:
+            _logger.warning('%s has no folder for the classes %s: validation measures only the other %d classes',
+                            val_root, absent, len(classes) - len(absent))
     if class_names is not None:  # the model's label order (validation of a trained model)
         unknown = sorted(set(classes) - set(class_names))
         if unknown:
@@ -421,9 +430,11 @@ def _folder_data(
         label_names = classes
     class_map = {c: i for i, c in enumerate(label_names)}
 
-    def find(folder: Path) -> List[Tuple[str, int]]:  # timm's folder reader finds the files and their classes
-        return list(create_dataset('', root=str(folder), split='', search_split=False, class_map=class_map
-                                   ).reader.samples)
+    def find(folder: Path) -> List[Tuple[str, int]]:  # nested images under their class folder's label
+        try:
+            return class_folder_samples(folder, class_map)
+        except FolderLayoutError as e:
+            raise DataError(str(e)) from None
 
     found = {folder: find(folder) for folder in (train_root, val_root) if folder is not None}
     # every header, not a sample of them: one colour image among gray ones makes the whole set RGB
@@ -641,6 +652,30 @@ def data_signature(bundle: DataBundle) -> Dict[str, Any]:
 # transforms and loaders
 
 
+def channel_stats(model: torch.nn.Module, in_chans: int) -> Dict[str, Tuple[float, ...]]:
+    """The model's normalisation ``mean``/``std`` for ``in_chans``-channel data, or ``ValueError``.
+
+    RGB statistics for one-channel data become their mean (one log line, not timm's warning on every call);
+    a single value is repeated; any other length mismatch (a ``config.json`` with 2 values for 3 channels)
+    is refused, where timm would silently average it.
+    """
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    pc = getattr(model, 'pretrained_cfg', None) or {}
+    out: Dict[str, Tuple[float, ...]] = {}
+    for key, default in (('mean', IMAGENET_DEFAULT_MEAN), ('std', IMAGENET_DEFAULT_STD)):
+        value = pc.get(key) or default
+        value = tuple(float(v) for v in ((value,) if isinstance(value, (int, float)) else value))
+        if len(value) == 1:
+            value = value * in_chans
+        elif len(value) != in_chans:
+            if not (len(value) == 3 and in_chans == 1):
+                raise ValueError(f'the model\'s pretrained_cfg {key} has {len(value)} values, but the data has '
+                                 f'{in_chans} channel(s): one value per channel is needed')
+            value = (float(np.mean(value)),)
+        out[key] = value
+    return out
+
+
 def resolve_transforms(
         model: torch.nn.Module,
         in_chans: int,
@@ -662,7 +697,7 @@ def resolve_transforms(
     ``img_size``, zero-pad by ``pad_crop`` pixels, take a random ``img_size`` crop, flip with ``hflip``.
     timm's ``create_transform`` has no such mode, so it is composed here from torchvision transforms.
     """
-    cfg = resolve_model_data_config(model)
+    cfg = resolve_model_data_config(model, args=channel_stats(model, in_chans))
     if img_size:
         cfg['input_size'] = (in_chans, img_size, img_size)
     else:

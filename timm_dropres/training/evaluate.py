@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 from ..files import write_json_atomic
 from ..hub.export import read_folder_config
@@ -145,7 +146,7 @@ def validate(cfg: ValidateConfig) -> Dict[str, Any]:
     pretrained = cfg.pretrained or is_folder or cfg.model.startswith('hf-hub:')
     try:
         model = timm.create_model(cfg.model, pretrained=pretrained, **model_kwargs)
-    except (TypeError, RuntimeError, pickle.UnpicklingError) as e:  # see runs.model_load_error
+    except (TypeError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:  # see runs.model_load_error
         raise ValueError(model_load_error(cfg.model, e)) from e
     model_in_chans = in_chans_of(model)
     if model_in_chans != data.in_chans:

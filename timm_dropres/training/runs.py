@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = ['TRACKER_PROJECT', 'SAME', 'RECORDED', 'FREE', 'RESUME_RULES', 'OutputDirError', 'TrainingDiverged',
            'RunPlan', 'plan_run', 'apply_plan', 'clean_partial_writes', 'check_resume_settings',
-           'check_resume_data', 'nonfinite_tensors', 'error_line', 'first_line', 'model_load_error']
+           'check_resume_data', 'nonfinite_tensors', 'check_validation_loss', 'EXPLODED_LOSS_FACTOR', 'error_line',
+           'first_line', 'model_load_error']
 
 _logger = logging.getLogger(__name__)
 
@@ -404,6 +406,32 @@ def nonfinite_tensors(module: nn.Module) -> List[str]:
         return []
     finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu().tolist()
     return [n for (n, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+#: a validation loss above this many times ln(classes) (the loss of a uniform guess) means the run diverged:
+#: 1000 ln(10) = 2303, far above any loss of a model that still learns, far below the 1e33 of momentum 5
+EXPLODED_LOSS_FACTOR = 1000.0
+
+
+def check_validation_loss(loss: float, num_classes: int, epoch: int, kept: str) -> None:
+    """Stop a run whose validation loss is not finite or has exploded, before it is exported or checkpointed.
+
+    Args:
+        loss: the epoch's validation loss.
+        num_classes: the class count (the limit is :data:`EXPLODED_LOSS_FACTOR` x ln(classes)).
+        epoch: the epoch (1-based, for the message).
+        kept: what the message says is kept (the last good checkpoint, best/).
+
+    Raises:
+        TrainingDiverged: the loss is NaN, infinite or above the limit.
+    """
+    limit = EXPLODED_LOSS_FACTOR * math.log(max(num_classes, 2))
+    if math.isfinite(loss) and loss <= limit:
+        return
+    raise TrainingDiverged(
+        f'training diverged: the validation loss after epoch {epoch} is {loss:.4g}, above {limit:.4g} '
+        f'({EXPLODED_LOSS_FACTOR:g} x ln {num_classes} classes, the loss of a uniform guess). Stopped without '
+        f'exporting or checkpointing that epoch; {kept}. Lower --lr or --momentum, or add --clip-grad')
 
 
 def error_line(e: BaseException) -> str:
