@@ -40,6 +40,12 @@ def cut(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + '...'
 
 
+def _said(e: BaseException, limit: int = 200) -> str:
+    """The first line of what an exception said, at most ``limit`` characters."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -112,7 +118,7 @@ def check_scheduler(sched: str, *, epochs: int, warmup_epochs: float, decay_mile
         return
     valid = [n for n in _TIMM_SCHEDULERS if builds(n) is True]
     why = ('it is no scheduler: the trainer steps the learning rate every update; --sched constant keeps it fixed'
-           if ok is False else f'timm refuses it ({str(ok).strip().splitlines()[0] if str(ok).strip() else ok!r})')
+           if ok is False else f'timm refuses it ({_said(ok)})')
     raise ValueError(f'--sched {cut(sched)}: {why}; valid with these settings: {valid}')
 
 
@@ -138,9 +144,8 @@ def check_auto_augment(aa: str) -> None:
     try:
         create_transform(32, is_training=True, auto_augment=aa)
     except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
-        said = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
-            f'--aa {cut(aa)} is not an augmentation policy timm builds ({said}); valid: rand-<options> '
+            f'--aa {cut(aa)} is not an augmentation policy timm builds ({_said(e)}); valid: rand-<options> '
             f'(e.g. rand-m9-mstd0.5), augmix-<options> (e.g. augmix-m5-w3), or one of {_aa_policies()}') from None
 
 
@@ -167,9 +172,8 @@ def check_safetensors_file(path: str | os.PathLike, what: str) -> None:
         with safe_open(str(path), framework='pt') as f:
             f.keys()
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        said = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         real = f' (a link to {os.path.realpath(path)})' if os.path.islink(path) else ''
-        raise ValueError(f'{what}: {path}{real} is not a readable safetensors file ({cut(said, 200)}); it is '
+        raise ValueError(f'{what}: {path}{real} is not a readable safetensors file ({_said(e)}); it is '
                          f'damaged or not a weights file') from None
 
 

@@ -22,6 +22,7 @@ import yaml
 from ..checks import cut
 from ..recipes import find_recipe, list_recipes
 from ..strict_yaml import safe_load_strict
+from ._parser import OneLineParser
 
 __all__ = ['build_parser', 'parse_config', 'load_yaml', 'yaml_aliases']
 
@@ -125,7 +126,7 @@ def build_parser(cls: Type[Any], description: str, prog: str | None = None,
     Returns:
         The parser; ``--config`` is its first option.
     """
-    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    p = OneLineParser(prog=prog, description=description, allow_abbrev=False)
     config_help = 'read options from a YAML file; flags given on the command line override it'
     if recipes:
         config_help += ('. A shipped recipe can be named instead of a path (e.g. fashion_mnist_resnet18, '

@@ -21,6 +21,8 @@ from typing import Any, Dict, Sequence
 
 import yaml
 
+from ._parser import OneLineParser
+
 __all__ = ['main']
 
 
@@ -33,7 +35,7 @@ def _kwarg(text: str) -> tuple[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     from ..research.audit import describe_rules
-    p = argparse.ArgumentParser(prog='dropres-audit', description=__doc__.split('\n')[0],
+    p = OneLineParser(prog='dropres-audit', description=__doc__.split('\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split('\n', 1)[1] + '\n' + describe_rules())
     p.add_argument('model', help='timm model name, or local-dir:<folder> with config.json + weights')

@@ -35,13 +35,14 @@ def _walk_class(class_dir: Path, seen: Dict[Tuple[int, int], str], exts: Set[str
     """
     files: List[str] = []
     nested = 0
-    stack = [str(class_dir)]
+    stack: List[Tuple[str, str | None]] = [(str(class_dir), None)]  # (folder, the symbolic link that led there)
     while stack:
-        top = stack.pop()
+        top, via = stack.pop()
+        via = top if os.path.islink(top) else via
         st = os.stat(top)
         key = (st.st_dev, st.st_ino)
         if key in seen:
-            link = f' (a symbolic link to {os.path.realpath(top)})' if os.path.islink(top) else ''
+            link = f' (through the symbolic link {via} -> {os.readlink(via)})' if via else ''
             raise FolderLayoutError(
                 f'{top}{link} leads to a folder already read as {seen[key]}: a symbolic link loop or a second link '
                 f'to the same images, which would use them twice. Remove the link, or copy the images')
@@ -49,7 +50,7 @@ def _walk_class(class_dir: Path, seen: Dict[Tuple[int, int], str], exts: Set[str
         with os.scandir(top) as it:
             for entry in it:
                 if entry.is_dir(follow_symlinks=True):
-                    stack.append(entry.path)
+                    stack.append((entry.path, via))
                 elif os.path.splitext(entry.name)[1].lower() in exts and entry.is_file(follow_symlinks=True):
                     files.append(entry.path)
                     nested += top != str(class_dir)
@@ -71,7 +72,8 @@ def class_folder_samples(folder: str | os.PathLike, class_map: Dict[str, int]) -
     """
     folder = Path(folder)
     exts = set(get_img_extensions(as_set=True))
-    seen: Dict[Tuple[int, int], str] = {}
+    st = os.stat(folder)
+    seen: Dict[Tuple[int, int], str] = {(st.st_dev, st.st_ino): str(folder)}  # a link back to the split is a loop
     samples: List[Tuple[str, int]] = []
     nested: Dict[str, int] = {}
     for name in sorted(class_map, key=natural_key):

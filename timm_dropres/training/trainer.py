@@ -285,7 +285,10 @@ class _Trainer:
         """What a diverged run keeps: its checkpoints up to the last epoch end, and best/."""
         last_end = self.history[-1]['step'] if self.history else 0
         good = [c for c in list_checkpoints(self.out) if int(c.name[len(CKPT_PREFIX):]) <= last_end]
-        kept = f'the last epoch-end checkpoint is {good[-1]}' if good else 'no epoch-end checkpoint was written'
+        if good:
+            kept = f'the last epoch-end checkpoint is {good[-1]}'
+        else:  # none yet, or --keep-checkpoints rotated it out for checkpoints of the diverging epoch
+            kept = 'no checkpoint from before this epoch is kept'
         if self.best is not None:
             kept += f'; best/ holds epoch {self.best["epoch"]} (top-1 {self.best["top1"]:.2f})'
         return kept
