@@ -154,3 +154,18 @@ def test_redact_drops_secrets_and_local_paths():
 def test_readme_cites_the_paper_as_the_cards_do():
     readme = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
     assert PAPER_BIBTEX.strip() in readme  # one citation, the same in the README and every model card
+
+
+def test_the_card_claims_only_the_data_the_run_recorded(model_and_config):
+    """dropres-push --dataset cifar10 wrote a model-index with CIFAR-10's test split at a Fashion-MNIST run's
+    accuracy."""
+    model, config = model_and_config
+    summary = make_summary()  # a Fashion-MNIST run
+    with pytest.raises(ValueError, match="--dataset 'cifar10': the run's records say it trained and was evaluated "
+                                         "on 'zalando-datasets/fashion_mnist'"):
+        build_card(config, repo_id=REPO, model=model, summary=summary, dataset='cifar10')
+    same = _reparse(build_card(config, repo_id=REPO, model=model, summary=summary, dataset='fmnist'))  # agrees
+    assert {r.dataset_type for r in same.data.eval_results} == {'zalando-datasets/fashion_mnist'}
+    with_metrics = dict(config, metrics=dict(top1=70.5, top5=95.0, loss=0.9, epoch=4))  # no dataset recorded
+    card = _reparse(build_card(with_metrics, repo_id=REPO, model=model, summary=None, dataset='cifar10'))
+    assert card.data.datasets == ['uoft-cs/cifar10'] and card.data.eval_results is None

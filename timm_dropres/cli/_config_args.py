@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Sequence, Type, TypeVar
 import yaml
 
 from ..checks import cut
-from ..recipes import find_recipe, list_recipes
+from ..recipes import find_recipe, list_recipes, recipe_command
 from ..strict_yaml import safe_load_strict
 from ._parser import OneLineParser
 
@@ -80,15 +80,15 @@ class _AmpDtype(argparse.Action):
 
 
 class _ListRecipes(argparse.Action):
-    """``--list-configs``: print the shipped recipes and exit, as ``--version`` does."""
+    """``--list-configs``: print the shipped recipes, the command each is for, and exit (as ``--version`` does)."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        for name in list_recipes():
-            print(f'{name:40s} {find_recipe(name)}')
+        for name in list_recipes():  # each with the command that takes it: not all are for this one
+            print(f'{name:34s} {recipe_command(name):33s} {find_recipe(name)}')
         parser.exit()
 
 

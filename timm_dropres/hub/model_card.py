@@ -315,19 +315,29 @@ def build_card(
     ``config``: the folder's ``config.json``; ``model``: that config rebuilt (any device, e.g. meta) so
     the placement table comes from the network itself; ``summary``: the trainer's ``summary.json``
     (None: the card says there are no eval results); ``checkpoint``: which of its results the
-    weights are ('best' or 'last'). ``license``/``base_model``/``dataset`` override what the
-    config and summary say.
+    weights are ('best' or 'last'). ``license``/``base_model`` override what the config and summary
+    say; ``dataset`` names the data only of a run that recorded none (then the card carries no results),
+    and must agree with the run's record otherwise (``ValueError``).
     """
     arch = str(config['architecture'])
     base_arch = arch[:-len('_dropres')] if arch.endswith('_dropres') else arch
     pcfg = dict(config.get('pretrained_cfg') or {})
     args = dropout_args(model)
-    ds_id, ds_name = dataset_id(dataset or run_dataset(config, summary))
+    recorded = run_dataset(config, summary)
+    same = (dataset_id(dataset)[0] or dataset_id(dataset)[1]) == (dataset_id(recorded)[0] or dataset_id(recorded)[1]) \
+        if dataset is not None and recorded is not None else True
+    if not same:
+        # the card's results are the run's: they may name only the data the run recorded
+        raise ValueError(f'--dataset {dataset!r}: the run\'s records say it trained and was evaluated on '
+                         f'{dataset_id(recorded)[0] or dataset_id(recorded)[1]!r}, and the card\'s dataset and '
+                         f'results come from those records; drop --dataset')
+    ds_id, ds_name = dataset_id(dataset or recorded)
     base_model = base_model or base_model_id(summary)
     license = license or pcfg.get('license') or 'unknown'
     split = 'test' if ds_id in _TEST_SPLIT else 'validation'
     metrics = weights_metrics(config, summary, checkpoint)
-    results = _eval_results(metrics, ds_id, ds_name, split)
+    # no record of the data: the metrics are not attached to a dataset the user only named
+    results = _eval_results(metrics, ds_id, ds_name, split) if recorded is not None else []
     data = ModelCardData(
         library_name='timm', pipeline_tag='image-classification', tags=list(TAGS), license=license,
         datasets=[ds_id] if ds_id else None, base_model=base_model,

@@ -268,8 +268,11 @@ def push(
     if dry_run and out_dir is None:
         raise PushError('a dry run writes what would be uploaded to --out-dir; pass one')
     info = inspect_folder(folder)
-    card = build_card(info.config, repo_id=repo_id, model=info.model, summary=info.summary,
-                      checkpoint=info.checkpoint, license=license, base_model=base_model, dataset=dataset)
+    try:
+        card = build_card(info.config, repo_id=repo_id, model=info.model, summary=info.summary,
+                          checkpoint=info.checkpoint, license=license, base_model=base_model, dataset=dataset)
+    except ValueError as e:  # --dataset contradicting the run's records
+        raise PushError(str(e)) from None
     card_text = str(card)
     entry = registry_entry(info.config, repo_id)
     token = token or get_token()

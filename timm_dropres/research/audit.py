@@ -713,12 +713,18 @@ def load_model(spec: str | nn.Module, **kwargs: Any) -> Tuple[nn.Module, str]:
             return timm.create_model(spec, pretrained=True, **kwargs), spec
         except Exception as e:  # noqa: BLE001 - turned into one clear message
             raise AuditError(f'could not build {spec!r}: {type(e).__name__}: {e}') from e
-    if spec.startswith('hf-hub:') or not timm.is_model(spec.split('.')[0]):
-        if spec.startswith('hf-hub:'):
-            hint = 'the Hub is not reachable here; use local-dir:<folder>'
-        else:
-            close = timm.list_models(f'*{spec.split(".")[0][:8]}*')[:8]
-            hint = f'similar names: {close}' if close else 'see timm.list_models()'
+    if spec.startswith(('hf-hub:', 'hf_hub:')):  # timm reads its config.json from the Hub or the local HF cache
+        try:
+            return timm.create_model(spec, pretrained=False, **kwargs), spec
+        except Exception as e:  # noqa: BLE001 - what timm / huggingface_hub said, in one line
+            said = (str(e).strip().splitlines() or [''])[0][:300]
+            raise AuditError(f'could not build {spec!r}: {type(e).__name__}: {said} (timm reads the config.json of '
+                             f'that repository from the Hub, or from the local cache when HF_HUB_OFFLINE=1; '
+                             f'local-dir:<folder> reads a saved folder)') from e
+    if not timm.is_model(spec.split('.')[0]):
+        import difflib
+        close = difflib.get_close_matches(spec.split('.')[0], timm.list_models(), n=5, cutoff=0.6)
+        hint = f'closest names: {close}' if close else 'see timm.list_models()'
         raise AuditError(f'unknown model {spec!r}: not a registered timm model ({hint})')
     try:
         return timm.create_model(spec, pretrained=False, **kwargs), spec
