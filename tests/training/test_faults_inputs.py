@@ -362,3 +362,37 @@ def test_disk_full_while_writing_the_summary_is_one_line(data, tmp_path, monkeyp
     assert finetune_main(_argv(data, out)) == 1
     assert 'No space left on device' in _one_error_line(capsys.readouterr().err)
     assert list_checkpoints(out) and not [p for p in out.iterdir() if p.name.startswith('.')]
+
+
+@pytest.mark.slow
+def test_a_real_ctrl_c_exits_130_in_one_line(data, tmp_path):
+    """SIGINT to the CLI (with a loader worker) after its first checkpoint: one line, no traceback, status 130."""
+    import signal
+    import subprocess
+
+    from helpers_train import PYTHON, subprocess_env
+    out = tmp_path / 'run'
+    proc = subprocess.Popen([PYTHON, '-m', 'timm_dropres.cli.finetune', *_argv(data, out, '--epochs', '200',
+                                                                               '--num-workers', '1')],
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list_checkpoints(out) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list_checkpoints(out), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert _one_error_line(err).startswith('dropres-finetune: interrupted (Ctrl-C)')
+    assert not (out / RUN_LOCK).exists() and not [p for p in out.rglob('.*')]
+    assert '[RANK 0]' not in err  # a single-process run's log lines carry no rank
+
+
+def test_gray_data_gets_averaged_statistics_without_timms_warning(caplog):
+    from timm_dropres.training.data import channel_stats, resolve_transforms
+    model = timm.create_model('test_resnet_dropres', num_classes=3, in_chans=1)
+    with caplog.at_level(logging.WARNING):
+        _, _, cfg = resolve_transforms(model, 1, img_size=32)
+    assert len(cfg['mean']) == 1 and 'does not match' not in caplog.text
+    model.pretrained_cfg = dict(model.pretrained_cfg, mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match="pretrained_cfg mean has 2 values, but the data has 1 channel"):
+        channel_stats(model, 1)

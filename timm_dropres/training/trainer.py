@@ -325,7 +325,7 @@ class _Trainer:
             why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
             raise OSError(f'cannot write checkpoint {final}: {why}; the earlier checkpoints are '
                           f'intact (--resume {self.out} continues from the latest)') from e
-        except BaseException:  # Ctrl-C or SIGTERM mid-write: no half checkpoint stays behind
+        except BaseException:  # Ctrl-C (KeyboardInterrupt) mid-write: no half checkpoint stays behind
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
