@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 
+from timm_dropres.cli._config_args import load_yaml, recipe_command
 from timm_dropres.cli.audit import main as audit_main
 from timm_dropres.cli.finetune import main as finetune_main
-from timm_dropres.recipes import list_recipes, recipe_command
+from timm_dropres.recipes import find_recipe, list_recipes
+from timm_dropres.training.config import FinetuneConfig
 
 
 def test_a_mistyped_flag_gets_one_line_and_the_closest_flags(capsys):
@@ -31,7 +33,4 @@ def test_list_configs_says_which_command_takes_each_recipe(capsys):
     assert recipe_command('study_transfer') == 'dropres-transfer --config'
     for name in list_recipes():  # every recipe listed for dropres-finetune really parses as one
         if recipe_command(name) == 'dropres-finetune --config':
-            from timm_dropres.cli._config_args import load_yaml
-            from timm_dropres.recipes import find_recipe
-            from timm_dropres.training.config import FinetuneConfig
             assert load_yaml(find_recipe(name), FinetuneConfig)

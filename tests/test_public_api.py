@@ -15,8 +15,9 @@ PUBLIC = {
     'BEFORE_LAST_CONV', 'AUTO', 'HEAD_BEFORE_POOL', 'RES_DROP_POSITIONS', 'DEFAULT_RES_DROP_RATE',
     'DEFAULT_HEAD_DROP_RATE', 'DEFAULT_POST_ACT_POS', '__version__',
 }
-#: each layer may import itself and the layers listed for it (files.py and recipes.py are below everything)
-_BASE = {'files', 'recipes'}
+#: each layer may import itself and the layers listed for it (files.py, recipes.py, checks.py and strict_yaml.py
+#: are below everything)
+_BASE = {'files', 'recipes', 'checks', 'strict_yaml'}
 ALLOWED = {
     'models': {'models'} | _BASE,
     'hub': {'hub', 'models'} | _BASE,

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import List
 
-__all__ = ['RECIPES_DIR', 'list_recipes', 'find_recipe', 'recipe_command']
+__all__ = ['RECIPES_DIR', 'list_recipes', 'find_recipe']
 
 #: Where the shipped recipes live (package data; ``configs/`` in a checkout links here).
 RECIPES_DIR = Path(__file__).resolve().parent / 'configs'
@@ -53,32 +53,3 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f'--config {name_or_path}: no such file, and no shipped recipe of that name; '
                             f'shipped recipes: {list_recipes()}')
 
-
-def recipe_command(name: str) -> str:
-    """The command a shipped recipe is for, as ``--list-configs`` shows it.
-
-    ``accelerate/*`` are ``accelerate launch --config_file`` configs; a recipe whose every key is a
-    ``dropres-finetune`` option is a ``dropres-finetune --config`` recipe; the study specifications are for
-    ``dropres-transfer`` (they name ``source_classes``) or ``dropres-ablate``.
-
-    Args:
-        name: a name from :func:`list_recipes`.
-
-    Returns:
-        The command line prefix that takes the recipe, e.g. ``'dropres-finetune --config'``.
-    """
-    import dataclasses
-
-    import yaml
-
-    from .cli._config_args import yaml_aliases
-    from .training.config import FinetuneConfig
-
-    if name.startswith('accelerate/'):
-        return 'accelerate launch --config_file'
-    data = yaml.safe_load(find_recipe(name).read_text(encoding='utf-8')) or {}
-    keys = {str(k).replace('-', '_') for k in data} if isinstance(data, dict) else set()
-    options = {f.name for f in dataclasses.fields(FinetuneConfig)} | set(yaml_aliases(FinetuneConfig))
-    if keys <= options:
-        return 'dropres-finetune --config'
-    return 'dropres-transfer --config' if 'source_classes' in keys else 'dropres-ablate --config'

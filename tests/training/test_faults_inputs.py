@@ -81,7 +81,7 @@ def test_images_in_subfolders_take_their_class_folders_label(data, tmp_path, cap
     deep.mkdir(parents=True)
     for p in sorted((ds / 'train' / 'square').glob('*.png')):
         p.rename(deep / p.name)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger='timm_dropres.training.folder_scan'):
         b = resolve_data(str(ds))
     files = {b.train.filename(i): t for i, (_, t) in enumerate(b.train.samples)}
     assert len(files) == 12 and sorted(b.train.targets_list) == [0] * 4 + [1] * 4 + [2] * 4
@@ -108,7 +108,7 @@ def test_a_symlink_loop_is_refused_with_its_path(data, tmp_path):
 def test_loose_images_beside_class_folders_are_named(data, tmp_path, caplog):
     ds = _copy(data, tmp_path / 'ds')
     shutil.copy(next((ds / 'train' / 'circle').glob('*.png')), ds / 'train' / 'stray.png')
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger='timm_dropres.training.folder_scan'):
         b = resolve_data(str(ds))
     assert len(b.train) == 12 and "1 image(s) outside any class folder are not used: ['stray.png']" in caplog.text
 
@@ -134,7 +134,7 @@ def test_val_fraction_with_a_val_folder_is_refused(data, tmp_path):
 def test_classes_absent_from_val_are_named_in_a_warning(data, tmp_path, caplog):
     ds = _copy(data, tmp_path / 'ds')
     shutil.rmtree(ds / 'val' / 'stripes')
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger='timm_dropres.training.data'):
         b = resolve_data(str(ds))
     assert b.label_names == LABELS and len(b.val) == 4
     assert f"{ds / 'val'} has no folder for the classes ['stripes']" in caplog.text
@@ -390,7 +390,7 @@ def test_a_real_ctrl_c_exits_130_in_one_line(data, tmp_path):
 def test_gray_data_gets_averaged_statistics_without_timms_warning(caplog):
     from timm_dropres.training.data import channel_stats, resolve_transforms
     model = timm.create_model('test_resnet_dropres', num_classes=3, in_chans=1)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger='timm'):
         _, _, cfg = resolve_transforms(model, 1, img_size=32)
     assert len(cfg['mean']) == 1 and 'does not match' not in caplog.text
     model.pretrained_cfg = dict(model.pretrained_cfg, mean=(0.5, 0.5))

@@ -20,11 +20,11 @@ from typing import Any, Dict, List, Sequence, Type, TypeVar
 import yaml
 
 from ..checks import cut
-from ..recipes import find_recipe, list_recipes, recipe_command
+from ..recipes import find_recipe, list_recipes
 from ..strict_yaml import safe_load_strict
 from ._parser import OneLineParser
 
-__all__ = ['build_parser', 'parse_config', 'load_yaml', 'yaml_aliases']
+__all__ = ['build_parser', 'parse_config', 'load_yaml', 'yaml_aliases', 'recipe_command']
 
 T = TypeVar('T')
 
@@ -323,3 +323,28 @@ def parse_config(cls: Type[T], argv: Sequence[str] | None, description: str, pro
         return cls(**args)  # the config class validates its values
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
+
+
+def recipe_command(name: str) -> str:
+    """The command a shipped recipe is for, as ``--list-configs`` shows it.
+
+    ``accelerate/*`` are ``accelerate launch --config_file`` configs; a recipe whose every key is a
+    ``dropres-finetune`` option is a ``dropres-finetune --config`` recipe; the study specifications are for
+    ``dropres-transfer`` (they name ``source_classes``) or ``dropres-ablate``.
+
+    Args:
+        name: a name from :func:`list_recipes`.
+
+    Returns:
+        The command line prefix that takes the recipe, e.g. ``'dropres-finetune --config'``.
+    """
+    from ..training.config import FinetuneConfig
+
+    if name.startswith('accelerate/'):
+        return 'accelerate launch --config_file'
+    data = yaml.safe_load(find_recipe(name).read_text(encoding='utf-8')) or {}
+    keys = {str(k).replace('-', '_') for k in data} if isinstance(data, dict) else set()
+    options = {f.name for f in dataclasses.fields(FinetuneConfig)} | set(yaml_aliases(FinetuneConfig))
+    if keys <= options:
+        return 'dropres-finetune --config'
+    return 'dropres-transfer --config' if 'source_classes' in keys else 'dropres-ablate --config'

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn as nn
@@ -413,14 +413,14 @@ def nonfinite_tensors(module: nn.Module) -> List[str]:
 EXPLODED_LOSS_FACTOR = 1000.0
 
 
-def check_validation_loss(loss: float, num_classes: int, epoch: int, kept: str) -> None:
+def check_validation_loss(loss: float, num_classes: int, epoch: int, kept: Callable[[], str]) -> None:
     """Stop a run whose validation loss is not finite or has exploded, before it is exported or checkpointed.
 
     Args:
         loss: the epoch's validation loss.
         num_classes: the class count (the limit is :data:`EXPLODED_LOSS_FACTOR` x ln(classes)).
         epoch: the epoch (1-based, for the message).
-        kept: what the message says is kept (the last good checkpoint, best/).
+        kept: says what is kept (the last good checkpoint, best/); called only for the message.
 
     Raises:
         TrainingDiverged: the loss is NaN, infinite or above the limit.
@@ -431,7 +431,7 @@ def check_validation_loss(loss: float, num_classes: int, epoch: int, kept: str) 
     raise TrainingDiverged(
         f'training diverged: the validation loss after epoch {epoch} is {loss:.4g}, above {limit:.4g} '
         f'({EXPLODED_LOSS_FACTOR:g} x ln {num_classes} classes, the loss of a uniform guess). Stopped without '
-        f'exporting or checkpointing that epoch; {kept}. Lower --lr or --momentum, or add --clip-grad')
+        f'exporting or checkpointing that epoch; {kept()}. Lower --lr or --momentum, or add --clip-grad')
 
 
 def error_line(e: BaseException) -> str:

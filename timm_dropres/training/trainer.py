@@ -508,7 +508,7 @@ class _Trainer:
             self._check_finite()  # nothing non-finite is evaluated, exported or checkpointed
             t_eval = time.perf_counter()
             last_res, last_ema = self.evaluate()
-            check_validation_loss(last_res.loss, self.data.num_classes, self.epoch + 1, self._kept())
+            check_validation_loss(last_res.loss, self.data.num_classes, self.epoch + 1, self._kept)
             eval_time = time.perf_counter() - t_eval
             row = dict(epoch=self.epoch + 1, step=self.global_step, train_loss=train_loss,
                        lr=self.optimizer.param_groups[0]['lr'], top1=last_res.top1, top5=last_res.top5,
