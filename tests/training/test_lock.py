@@ -136,3 +136,17 @@ def test_an_unwritable_output_dir_is_refused_by_the_lock(tmp_path):
     f.write_text('x')
     with pytest.raises(OutputDirError, match='is a file, not a folder'):
         RunLock(f / 'run').acquire()
+
+
+def test_a_file_system_without_locks_is_refused_in_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import timm_dropres.training.lock as lock_mod
+
+    def no_locks(fd: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(lock_mod, '_lock_fd', no_locks)
+    with pytest.raises(OutputDirError, match='No locks available.*does not support file locks'):
+        RunLock(tmp_path / 'run').acquire()
+    assert not (tmp_path / 'run').exists()

@@ -127,6 +127,14 @@ class RunLock:
                         f'--output-dir {self.folder} is in use by another run: {_holder_text(info)}. Two runs '
                         f'never share a run folder (nor does --overwrite or --resume take one from a running '
                         f'run); wait for that run to end, stop it, or choose another --output-dir') from None
+                except OSError as e:  # ENOLCK / EOPNOTSUPP: a file system without locks (some FUSE or NFS mounts)
+                    os.close(fd)
+                    if self._created:  # the folder is ours, so is the file: leave nothing behind
+                        self.path.unlink(missing_ok=True)
+                    raise OutputDirError(
+                        f'--output-dir {self.folder}: cannot lock {self.path} ({e.strerror or e}); the file system '
+                        f'does not support file locks, so two runs could share the folder. Choose an --output-dir '
+                        f'on a local disk, or an NFS mount with a lock manager') from None
                 # a run that released the lock unlinks the file; if that happened between our open and our
                 # lock, we hold a lock on a file nobody else sees: take the lock on the current file instead
                 try:
