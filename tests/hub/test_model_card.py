@@ -169,3 +169,20 @@ def test_the_card_claims_only_the_data_the_run_recorded(model_and_config):
     with_metrics = dict(config, metrics=dict(top1=70.5, top5=95.0, loss=0.9, epoch=4))  # no dataset recorded
     card = _reparse(build_card(with_metrics, repo_id=REPO, model=model, summary=None, dataset='cifar10'))
     assert card.data.datasets == ['uoft-cs/cifar10'] and card.data.eval_results is None
+
+
+def test_the_card_claims_only_the_starting_weights_the_run_recorded(model_and_config):
+    model, config = model_and_config
+    summary = make_summary()  # started from ARCH's pretrained weights
+    recorded = build_card(config, repo_id=REPO, model=model, summary=summary).data.base_model
+    with pytest.raises(ValueError, match=r"--base-model 'someone/else': the run's records say it started from"):
+        build_card(config, repo_id=REPO, model=model, summary=summary, base_model='someone/else')
+    scratch = dict(summary, config=dict(summary['config'], pretrained=False))
+    with pytest.raises(ValueError, match='trained from random initialisation'):
+        build_card(config, repo_id=REPO, model=model, summary=scratch, base_model='timm/resnet18.a1_in1k')
+    local = dict(summary, config=dict(summary['config'], pretrained_file='/w/start.safetensors'))
+    card = build_card(config, repo_id=REPO, model=model, summary=local, base_model='timm/resnet18.a1_in1k')
+    assert card.data.base_model == 'timm/resnet18.a1_in1k'  # a local file's Hub id: the records cannot name it
+    assert recorded == 'timm/test_resnet.r160_in1k'  # naming the recorded one again is allowed
+    assert build_card(config, repo_id=REPO, model=model, summary=summary, base_model=recorded).data.base_model == \
+        recorded

@@ -315,9 +315,10 @@ def build_card(
     ``config``: the folder's ``config.json``; ``model``: that config rebuilt (any device, e.g. meta) so
     the placement table comes from the network itself; ``summary``: the trainer's ``summary.json``
     (None: the card says there are no eval results); ``checkpoint``: which of its results the
-    weights are ('best' or 'last'). ``license``/``base_model`` override what the config and summary
-    say; ``dataset`` names the data only of a run that recorded none (then the card carries no results),
-    and must agree with the run's record otherwise (``ValueError``).
+    weights are ('best' or 'last'). ``license`` overrides what the config says. ``dataset`` names the data
+    only of a run that recorded none (then the card carries no results), and ``base_model`` the Hub id of
+    starting weights the run recorded only as a local file; either must agree with the run's records
+    otherwise (``ValueError``).
     """
     arch = str(config['architecture'])
     base_arch = arch[:-len('_dropres')] if arch.endswith('_dropres') else arch
@@ -332,6 +333,16 @@ def build_card(
                          f'{dataset_id(recorded)[0] or dataset_id(recorded)[1]!r}, and the card\'s dataset and '
                          f'results come from those records; drop --dataset')
     ds_id, ds_name = dataset_id(dataset or recorded)
+    if base_model is not None and summary:  # likewise the starting weights: never another than the run's
+        cfg = summary_config(summary)
+        started = cfg.get('pretrained') or cfg.get('pretrained_file') or cfg.get('initial_checkpoint') or \
+            str(cfg.get('model', '')).startswith('local-dir:')
+        if not started:
+            raise ValueError(f'--base-model {base_model!r}: the run\'s records say it trained from random '
+                             f'initialisation, not from weights; drop --base-model')
+        if base_model_id(summary) not in (None, base_model):
+            raise ValueError(f'--base-model {base_model!r}: the run\'s records say it started from '
+                             f'{base_model_id(summary)!r}; drop --base-model')
     base_model = base_model or base_model_id(summary)
     license = license or pcfg.get('license') or 'unknown'
     split = 'test' if ds_id in _TEST_SPLIT else 'validation'
