@@ -34,3 +34,11 @@ def test_list_configs_says_which_command_takes_each_recipe(capsys):
     for name in list_recipes():  # every recipe listed for dropres-finetune really parses as one
         if recipe_command(name) == 'dropres-finetune --config':
             assert load_yaml(find_recipe(name), FinetuneConfig)
+
+
+def test_a_recipe_of_another_command_says_which_command_takes_it(capsys):
+    with pytest.raises(SystemExit) as e:
+        finetune_main(['--config', 'ablation_fmnist'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown option 'seeds'" in err, err
+    assert '(ablation_fmnist is a recipe for dropres-ablate --config)' in err, err

@@ -396,3 +396,15 @@ def test_gray_data_gets_averaged_statistics_without_timms_warning(caplog):
     model.pretrained_cfg = dict(model.pretrained_cfg, mean=(0.5, 0.5))
     with pytest.raises(ValueError, match="pretrained_cfg mean has 2 values, but the data has 1 channel"):
         channel_stats(model, 1)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--img-size', '100000'], r'--img-size must be a whole number of pixels in \[1, 8192\]'),
+    (['--crop-pct', '100'], r'--crop-pct .* must be in \(0, 1\], got 100.0'),
+])
+def test_validate_bounds_sizes_naming_the_flag(data, model_dir, capsys, argv, message):
+    import re
+    with pytest.raises(SystemExit) as e:
+        validate_main(['--model', f'local-dir:{model_dir}', '--dataset', str(data), '--cpu', *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(message, err) and err.count('\n') == 1, err

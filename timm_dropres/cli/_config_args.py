@@ -316,13 +316,25 @@ def parse_config(cls: Type[T], argv: Sequence[str] | None, description: str, pro
             path = find_recipe(pre.config) if recipes else Path(pre.config)
             parser.set_defaults(**load_yaml(path, cls))
         except (FileNotFoundError, ValueError) as e:
-            parser.error(str(e))
+            parser.error(str(e) + (_other_command(pre.config, prog) if recipes else ''))
     args = vars(parser.parse_args(argv))
     args.pop('config')
     try:
         return cls(**args)  # the config class validates its values
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
+
+
+def _other_command(config: str, prog: str | None) -> str:
+    """`` (<recipe> is a recipe for <command>)`` when ``--config`` names a shipped recipe of another command."""
+    try:
+        path = find_recipe(config).resolve()
+    except FileNotFoundError:
+        return ''
+    name = next((n for n in list_recipes() if find_recipe(n).resolve() == path), None)
+    if name is None or recipe_command(name).split()[0] == prog:
+        return ''
+    return f' ({name} is a recipe for {recipe_command(name)})'
 
 
 def recipe_command(name: str) -> str:
