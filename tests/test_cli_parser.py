@@ -42,3 +42,11 @@ def test_a_recipe_of_another_command_says_which_command_takes_it(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "unknown option 'seeds'" in err, err
     assert '(ablation_fmnist is a recipe for dropres-ablate --config)' in err, err
+
+
+def test_audit_kwarg_yaml_errors_are_one_line(capsys):
+    for value, said in (('a={x: 1, x: 2}', "the key 'x' is given twice"), ('a=[1, 2', 'VALUE is not valid YAML')):
+        with pytest.raises(SystemExit) as e:
+            audit_main(['test_resnet', '--kwarg', value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and err.count('\n') == 1 and 'Traceback' not in err, err

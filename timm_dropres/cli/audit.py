@@ -21,6 +21,8 @@ from typing import Any, Dict, Sequence
 
 import yaml
 
+from ..checks import cut
+from ..strict_yaml import safe_load_strict
 from ._parser import OneLineParser
 
 __all__ = ['main']
@@ -30,7 +32,11 @@ def _kwarg(text: str) -> tuple[str, Any]:
     if '=' not in text:
         raise argparse.ArgumentTypeError(f'--kwarg takes KEY=VALUE, got {text!r}')
     key, value = text.split('=', 1)
-    return key.replace('-', '_'), yaml.safe_load(value)
+    try:  # a key written twice in a mapping value is refused, as in --config files
+        return key.replace('-', '_'), safe_load_strict(value)
+    except yaml.YAMLError as e:  # argparse reports ArgumentTypeError in one line; a YAMLError was a traceback
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise argparse.ArgumentTypeError(f'--kwarg {cut(text)}: VALUE is not valid YAML ({problem})') from None
 
 
 def _parser() -> argparse.ArgumentParser:
