@@ -90,6 +90,18 @@ def test_images_in_subfolders_take_their_class_folders_label(data, tmp_path, cap
     assert '6 images sit in subfolders of class folders and are labelled with their class folder' in caplog.text
 
 
+def test_a_flat_folder_reads_exactly_as_timms_reader(data):
+    """Same files, labels and order as timm's reader gave: checkpoints' data digests of flat folders still match."""
+    from timm.data import create_dataset
+
+    from timm_dropres.training.folder_scan import class_folder_samples
+    class_map = {c: i for i, c in enumerate(LABELS)}
+    for split in ('train', 'val'):
+        timm_samples = create_dataset('', root=str(data / split), split='', search_split=False,
+                                      class_map=class_map).reader.samples
+        assert class_folder_samples(data / split, class_map) == list(timm_samples)
+
+
 def test_a_symlink_loop_is_refused_with_its_path(data, tmp_path):
     ds = _copy(data, tmp_path / 'ds')
     loop = ds / 'train' / 'circle' / 'loop'
