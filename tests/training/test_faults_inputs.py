@@ -386,7 +386,10 @@ def test_a_real_ctrl_c_exits_130_in_one_line(data, tmp_path):
     out = tmp_path / 'run'
     proc = subprocess.Popen([PYTHON, '-m', 'timm_dropres.cli.finetune', *_argv(data, out, '--epochs', '200',
                                                                                '--num-workers', '1')],
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell's background job ignores SIGINT, and Python keeps an ignored SIGINT ignored:
+                            # give the CLI the default disposition a terminal's foreground job has
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not list_checkpoints(out) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
