@@ -52,4 +52,3 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
         return next(RECIPES_DIR / f'{key}{s}' for s in _SUFFIXES if (RECIPES_DIR / f'{key}{s}').is_file())
     raise FileNotFoundError(f'--config {name_or_path}: no such file, and no shipped recipe of that name; '
                             f'shipped recipes: {list_recipes()}')
-
