@@ -8,8 +8,9 @@ the same checkpoint names. Every way a run uses a folder (new, ``--overwrite``, 
 The lock is an ``fcntl.flock`` on the file :data:`LOCK_NAME` inside the folder: the kernel drops it when the
 holding process ends in any way (exit, exception, ``kill -9``), so a lock is never left stale. A lock file
 left by a killed run is only a file: the next run takes it. Linux emulates ``flock`` with NFS byte-range
-locks, so the lock should also hold across machines on an NFS mount with a lock manager (untested here). The holder writes its
-PID, host and start time into the file, for the refusal message only (the kernel lock is what counts).
+locks, so the lock should also hold across machines on an NFS mount with a lock manager (untested here).
+The holder writes its PID, host and start time into the file, for the refusal message only (the kernel lock
+is what counts).
 
 The standard library has the primitive (``fcntl.flock``); the ``filelock`` package wraps the same call but
 records no holder, which the refusal message needs; hence this small module.
