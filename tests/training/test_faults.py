@@ -228,20 +228,24 @@ def test_leftovers_of_interrupted_writes_are_cleaned_on_resume(data, reference, 
     run = _copy(partial, tmp_path / 'run')
     (run / 'checkpoints' / '.tmp-step_000000003').mkdir()
     (run / 'checkpoints' / '.tmp-step_000000003' / 'model.safetensors').write_bytes(b'half')
-    (run / '.best.k2j3h4').mkdir()
-    (run / '.summary.json.tmp4242').write_text('{')
+    (run / '.best.dropres-tmp-0a1b2c3d').mkdir()
+    (run / '.summary.json.dropres-tmp-4242').write_text('{')
+    mine = ['.best.backup', '.logs.mine', '.summary.csv.swp']  # the user's: same prefixes, not the trainer's names
+    (run / mine[0]).mkdir()
+    for name in mine[1:]:
+        (run / name).write_text('keep me')
     finetune(tiny_config(data, run, resume=str(run), **KW))
-    assert sorted(p.name for p in run.iterdir()) == ['args.yaml', 'best', 'checkpoints', 'last', 'summary.csv',
-                                                     'summary.json']
+    assert sorted(p.name for p in run.iterdir()) == mine + ['args.yaml', 'best', 'checkpoints', 'last',
+                                                            'summary.csv', 'summary.json']
     assert not [p for p in (run / 'checkpoints').iterdir() if p.name.startswith('.')]
     _assert_same_weights(reference / 'last', run / 'last')
 
 
 def test_an_export_caught_between_its_two_renames_is_restored(reference, tmp_path):
     run = _copy(reference, tmp_path / 'run')
-    os.replace(run / 'best', run / '.best.old')  # killed after moving the old best aside, before the new one
-    (run / '.best.x1y2z3').mkdir()  # ... which was still being written
-    assert sorted(clean_partial_writes(run)) == ['.best.x1y2z3', 'best (restored from .best.old)']
+    os.replace(run / 'best', run / '.best.dropres-old')  # killed after moving the old best aside, before the new
+    (run / '.best.dropres-tmp-0a1b2c3d').mkdir()  # ... which was still being written
+    assert sorted(clean_partial_writes(run)) == ['.best.dropres-tmp-0a1b2c3d', 'best (restored from .best.dropres-old)']
     _assert_same_weights(reference / 'best', run / 'best')
 
 
@@ -268,8 +272,8 @@ def _kill_on_call(monkeypatch, name: str, n: int, before_kill=None) -> None:
 def _half_export(model, out_dir, **kwargs) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists():
-        os.replace(out_dir, out_dir.with_name(f'.{out_dir.name}.old'))
-    (out_dir.with_name(f'.{out_dir.name}.a1b2c3')).mkdir()
+        os.replace(out_dir, out_dir.with_name(f'.{out_dir.name}.dropres-old'))
+    (out_dir.with_name(f'.{out_dir.name}.dropres-tmp-a1b2c3d4')).mkdir()
 
 
 @pytest.mark.parametrize('point', ['checkpoint_write', 'best_export', 'summary_write'])

@@ -16,11 +16,13 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-__all__ = ['OUTPUT_ARTIFACTS', 'ARGS_FILE', 'SUMMARY_CSV', 'CKPT_DIR', 'CKPT_PREFIX', 'STATE_FILE', 'EMA_FILE',
-           'CheckpointError', 'list_checkpoints', 'find_checkpoint', 'read_state']
+__all__ = ['OUTPUT_ARTIFACTS', 'RUN_LOCK', 'ARGS_FILE', 'SUMMARY_CSV', 'CKPT_DIR', 'CKPT_PREFIX', 'STATE_FILE',
+           'EMA_FILE', 'CheckpointError', 'list_checkpoints', 'find_checkpoint', 'read_state']
 
 #: What a run writes into --output-dir; --overwrite removes exactly these, nothing else.
 OUTPUT_ARTIFACTS = ('checkpoints', 'best', 'last', 'summary.json', 'summary.csv', 'args.yaml', 'logs')
+#: the run folder's lock file (:mod:`timm_dropres.training.lock`): not an output, never removed by --overwrite
+RUN_LOCK = '.dropres-run.lock'
 #: the resolved options of the run (YAML, as timm train.py) and its per-epoch metrics (CSV)
 ARGS_FILE = 'args.yaml'
 SUMMARY_CSV = 'summary.csv'

@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -24,20 +25,22 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn as nn
 
+from ..files import TEMP_MARKER, replaced_name
 from ..models.hf_folder import CONFIG_NAME, WEIGHTS_NAME
-from .checkpoints import CKPT_DIR, CKPT_PREFIX, OUTPUT_ARTIFACTS, CheckpointError, list_checkpoints
+from .checkpoints import CKPT_DIR, CKPT_PREFIX, OUTPUT_ARTIFACTS, RUN_LOCK, CheckpointError, list_checkpoints
 
 if TYPE_CHECKING:
     from .config import FinetuneConfig
 
 __all__ = ['TRACKER_PROJECT', 'SAME', 'RECORDED', 'FREE', 'RESUME_RULES', 'OutputDirError', 'TrainingDiverged',
            'RunPlan', 'plan_run', 'apply_plan', 'clean_partial_writes', 'check_resume_settings',
-           'check_resume_data', 'nonfinite_tensors', 'error_line', 'first_line', 'model_load_error']
+           'check_resume_data', 'nonfinite_tensors', 'check_validation_loss', 'EXPLODED_LOSS_FACTOR', 'error_line',
+           'first_line', 'model_load_error']
 
 _logger = logging.getLogger(__name__)
 
@@ -45,6 +48,15 @@ _logger = logging.getLogger(__name__)
 TRACKER_PROJECT = 'dropres-finetune'
 _EXPORTS = ('best', 'last')
 _CKPT_NAME = re.compile(rf'(\.tmp-)?{CKPT_PREFIX}\d+')
+#: what an interrupted atomic write of an artifact leaves (files.TEMP_MARKER), and an export caught between its
+#: two renames (files.replaced_name): exact names, never a user's ``.best.backup`` or ``.summary.csv.swp``
+_TEMP_NAME = re.compile(rf'\.({"|".join(map(re.escape, OUTPUT_ARTIFACTS))})\.{TEMP_MARKER}-[0-9a-f]+')
+_REPLACED = tuple(replaced_name(e).name for e in _EXPORTS)
+
+
+def _interrupted_write(name: str) -> bool:
+    """True for the exact names an interrupted atomic write of the trainer leaves in a run folder."""
+    return bool(_TEMP_NAME.fullmatch(name)) or name in _REPLACED
 
 #: resume rule: the resumed run must use the checkpoint's value (else it would not be an exact continuation).
 SAME = 'same'
@@ -101,9 +113,8 @@ def _foreign_inside(entry: Path) -> List[str]:
     name = entry.name
     if entry.is_symlink():
         return [name]
-    for artifact in OUTPUT_ARTIFACTS:  # a temporary or replaced copy of an artifact (an interrupted atomic write)
-        if name.startswith(f'.{artifact}.'):
-            return []
+    if _interrupted_write(name):  # a temporary or replaced copy of an artifact (an interrupted atomic write)
+        return []
     if name not in OUTPUT_ARTIFACTS:
         return [name]
     if name == CKPT_DIR:
@@ -206,7 +217,7 @@ def plan_run(output_dir: str | os.PathLike, resume_ckpt: Path | None, overwrite:
     if out.exists() and not out.is_dir():
         raise OutputDirError(f'--output-dir {out} is a file, not a folder')
     _check_writable(out, probe)
-    entries = sorted(out.iterdir()) if out.is_dir() else []
+    entries = sorted(e for e in out.iterdir() if e.name != RUN_LOCK) if out.is_dir() else []
     foreign = [f for e in entries for f in _foreign_inside(e)]
     ours = [e for e in entries if not _foreign_inside(e)]
     run_dir = _run_dir_of(resume_ckpt) if resume_ckpt is not None else None
@@ -244,10 +255,11 @@ def plan_run(output_dir: str | os.PathLike, resume_ckpt: Path | None, overwrite:
 def clean_partial_writes(out: Path) -> List[str]:
     """Remove what interrupted writes left in a run folder; restore an export caught between its two renames.
 
-    A killed run can leave ``checkpoints/.tmp-step_*`` (a checkpoint being written), ``.best.*``/``.last.*``
-    (an export being written) and ``.summary.json.tmp*`` (an atomic file write). An export replaced in place
-    is renamed to ``.best.old`` before the new one is renamed to ``best``; when ``best`` is missing, the old
-    one is put back.
+    A killed run can leave ``checkpoints/.tmp-step_*`` (a checkpoint being written), ``.best.dropres-tmp-*``
+    (an export being written) and ``.summary.json.dropres-tmp-*`` (an atomic file write). An export replaced
+    in place is renamed to ``.best.dropres-old`` before the new one is renamed to ``best``; when ``best`` is
+    missing, the old one is put back. Only these exact names are touched (:data:`files.TEMP_MARKER`): a user's
+    ``.best.backup`` or an editor's swap file stays.
 
     Args:
         out: the run folder.
@@ -263,14 +275,13 @@ def clean_partial_writes(out: Path) -> List[str]:
                 shutil.rmtree(p)
                 done.append(f'{CKPT_DIR}/{p.name}')
     for name in _EXPORTS:
-        old = out / f'.{name}.old'
+        old = replaced_name(out / name)
         if old.is_dir() and not (out / name).exists():
             os.replace(old, out / name)
-            done.append(f'{name} (restored from .{name}.old)')
+            done.append(f'{name} (restored from {old.name})')
     if out.is_dir():
         for p in sorted(out.iterdir()):
-            if p.name.startswith('.') and not p.is_symlink() and any(
-                    p.name.startswith(f'.{a}.') for a in OUTPUT_ARTIFACTS):
+            if not p.is_symlink() and _interrupted_write(p.name):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 done.append(p.name)
     if done:
@@ -408,6 +419,32 @@ def nonfinite_tensors(module: nn.Module) -> List[str]:
         return []
     finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu().tolist()
     return [n for (n, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+#: a validation loss above this many times ln(classes) (the loss of a uniform guess) means the run diverged:
+#: 1000 ln(10) = 2303, far above any loss of a model that still learns, far below the 1e33 of momentum 5
+EXPLODED_LOSS_FACTOR = 1000.0
+
+
+def check_validation_loss(loss: float, num_classes: int, epoch: int, kept: Callable[[], str]) -> None:
+    """Stop a run whose validation loss is not finite or has exploded, before it is exported or checkpointed.
+
+    Args:
+        loss: the epoch's validation loss.
+        num_classes: the class count (the limit is :data:`EXPLODED_LOSS_FACTOR` x ln(classes)).
+        epoch: the epoch (1-based, for the message).
+        kept: says what is kept (the last good checkpoint, best/); called only for the message.
+
+    Raises:
+        TrainingDiverged: the loss is NaN, infinite or above the limit.
+    """
+    limit = EXPLODED_LOSS_FACTOR * math.log(max(num_classes, 2))
+    if math.isfinite(loss) and loss <= limit:
+        return
+    raise TrainingDiverged(
+        f'training diverged: the validation loss after epoch {epoch} is {loss:.4g}, above {limit:.4g} '
+        f'({EXPLODED_LOSS_FACTOR:g} x ln {num_classes} classes, the loss of a uniform guess). Stopped without '
+        f'exporting or checkpointing that epoch; {kept()}. Lower --lr or --momentum, or add --clip-grad')
 
 
 def error_line(e: BaseException) -> str:

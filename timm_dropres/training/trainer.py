@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import yaml
 from accelerate import Accelerator, DistributedType
-from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -65,6 +65,8 @@ from .data import (
     train_loader,
 )
 from .evaluate import EvalResult, evaluate, format_results
+from .lock import lock_run_folder
+from .logs import main_process_logger
 from .progress import _flat_config, _progress, _trackers, _versions, write_history_csv
 from .runs import (
     TRACKER_PROJECT,
@@ -72,6 +74,7 @@ from .runs import (
     apply_plan,
     check_resume_data,
     check_resume_settings,
+    check_validation_loss,
     first_line,
     model_load_error,
     nonfinite_tensors,
@@ -80,7 +83,7 @@ from .runs import (
 
 __all__ = ['finetune']
 
-_logger = get_logger(__name__)  # accelerate's: logs on the main process only, unless told otherwise
+_logger = main_process_logger(__name__)  # logs on the main process only; [RANK i] only when there are several
 
 #: optimizer steps between two reads of the non-finite-loss flag (it is also read before every save)
 _FINITE_CHECK_EVERY = 10
@@ -103,6 +106,16 @@ class _Trainer:
             log_with=_trackers(cfg.log_with), project_config=ProjectConfiguration(
                 project_dir=str(self.out), logging_dir=str(log_dir), automatic_checkpoint_naming=False),
             step_scheduler_with_optimizer=False)
+        # the run folder is this run's alone from here to the end (released by finetune, or below on a refusal)
+        self.lock = lock_run_folder(self.out, self.acc)
+        try:
+            self._plan_and_check(cfg, data)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _plan_and_check(self, cfg: FinetuneConfig, data: DataBundle | None) -> None:
+        """Decide what happens to the run folder, check the resume settings and the data (nothing is written)."""
         # what happens to --output-dir is decided here and carried out only once everything is validated
         self.plan = plan_run(self.out, self.resume_ckpt, cfg.overwrite, probe=self.acc.is_main_process)
         self.resumes: List[Dict[str, Any]] = list(self.resume_state.get('resumes') or []) if self.resume_state else []
@@ -141,7 +154,7 @@ class _Trainer:
         cfg, acc, data = self.cfg, self.acc, self.data
         try:
             model, self.model_kwargs = build_model(cfg, self.ref, data.num_classes, data.in_chans)
-        except (RuntimeError, pickle.UnpicklingError) as e:  # weights refused by torch.load or not fitting
+        except (RuntimeError, pickle.UnpicklingError, SafetensorError) as e:  # refused, damaged or not fitting
             raise ValueError(model_load_error(cfg.model, e, cfg.pretrained_file)) from e
         if in_chans_of(model) != data.in_chans:
             raise ValueError(f'{cfg.model} takes {in_chans_of(model)}-channel input; the data has {data.in_chans}')
@@ -267,6 +280,18 @@ class _Trainer:
             f'training diverged: {what} (epoch {self.epoch + 1}). Stopped without checkpointing or exporting '
             f'anything from that point; {kept}. Lower --lr, or add --clip-grad or a longer --warmup-epochs')
 
+    def _kept(self) -> str:
+        """What a diverged run keeps: its checkpoints up to the last epoch end, and best/."""
+        last_end = self.history[-1]['step'] if self.history else 0
+        good = [c for c in list_checkpoints(self.out) if int(c.name[len(CKPT_PREFIX):]) <= last_end]
+        if good:
+            kept = f'the last epoch-end checkpoint is {good[-1]}'
+        else:  # none yet, or --keep-checkpoints rotated it out for checkpoints of the diverging epoch
+            kept = 'no checkpoint from before this epoch is kept'
+        if self.best is not None:
+            kept += f'; best/ holds epoch {self.best["epoch"]} (top-1 {self.best["top1"]:.2f})'
+        return kept
+
     def save_checkpoint(self) -> Path:
         """accelerate's state (model, optimizer, scaler, per-process RNG) + ours, as one atomic folder."""
         acc = self.acc
@@ -292,11 +317,17 @@ class _Trainer:
                 if final.exists():  # same step saved twice (e.g. epoch end == step checkpoint)
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-        except OSError as e:  # disk full, quota, a vanished mount: the earlier checkpoints stay as they were
+        except (OSError, RuntimeError, SafetensorError) as e:  # disk full, quota, a vanished mount: torch says
+            # it with a RuntimeError (PytorchStreamWriter), safetensors with SafetensorError; earlier checkpoints stay
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(f'cannot write checkpoint {final}: {e.strerror or e}; the earlier checkpoints are '
+            why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+            raise OSError(f'cannot write checkpoint {final}: {why}; the earlier checkpoints are '
                           f'intact (--resume {self.out} continues from the latest)') from e
+        except BaseException:  # Ctrl-C (KeyboardInterrupt) mid-write: no half checkpoint stays behind
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if acc.is_main_process:
             for old in list_checkpoints(self.out)[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -366,8 +397,13 @@ class _Trainer:
         extra = dict(metrics=metrics, weights=source, dataset=self.cfg.dataset or self.data.description)
         if self.origin is not None:
             extra['finetuned_from'] = self.origin['finetuned_from']
-        save_pretrained_folder(model, self.out / name, label_names=self.data.label_names, data_config=data_cfg,
-                               license=self.origin['license'] if self.origin else None, extra_config=extra)
+        try:  # written beside and renamed: a failed write leaves the previous folder (or none) in place
+            save_pretrained_folder(model, self.out / name, label_names=self.data.label_names, data_config=data_cfg,
+                                   license=self.origin['license'] if self.origin else None, extra_config=extra)
+        except (OSError, RuntimeError, SafetensorError) as e:  # disk full: SafetensorError from safetensors
+            why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+            raise OSError(f'cannot write {self.out / name}: {why}; the checkpoints are intact (--resume {self.out} '
+                          f'continues from the latest)') from e
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -470,6 +506,7 @@ class _Trainer:
             self._check_finite()  # nothing non-finite is evaluated, exported or checkpointed
             t_eval = time.perf_counter()
             last_res, last_ema = self.evaluate()
+            check_validation_loss(last_res.loss, self.data.num_classes, self.epoch + 1, self._kept)
             eval_time = time.perf_counter() - t_eval
             row = dict(epoch=self.epoch + 1, step=self.global_step, train_loss=train_loss,
                        lr=self.optimizer.param_groups[0]['lr'], top1=last_res.top1, top5=last_res.top5,
@@ -553,5 +590,8 @@ def finetune(cfg: FinetuneConfig, data: DataBundle | None = None, *, ref: ModelR
         The run's summary: final and best metrics, the history, where the weights went, the versions.
     """
     trainer = _Trainer(dataclasses.replace(cfg), data, ref)
-    trainer.setup()
-    return trainer.run()
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        trainer.lock.release()

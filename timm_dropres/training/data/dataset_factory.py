@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from .. import fmnist
 from .dataset import DataBundle, DataError, ImageFiles, TensorImageDataset, _Remapped, _Subset, _targets, scan_images
+from .folder_scan import FolderLayoutError, class_folder_samples
 
 _logger = logging.getLogger(__name__)
 
@@ -165,6 +166,14 @@ def _folder_data(
         extra = sorted(set(val_classes) - set(classes))
         if extra:
             raise DataError(f'{val_root} has classes that {train_root} lacks: {extra}')
+        if val_fraction is not None:
+            raise DataError(f'--val-fraction {val_fraction} holds out part of the training images, but {root} has '
+                            f'a {val_root.name}/ folder, which is the validation split; drop --val-fraction, or '
+                            f'move {val_root.name}/ away to hold out from {train_root.name}/ instead')
+        absent = [c for c in classes if c not in val_classes]
+        if absent:
+            _logger.warning('%s has no folder for the classes %s: validation measures only the other %d classes',
+                            val_root, absent, len(classes) - len(absent))
     if class_names is not None:  # the model's label order (validation of a trained model)
         unknown = sorted(set(classes) - set(class_names))
         if unknown:
@@ -175,9 +184,11 @@ def _folder_data(
         label_names = classes
     class_map = {c: i for i, c in enumerate(label_names)}
 
-    def find(folder: Path) -> List[Tuple[str, int]]:  # timm's folder reader finds the files and their classes
-        return list(create_dataset('', root=str(folder), split='', search_split=False, class_map=class_map
-                                   ).reader.samples)
+    def find(folder: Path) -> List[Tuple[str, int]]:  # nested images under their class folder's label
+        try:
+            return class_folder_samples(folder, class_map)
+        except FolderLayoutError as e:
+            raise DataError(str(e)) from None
 
     found = {folder: find(folder) for folder in (train_root, val_root) if folder is not None}
     # every header, not a sample of them: one colour image among gray ones makes the whole set RGB
