@@ -138,7 +138,7 @@ def test_an_output_dir_inside_the_dataset_is_refused(data, tmp_path, capsys):
 
 
 def test_val_fraction_with_a_val_folder_is_refused(data, tmp_path):
-    with pytest.raises(DataError, match=r'--val-fraction 0.2 holds out .* has a val/ folder'):
+    with pytest.raises(DataError, match=r'^val_fraction 0.2 holds out .* has a val/ folder.*; drop val_fraction'):
         finetune(tiny_config(data, tmp_path / 'o', val_fraction=0.2))
     assert not (tmp_path / 'o').exists()
 

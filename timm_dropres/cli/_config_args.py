@@ -20,9 +20,9 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple, Type, TypeVar
 import yaml
 
 from ..checks import cut
+from ..errors import OptionMessage
 from ..recipes import find_recipe, list_recipes
 from ..strict_yaml import safe_load_strict
-from ..training.config import OptionError
 from ..training.runs import error_line
 from ._parser import OneLineParser
 
@@ -303,13 +303,14 @@ def flag_message(e: BaseException) -> str:
     """The one line that explains ``e``, with the library's option names rendered as this CLI's flags.
 
     Args:
-        e: an error from the library; an :class:`~timm_dropres.training.config.OptionError` names options by
-            their config field names, which become ``--field-name`` here.
+        e: an error from the library; one with an :class:`~timm_dropres.errors.OptionMessage` (an
+            ``OptionError``, a run folder or checkpoint refusal, a diverged run) names options by their config
+            field names, which become ``--field-name`` here.
 
     Returns:
         The message (a DataLoader worker's traceback reduced to its last line, see ``error_line``).
     """
-    if isinstance(e, OptionError):
+    if isinstance(e, OptionMessage) and (e.options or e.values):  # (one from a loader worker is plain text)
         return e.render(_flag)
     return error_line(e)
 

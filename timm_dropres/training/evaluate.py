@@ -192,7 +192,7 @@ def validate(cfg: ValidateConfig, *, ref: ModelRef | None = None) -> Dict[str, A
     try:
         model = timm.create_model(cfg.model, pretrained=pretrained, **model_kwargs)
     except (TypeError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:  # see runs.model_load_error
-        raise ValueError(model_load_error(cfg.model, e)) from e
+        raise model_load_error(cfg.model, e) from e
     model_in_chans = in_chans_of(model)
     if model_in_chans != data.in_chans:
         raise ValueError(f'{cfg.model} takes {model_in_chans}-channel input but {cfg.dataset} has {data.in_chans}')

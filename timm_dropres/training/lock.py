@@ -74,21 +74,22 @@ class RunLock:
     def _make_folder(self) -> None:
         out = self.folder
         if out.exists() and not out.is_dir():
-            raise OutputDirError(f'--output-dir {out} is a file, not a folder')
+            raise OutputDirError('{0} {out} is a file, not a folder', 'output_dir', out=out)
         missing = []
         p = out
         while not p.exists() and p.parent != p:
             missing.append(p)
             p = p.parent
         if not p.is_dir():
-            raise OutputDirError(f'--output-dir {out}: {p} is a file, not a folder')
+            raise OutputDirError('{0} {out}: {p} is a file, not a folder', 'output_dir', out=out, p=p)
         try:
             for d in reversed(missing):
                 d.mkdir()
                 self._created.append(d)
         except OSError as e:
             self._remove_created()
-            raise OutputDirError(f'--output-dir {out} cannot be written ({p}: {e.strerror or e})') from None
+            raise OutputDirError('{0} {out} cannot be written ({p}: {why})', 'output_dir', out=out, p=p,
+                                 why=e.strerror or e) from None
 
     def _remove_created(self) -> None:
         """Remove the folders this lock created, innermost first, where they are empty."""
@@ -117,25 +118,26 @@ class RunLock:
                 try:
                     fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_CLOEXEC', 0), 0o644)
                 except OSError as e:
-                    raise OutputDirError(f'--output-dir {self.folder} cannot be written ({self.path}: '
-                                         f'{e.strerror or e})') from None
+                    raise OutputDirError('{0} {out} cannot be written ({p}: {why})', 'output_dir', out=self.folder,
+                                         p=self.path, why=e.strerror or e) from None
                 try:
                     _lock_fd(fd)
                 except BlockingIOError:
                     info = _read_info(fd)
                     os.close(fd)
                     raise RunFolderInUse(
-                        f'--output-dir {self.folder} is in use by another run: {_holder_text(info)}. Two runs '
-                        f'never share a run folder (nor does --overwrite or --resume take one from a running '
-                        f'run); wait for that run to end, stop it, or choose another --output-dir') from None
+                        '{0} {out} is in use by another run: {holder}. Two runs never share a run folder (nor does '
+                        '{1} or {2} take one from a running run); wait for that run to end, stop it, or choose '
+                        'another {0}', 'output_dir', 'overwrite', 'resume', out=self.folder,
+                        holder=_holder_text(info)) from None
                 except OSError as e:  # ENOLCK / EOPNOTSUPP: a file system without locks (some FUSE or NFS mounts)
                     os.close(fd)
                     if self._created:  # the folder is ours, so is the file: leave nothing behind
                         self.path.unlink(missing_ok=True)
                     raise OutputDirError(
-                        f'--output-dir {self.folder}: cannot lock {self.path} ({e.strerror or e}); the file system '
-                        f'does not support file locks, so two runs could share the folder. Choose an --output-dir '
-                        f'on a local disk, or an NFS mount with a lock manager') from None
+                        '{0} {out}: cannot lock {p} ({why}); the file system does not support file locks, so two '
+                        'runs could share the folder. Choose an {0} on a local disk, or an NFS mount with a lock '
+                        'manager', 'output_dir', out=self.folder, p=self.path, why=e.strerror or e) from None
                 # a run that released the lock unlinks the file; if that happened between our open and our
                 # lock, we hold a lock on a file nobody else sees: take the lock on the current file instead
                 try:
@@ -202,7 +204,7 @@ def lock_run_folder(folder: str | os.PathLike, accelerator: Any) -> RunLock:
     through ``accelerate.utils.broadcast_object_list`` and stop with the same message instead of waiting for it.
 
     Args:
-        folder: ``--output-dir``.
+        folder: the run folder (the ``output_dir`` option).
         accelerator: the run's ``accelerate.Accelerator``.
 
     Returns:
@@ -219,11 +221,11 @@ def lock_run_folder(folder: str | os.PathLike, accelerator: Any) -> RunLock:
     if accelerator.is_main_process:
         try:
             lock.acquire()
-        except OutputDirError as e:
-            answer = [(isinstance(e, RunFolderInUse), str(e))]
+        except OutputDirError as e:  # the refusal's parts, so every process raises it naming the same options
+            answer = [(isinstance(e, RunFolderInUse), e.template, e.options, e.values)]
     if accelerator.num_processes > 1:
         answer = broadcast_object_list(answer)
     if answer[0] is not None:
-        in_use, message = answer[0]
-        raise (RunFolderInUse if in_use else OutputDirError)(message)
+        in_use, template, options, values = answer[0]
+        raise (RunFolderInUse if in_use else OutputDirError)(template, *options, **values)
     return lock

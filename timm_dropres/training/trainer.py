@@ -51,7 +51,7 @@ from .checkpoints import (
     list_checkpoints,
     read_state,
 )
-from .config import FinetuneConfig
+from .config import FinetuneConfig, OptionError
 from .data import (
     DataBundle,
     DataError,
@@ -70,6 +70,7 @@ from .logs import main_process_logger
 from .progress import _flat_config, _progress, _trackers, _versions, write_history_csv
 from .runs import (
     TRACKER_PROJECT,
+    RunWriteError,
     TrainingDiverged,
     apply_plan,
     check_resume_data,
@@ -146,16 +147,17 @@ class _Trainer:
                             'needs at least 2 classes')
         global_batch = cfg.batch_size * self.acc.num_processes
         if len(data.train) < global_batch:
-            raise ValueError(f'the training set has {len(data.train)} images, fewer than one global batch '
-                             f'(--batch-size {cfg.batch_size} x {self.acc.num_processes} processes); lower '
-                             f'--batch-size to at most {len(data.train) // self.acc.num_processes}')
+            raise OptionError('the training set has {n} images, fewer than one global batch ({0} {bs} x {procs} '
+                              'processes); lower {0} to at most {most}', 'batch_size', n=len(data.train),
+                              bs=cfg.batch_size, procs=self.acc.num_processes,
+                              most=len(data.train) // self.acc.num_processes)
 
     def setup(self) -> None:
         cfg, acc, data = self.cfg, self.acc, self.data
         try:
             model, self.model_kwargs = build_model(cfg, self.ref, data.num_classes, data.in_chans)
         except (RuntimeError, pickle.UnpicklingError, SafetensorError) as e:  # refused, damaged or not fitting
-            raise ValueError(model_load_error(cfg.model, e, cfg.pretrained_file)) from e
+            raise model_load_error(cfg.model, e, cfg.pretrained_file) from e
         if in_chans_of(model) != data.in_chans:
             raise ValueError(f'{cfg.model} takes {in_chans_of(model)}-channel input; the data has {data.in_chans}')
         self.identity = model_identity(model, self.ref, data.num_classes, data.in_chans)
@@ -169,7 +171,8 @@ class _Trainer:
         if data.preprocessed:
             train_tf = eval_tf = None
         if cfg.sync_bn and acc.num_processes > 1 and acc.device.type != 'cuda':
-            raise ValueError(f'--sync-bn needs CUDA devices (torch.nn.SyncBatchNorm); this run is on {acc.device.type}')
+            raise OptionError('{0} needs CUDA devices (torch.nn.SyncBatchNorm); this run is on {device}', 'sync_bn',
+                              device=acc.device.type)
         if cfg.sync_bn and acc.num_processes > 1:
             # BN statistics are per process under DDP; SyncBN averages them over all processes, which
             # matters when the per-process batch is small. timm's converter also handles BatchNormAct2d.
@@ -202,7 +205,7 @@ class _Trainer:
         self.ema = None
         if cfg.ema:
             if acc.distributed_type == DistributedType.FSDP:
-                raise ValueError('--ema is not supported with FSDP (ModelEmaV3 needs unsharded weights)')
+                raise OptionError('{0} is not supported with FSDP (ModelEmaV3 needs unsharded weights)', 'ema')
             self.ema = ModelEmaV3(acc.unwrap_model(model), decay=cfg.ema_decay)
         if self.mixup is not None:  # mixup's soft targets carry the smoothing
             self.criterion: nn.Module = SoftTargetCrossEntropy()
@@ -232,7 +235,8 @@ class _Trainer:
         diffs = {k: (saved.get(k), v) for k, v in self.identity.items() if saved.get(k) != v}
         if diffs:
             detail = '; '.join(f'{k}: checkpoint {a!r} vs this run {b!r}' for k, (a, b) in diffs.items())
-            raise CheckpointError(f'--resume {self.resume_ckpt} is from a different model or dataset ({detail})')
+            raise CheckpointError('{0} {ckpt} is from a different model or dataset ({detail})', 'resume',
+                                  ckpt=self.resume_ckpt, detail=detail)
 
     # -- checkpointing -------------------------------------------------------------------------
 
@@ -277,20 +281,9 @@ class _Trainer:
         if self.best is not None:
             kept += f'; best/ holds epoch {self.best["epoch"]} (top-1 {self.best["top1"]:.2f})'
         raise TrainingDiverged(
-            f'training diverged: {what} (epoch {self.epoch + 1}). Stopped without checkpointing or exporting '
-            f'anything from that point; {kept}. Lower --lr, or add --clip-grad or a longer --warmup-epochs')
-
-    def _kept(self) -> str:
-        """What a diverged run keeps: its checkpoints up to the last epoch end, and best/."""
-        last_end = self.history[-1]['step'] if self.history else 0
-        good = [c for c in list_checkpoints(self.out) if int(c.name[len(CKPT_PREFIX):]) <= last_end]
-        if good:
-            kept = f'the last epoch-end checkpoint is {good[-1]}'
-        else:  # none yet, or --keep-checkpoints rotated it out for checkpoints of the diverging epoch
-            kept = 'no checkpoint from before this epoch is kept'
-        if self.best is not None:
-            kept += f'; best/ holds epoch {self.best["epoch"]} (top-1 {self.best["top1"]:.2f})'
-        return kept
+            'training diverged: {what} (epoch {epoch}). Stopped without checkpointing or exporting anything from that '
+            'point; {kept}. Lower {0}, or add {1} or a longer {2}', 'lr', 'clip_grad', 'warmup_epochs', what=what,
+            epoch=self.epoch + 1, kept=kept)
 
     def save_checkpoint(self) -> Path:
         """accelerate's state (model, optimizer, scaler, per-process RNG) + ours, as one atomic folder."""
@@ -322,8 +315,8 @@ class _Trainer:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-            raise OSError(f'cannot write checkpoint {final}: {why}; the earlier checkpoints are '
-                          f'intact (--resume {self.out} continues from the latest)') from e
+            raise RunWriteError('cannot write checkpoint {final}: {why}; the earlier checkpoints are intact ({0} {out} '
+                                'continues from the latest)', 'resume', final=final, why=why, out=self.out) from e
         except BaseException:  # Ctrl-C (KeyboardInterrupt) mid-write: no half checkpoint stays behind
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -363,7 +356,7 @@ class _Trainer:
         if self.ema is not None:
             ema_file = ckpt / EMA_FILE
             if not ema_file.is_file():
-                raise CheckpointError.corrupt(ckpt, f'--ema is on but it has no {EMA_FILE}')
+                raise CheckpointError.corrupt(ckpt, f'{{2}} is on but it has no {EMA_FILE}', 'ema')
             try:
                 self.ema.module.load_state_dict(load_file(str(ema_file), device=str(acc.device)))
             except Exception as e:  # SafetensorError, RuntimeError (shapes, missing keys)
@@ -402,8 +395,8 @@ class _Trainer:
                                    license=self.origin['license'] if self.origin else None, extra_config=extra)
         except (OSError, RuntimeError, SafetensorError) as e:  # disk full: SafetensorError from safetensors
             why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-            raise OSError(f'cannot write {self.out / name}: {why}; the checkpoints are intact (--resume {self.out} '
-                          f'continues from the latest)') from e
+            raise RunWriteError('cannot write {folder}: {why}; the checkpoints are intact ({0} {out} continues from '
+                                'the latest)', 'resume', folder=self.out / name, why=why, out=self.out) from e
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -506,7 +499,8 @@ class _Trainer:
             self._check_finite()  # nothing non-finite is evaluated, exported or checkpointed
             t_eval = time.perf_counter()
             last_res, last_ema = self.evaluate()
-            check_validation_loss(last_res.loss, self.data.num_classes, self.epoch + 1, self._kept)
+            check_validation_loss(last_res.loss, self.data.num_classes, self.epoch + 1, self.out,
+                                  self.history[-1]['step'] if self.history else 0, self.best)
             eval_time = time.perf_counter() - t_eval
             row = dict(epoch=self.epoch + 1, step=self.global_step, train_loss=train_loss,
                        lr=self.optimizer.param_groups[0]['lr'], top1=last_res.top1, top5=last_res.top5,

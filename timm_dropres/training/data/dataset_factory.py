@@ -143,9 +143,9 @@ def _folder_data(
 ) -> DataBundle:
     if not root.exists():
         raise DataError(
-            f'dataset path {str(root)!r} does not exist. --dataset takes an ImageFolder root '
-            f'(<root>/train/<class>/..., <root>/val/<class>/...), a timm dataset name '
-            f'({", ".join(p + "..." for p in TIMM_PREFIXES)}), or one of {list(FMNIST_NAMES)}')
+            'dataset path {path!r} does not exist. {0} takes an ImageFolder root (<root>/train/<class>/..., '
+            '<root>/val/<class>/...), a timm dataset name ({prefixes}), or one of {fmnist}', 'dataset',
+            path=str(root), prefixes=', '.join(p + '...' for p in TIMM_PREFIXES), fmnist=list(FMNIST_NAMES))
     train_root = _find_sub(root, TRAIN_FOLDERS)
     val_root = _find_sub(root, VAL_FOLDERS)
     if split is not None:  # validation CLI: one split only
@@ -167,9 +167,10 @@ def _folder_data(
         if extra:
             raise DataError(f'{val_root} has classes that {train_root} lacks: {extra}')
         if val_fraction is not None:
-            raise DataError(f'--val-fraction {val_fraction} holds out part of the training images, but {root} has '
-                            f'a {val_root.name}/ folder, which is the validation split; drop --val-fraction, or '
-                            f'move {val_root.name}/ away to hold out from {train_root.name}/ instead')
+            raise DataError('{0} {fraction} holds out part of the training images, but {root} has a {val}/ folder, '
+                            'which is the validation split; drop {0}, or move {val}/ away to hold out from {train}/ '
+                            'instead', 'val_fraction', fraction=val_fraction, root=root, val=val_root.name,
+                            train=train_root.name)
         absent = [c for c in classes if c not in val_classes]
         if absent:
             _logger.warning('%s has no folder for the classes %s: validation measures only the other %d classes',
@@ -212,7 +213,7 @@ def _folder_data(
     else:
         frac = 0.1 if val_fraction is None else val_fraction
         if not 0.0 < frac < 1.0:
-            raise DataError(f'--val-fraction must be in (0, 1), got {frac!r}')
+            raise DataError('{0} must be in (0, 1), got {value!r}', 'val_fraction', value=frac)
         targets = _targets(train_ds)
         by_class: Dict[int, List[int]] = {}
         for i, t in enumerate(targets):
@@ -243,7 +244,7 @@ def _fmnist_data(data_dir: str | None, split: str | None) -> DataBundle:
         try:
             fmnist.load_fashion_mnist('test', root=data_dir)
         except fmnist.FashionMNISTNotFound as e:
-            raise DataError(f'{e} Or use --dataset torch/fashion_mnist --download when online.') from e
+            raise DataError('{e} Or use {0} torch/fashion_mnist {1} when online.', 'dataset', 'download', e=e) from e
     info = dict(kind='fmnist', root=str(folder))
     val = TensorImageDataset(*fmnist.load_fashion_mnist('test', root=folder))
     if split is not None:
@@ -264,8 +265,9 @@ def _timm_data(name: str, data_dir: str | None, download: bool, split: str | Non
         try:
             return create_dataset(name, **kwargs)
         except (RuntimeError, AssertionError, FileNotFoundError, ValueError) as e:
-            hint = '' if download else ' Add --download to fetch it (needs internet).'
-            raise DataError(f'could not load dataset {name!r} ({s} split) from {root}: {e}.{hint}') from e
+            hint = '' if download else ' Add {0} to fetch it (needs internet).'
+            raise DataError('could not load dataset {name!r} ({s} split) from {root}: {e}.' + hint,
+                            *(() if download else ('download',)), name=name, s=s, root=root, e=e) from e
 
     val = make(split or 'validation')
     if isinstance(val, torch.utils.data.IterableDataset):
@@ -334,8 +336,8 @@ def resolve_data(
             not know, or a dataset that needs a download.
     """
     if not dataset:
-        raise DataError('no dataset given: pass --dataset (an ImageFolder path, a timm name like torch/cifar10, '
-                        f'or one of {list(FMNIST_NAMES)})')
+        raise DataError('no dataset given: pass {0} (an ImageFolder path, a timm name like torch/cifar10, or one of '
+                        '{fmnist})', 'dataset', fmnist=list(FMNIST_NAMES))
     kind = dataset_kind(dataset)
     if kind == 'fmnist':
         bundle = _fmnist_data(data_dir, split)
@@ -362,10 +364,11 @@ def _carve_validation(bundle: DataBundle, fraction: float, seed: int) -> DataBun
     """Validate on a class-balanced ``fraction`` of the training split; the dataset's own validation (test)
     split is then left out of training and model selection entirely."""
     if not 0.0 < fraction < 1.0:
-        raise DataError(f'--val-fraction must be in (0, 1), got {fraction}')
+        raise DataError('{0} must be in (0, 1), got {value}', 'val_fraction', value=fraction)
     targets = _targets(bundle.train)
     if targets is None:
-        raise DataError(f'{bundle.description}: --val-fraction needs a training split whose targets are known')
+        raise DataError('{desc}: {0} needs a training split whose targets are known', 'val_fraction',
+                        desc=bundle.description)
     order = _stratified_order(targets, seed)
     n_val = max(1, round(fraction * len(order)))
     val, train = _Subset(bundle.train, order[:n_val]), _Subset(bundle.train, sorted(order[n_val:]))
