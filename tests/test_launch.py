@@ -72,3 +72,17 @@ def test_launcher_in_process_and_its_errors(script, monkeypatch, capsys):
         launch.run_script('missing.py')
     assert launch.main([]) == 2 and 'usage: python -m timm_dropres.launch SCRIPT' in capsys.readouterr().err
     assert launch.main(['--help']) == 0 and 'benchmark.py' in capsys.readouterr().out
+
+
+def test_a_script_in_a_timm_checkout_is_told_which_timm_it_runs_with(tmp_path):
+    """``python SCRIPT`` in a checkout imports the checkout's timm; the launcher uses the installed one, and says so."""
+    checkout = tmp_path / 'pytorch-image-models'
+    (checkout / 'timm').mkdir(parents=True)
+    (checkout / 'timm' / '__init__.py').write_text("raise ImportError('the checkout timm was imported')\n")
+    script = checkout / 'train.py'
+    script.write_text(STAND_IN)
+    proc = _run(['-m', 'timm_dropres.launch', str(script), '--model', 'test_resnet_dropres'], tmp_path)
+    import timm
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f'runs with the installed timm {timm.__version__}' in proc.stderr
+    assert f'pip install -e {checkout}' in proc.stderr

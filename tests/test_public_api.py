@@ -26,9 +26,9 @@ PUBLIC = {
     'BEFORE_LAST_CONV', 'AUTO', 'HEAD_BEFORE_POOL', 'RES_DROP_POSITIONS', 'DEFAULT_RES_DROP_RATE',
     'DEFAULT_HEAD_DROP_RATE', 'DEFAULT_POST_ACT_POS', '__version__',
 }
-#: each layer may import itself and the layers listed for it (files.py, errors.py and recipes.py are below
-#: everything)
-_BASE = {'files', 'errors', 'recipes'}
+#: each layer may import itself and the layers listed for it (files.py, errors.py, recipes.py, checks.py and
+#: strict_yaml.py are below everything)
+_BASE = {'files', 'errors', 'recipes', 'checks', 'strict_yaml'}
 ALLOWED = {
     'models': {'models'} | _BASE,
     'training': {'training', 'models'} | _BASE,

@@ -94,6 +94,8 @@ def test_readme_shows_timm_scripts_residual_dropout_and_cpu_processes():
     bash = '\n'.join(code_blocks(README, 'bash'))
     for script in ('train.py', 'validate.py', 'inference.py', 'benchmark.py'):
         assert f'python -m timm_dropres.launch {script}' in bash
+    inference = [line for line in bash.splitlines() if 'launch inference.py --model local-dir:' in line]
+    assert inference and all('--results-file' in line for line in inference)  # else timm names the file after --model
     assert '--model-kwargs res_drop_rate=0.1' in bash  # residual dropout is off by default: how to turn it on
     assert 'Residual dropout is off by default (`res_drop_rate=0.0`' in ' '.join(README.split())
     cpu = [line for line in bash.splitlines() if line.startswith('accelerate launch') and ' --cpu' in line]

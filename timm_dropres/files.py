@@ -12,13 +12,26 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-__all__ = ['write_text_atomic', 'write_json_atomic', 'read_json', 'temp_dir_beside', 'files_like_folder']
+__all__ = ['TEMP_MARKER', 'REPLACED_MARKER', 'write_text_atomic', 'write_json_atomic', 'read_json', 'temp_dir_beside',
+           'files_like_folder', 'replaced_name']
+
+#: every temporary name written here is ``.<name>.dropres-tmp-<hex or pid>``: cleanup of interrupted writes
+#: matches exactly this, so a user's ``.best.backup`` or an editor's ``.summary.csv.swp`` is never touched
+TEMP_MARKER = 'dropres-tmp'
+#: a folder replaced in place is first renamed to ``.<name>.dropres-old`` (see :func:`replaced_name`)
+REPLACED_MARKER = 'dropres-old'
+
+
+def replaced_name(path: str | os.PathLike) -> Path:
+    """Where a folder being replaced in place waits, between its two renames: ``.<name>.dropres-old``."""
+    path = Path(path)
+    return path.with_name(f'.{path.name}.{REPLACED_MARKER}')
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically, so a reader sees the old file or the new one, never half of it.
 
-    The text goes to a hidden temporary file in the same folder (``.<name>.tmp<pid>``), which is then moved
+    The text goes to a hidden temporary file in the same folder (``.<name>.dropres-tmp-<pid>``), which is then moved
     over ``path`` with ``os.replace``. Missing parent folders are created.
 
     Args:
@@ -34,7 +47,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    tmp = path.with_name(f'.{path.name}.{TEMP_MARKER}-{os.getpid()}')
     try:
         tmp.write_text(text, encoding='utf-8')
         os.replace(tmp, path)
@@ -54,12 +67,12 @@ def temp_dir_beside(path: str | os.PathLike) -> Path:
         path: the final destination; its parent folder is created if missing.
 
     Returns:
-        The new folder, ``<parent>/.<name>.<random>``.
+        The new folder, ``<parent>/.<name>.dropres-tmp-<8 random hex digits>``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        tmp = path.with_name(f'.{path.name}.{secrets.token_hex(4)}')
+        tmp = path.with_name(f'.{path.name}.{TEMP_MARKER}-{secrets.token_hex(4)}')
         try:
             tmp.mkdir()
             return tmp

@@ -2,8 +2,11 @@
 
 timm has no plugin entry points, so its scripts only know the ``*_dropres`` models when something
 imports ``timm_dropres`` first (``train.py --device-modules timm_dropres`` does, the other scripts have
-no such flag). This launcher imports the plugin, then runs the script exactly as ``python SCRIPT ARGS``
-would: same ``sys.argv``, the script's folder first on ``sys.path``, ``__name__ == '__main__'``::
+no such flag). This launcher imports the plugin, then runs the script as ``python SCRIPT ARGS`` would: same
+``sys.argv``, the script's folder first on ``sys.path``, ``__name__ == '__main__'``. One difference: timm is
+the installed one, already imported by the plugin (which registers its models there), also when the script sits
+in a timm checkout whose own ``timm/`` ``python SCRIPT`` would import; the launcher then says so on stderr
+(``pip install -e <checkout>`` makes the checkout the installed timm)::
 
     python -m timm_dropres.launch train.py --model resnet50_dropres.a1_in1k --pretrained --data-dir /data ...
     python -m timm_dropres.launch validate.py --model local-dir:runs/pets/best --data-dir /data/pets
@@ -48,9 +51,22 @@ def run_script(script: str | Path, args: Sequence[str] = ()) -> None:
         raise FileNotFoundError(_missing(script))
     import timm_dropres  # noqa: F401  (registers the *_dropres models with timm)
 
+    _note_checkout(path)
     sys.argv = [str(path), *args]
     sys.path.insert(0, str(path.resolve().parent))  # as `python script.py` puts the script's folder first
     runpy.run_path(str(path), run_name='__main__')
+
+
+def _note_checkout(script: Path) -> None:
+    """One stderr line when ``script`` sits in a timm checkout other than the installed timm the run uses."""
+    import timm
+
+    checkout = script.resolve().parent / 'timm'
+    installed = Path(timm.__file__).resolve().parent
+    if (checkout / '__init__.py').is_file() and checkout != installed:
+        print(f'dropres-timm: note: {script} sits in a timm checkout, but it runs with the installed timm '
+              f'{timm.__version__} ({installed}), where the plugin registers its models, not with {checkout}; '
+              f'`pip install -e {checkout.parent}` makes the checkout the installed timm', file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

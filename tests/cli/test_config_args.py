@@ -29,7 +29,8 @@ def test_a_failed_boundary_check_is_a_usage_error_naming_the_flag(capsys):
         parse_checked(FinetuneConfig, ['--model', 'resnet18', '--res-drop-pos', 'auto'], 'test', 'dropres-finetune',
                       resolve_model)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and 'usage: dropres-finetune' in err
+    # a usage error, in one line since issue 20 (cli/_parser.py): '<prog>: error: ...', pointing to --help
+    assert e.value.code == 2 and err.startswith('dropres-finetune: error: ') and err.count('\n') == 1
     assert '--res-drop-pos need a *_dropres model' in err and 'use --model resnet18_dropres' in err
 
 

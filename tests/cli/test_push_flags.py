@@ -45,3 +45,27 @@ def test_bad_repo_id_and_folder(folder: Path, tmp_path: Path, capsys):
     assert "invalid repo id 'no-namespace'" in capsys.readouterr().err
     assert main([str(tmp_path), '--repo-id', REPO, '--dry-run', '--out-dir', str(tmp_path / 'o')]) == 2
     assert 'has no config.json or model.safetensors' in capsys.readouterr().err
+
+
+def test_dataset_and_base_model_contradicting_the_runs_records(folder: Path, tmp_path: Path, capsys):
+    """The card may claim only what the run recorded; the library names ``dataset``/``base_model``, the CLI flags."""
+    import json
+    import shutil
+
+    from hub_helpers import make_summary
+
+    run = tmp_path / 'run'
+    shutil.copytree(folder, run / 'best')
+    summary = make_summary(model='test_resnet_dropres', config=dict(make_summary()['config'], model='test_resnet'))
+    (run / 'summary.json').write_text(json.dumps(summary))
+    out = ['--repo-id', REPO, '--dry-run', '-q']
+    with pytest.raises(PushError, match="^dataset 'cifar10': the run's records say"):
+        push(run / 'best', REPO, dry_run=True, out_dir=tmp_path / 'o', dataset='cifar10')
+    assert main([str(run / 'best'), *out, '--out-dir', str(tmp_path / 'o'), '--dataset', 'cifar10']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --dataset 'cifar10': the run's records say") and err.endswith('drop --dataset\n')
+    assert main([str(run / 'best'), *out, '--out-dir', str(tmp_path / 'o'), '--base-model', 'someone/else']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --base-model 'someone/else': the run's records say") and \
+        err.endswith('drop --base-model\n')
+    assert not (tmp_path / 'o').exists()  # nothing written

@@ -9,6 +9,7 @@ from hub_helpers import ARCH, LABELS, make_summary
 from huggingface_hub import ModelCard
 
 import timm_dropres
+from timm_dropres.errors import OptionError
 from timm_dropres.hub.model_card import (
     PAPER_BIBTEX,
     base_model_id,
@@ -154,3 +155,35 @@ def test_redact_drops_secrets_and_local_paths():
 def test_readme_cites_the_paper_as_the_cards_do():
     readme = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
     assert PAPER_BIBTEX.strip() in readme  # one citation, the same in the README and every model card
+
+
+def test_the_card_claims_only_the_data_the_run_recorded(model_and_config):
+    """dropres-push --dataset cifar10 wrote a model-index with CIFAR-10's test split at a Fashion-MNIST run's
+    accuracy."""
+    model, config = model_and_config
+    summary = make_summary()  # a Fashion-MNIST run
+    with pytest.raises(OptionError, match="^dataset 'cifar10': the run's records say it trained and was evaluated "
+                                          "on 'zalando-datasets/fashion_mnist'.*drop dataset$"):
+        build_card(config, repo_id=REPO, model=model, summary=summary, dataset='cifar10')
+    same = _reparse(build_card(config, repo_id=REPO, model=model, summary=summary, dataset='fmnist'))  # agrees
+    assert {r.dataset_type for r in same.data.eval_results} == {'zalando-datasets/fashion_mnist'}
+    with_metrics = dict(config, metrics=dict(top1=70.5, top5=95.0, loss=0.9, epoch=4))  # no dataset recorded
+    card = _reparse(build_card(with_metrics, repo_id=REPO, model=model, summary=None, dataset='cifar10'))
+    assert card.data.datasets == ['uoft-cs/cifar10'] and card.data.eval_results is None
+
+
+def test_the_card_claims_only_the_starting_weights_the_run_recorded(model_and_config):
+    model, config = model_and_config
+    summary = make_summary()  # started from ARCH's pretrained weights
+    recorded = build_card(config, repo_id=REPO, model=model, summary=summary).data.base_model
+    with pytest.raises(OptionError, match=r"^base_model 'someone/else': the run's records say it started from"):
+        build_card(config, repo_id=REPO, model=model, summary=summary, base_model='someone/else')
+    scratch = dict(summary, config=dict(summary['config'], pretrained=False))
+    with pytest.raises(OptionError, match="^base_model 'timm/resnet18.a1_in1k'.*trained from random initialisation"):
+        build_card(config, repo_id=REPO, model=model, summary=scratch, base_model='timm/resnet18.a1_in1k')
+    local = dict(summary, config=dict(summary['config'], pretrained_file='/w/start.safetensors'))
+    card = build_card(config, repo_id=REPO, model=model, summary=local, base_model='timm/resnet18.a1_in1k')
+    assert card.data.base_model == 'timm/resnet18.a1_in1k'  # a local file's Hub id: the records cannot name it
+    assert recorded == 'timm/test_resnet.r160_in1k'  # naming the recorded one again is allowed
+    assert build_card(config, repo_id=REPO, model=model, summary=summary, base_model=recorded).data.base_model == \
+        recorded

@@ -314,6 +314,7 @@ def _bad_folders(root: Path, folder: Path) -> dict:
     d = clone('shape_mismatch')
     cfg = json.loads((d / 'config.json').read_text())
     cfg['num_classes'] = cfg['model_args']['num_classes'] = 7
+    cfg['label_names'] = [f'c{i}' for i in range(7)]  # consistent (else refused earlier, by the name count)
     (d / 'config.json').write_text(json.dumps(cfg))
     cases['shape_mismatch'] = (d, 'does not match test_resnet_dropres.*wrong shape')
     # passes every header check (the model builds on meta), but timm's local-dir: loader passes its own

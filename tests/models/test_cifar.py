@@ -70,8 +70,10 @@ def test_wrn_keeps_its_original_dropout_position() -> None:
 
 
 def _tiny_image_folder(root: Path, classes: int = 10, per_class: int = 2) -> Path:
+    """train/ only, as CIFAR's training split: the recipes hold out --val-fraction of it (a val/ folder would be
+    the validation split, and --val-fraction beside one is refused)."""
     rng = np.random.default_rng(0)
-    for split in ('train', 'val'):
+    for split in ('train',):
         for c in range(classes):
             d = root / split / f'class{c}'
             d.mkdir(parents=True)

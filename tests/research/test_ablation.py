@@ -193,6 +193,9 @@ def test_load_spec_reads_the_committed_config_and_rejects_unknown_keys(tmp_path:
     bad.write_text('architectures: [{name: a, model: resnet18_dropres}]\nconfigs: [none, everywhere]\n')
     with pytest.raises(ValueError, match=r"unknown configurations \['everywhere'\]"):
         ablation.load_spec(bad)
+    bad.write_text('architectures: []\nschedule: {epochs: 1, lr: 0.1, lr: 0.3}\n')  # the last used to win
+    with pytest.raises(ValueError, match=r"the key 'lr' is given twice \(first on line 2\).*\(line 2\)"):
+        ablation.load_spec(bad)
 
 
 def _smoke_spec(**kw) -> AblationSpec:

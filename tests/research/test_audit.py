@@ -203,6 +203,17 @@ def test_clear_errors(capsys) -> None:
     assert 'unknown model' in err and 'Traceback' not in err and len(err.strip().splitlines()) == 1
     assert audit_main([f'local-dir:{"/nonexistent"}']) == 2
     assert 'config.json' in capsys.readouterr().err
+    with pytest.raises(AuditError, match=r"unknown model 'resnet50_dropress'.*closest names: \['resnet50_dropres'"):
+        audit('resnet50_dropress')  # the closest names, not the first *resnet50* ones alphabetically
+
+
+def test_hf_hub_models_are_built_or_the_real_reason_is_given(tmp_path, monkeypatch):
+    """The refusal used to be a hard-coded 'the Hub is not reachable here', whatever happened."""
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path))  # an empty cache: nothing to read offline
+    with pytest.raises(AuditError, match=r"could not build 'hf-hub:nobody/nothing': \w+: .*local cache when "
+                                         r'HF_HUB_OFFLINE=1'):
+        audit('hf-hub:nobody/nothing')
 
 
 # ----------------------------------------------------------------------------------------------------------

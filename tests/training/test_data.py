@@ -123,7 +123,7 @@ def test_class_names_force_the_model_label_order(tmp_path):
 
 
 def test_timm_dataset_name_without_download_says_how(tmp_path):
-    with pytest.raises(DataError, match='--download'):
+    with pytest.raises(DataError, match='Add download to fetch it'):  # the option's field name (CLI: --download)
         resolve_data('torch/cifar10', data_dir=str(tmp_path))
 
 

@@ -158,7 +158,7 @@ def test_weights_origin_only_when_training_started_from_weights(tmp_path):
     assert weights_origin(model, tiny_config('x', tmp_path), ref) is None  # from scratch: no provenance
     assert weights_origin(model, tiny_config('x', tmp_path, pretrained=True), ref) == dict(
         finetuned_from='test_resnet_dropres', license='apache-2.0')  # the starting weights' license carries over
-    (tmp_path / 'w.safetensors').write_bytes(b'')
+    save_file(model.state_dict(), tmp_path / 'w.safetensors')  # a damaged file is refused before the run starts
     assert weights_origin(model, tiny_config('x', tmp_path, pretrained_file=str(tmp_path / 'w.safetensors')), ref) == \
         dict(finetuned_from='w.safetensors', license=None)  # a local file: its license is unknown
 

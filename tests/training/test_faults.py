@@ -195,7 +195,7 @@ def test_resume_into_another_run_folder_replaces_it_or_refuses(data, reference, 
     best/ and last/ beside A's summary.json. Now B holds exactly A's continuation, equal to an uninterrupted run."""
     b = _copy(ema_run, tmp_path / 'b')
     before = _tree(b)
-    with pytest.raises(OutputDirError, match='already holds a run.*--overwrite'):
+    with pytest.raises(OutputDirError, match='already holds a run.*pass overwrite'):  # field names: tests/cli
         finetune(tiny_config(data, b, resume=str(partial), **KW))
     assert _tree(b) == before
     s = finetune(tiny_config(data, b, resume=str(partial), overwrite=True, **KW))
@@ -211,7 +211,7 @@ def test_resume_into_another_run_folder_replaces_it_or_refuses(data, reference, 
 def test_overwrite_with_resume_of_the_same_folder_is_refused(data, partial, tmp_path):
     run = _copy(partial, tmp_path / 'run')
     before = _tree(run)
-    with pytest.raises(OutputDirError, match='--overwrite would delete'):
+    with pytest.raises(OutputDirError, match='^overwrite with resume .*which overwrite would delete'):
         finetune(tiny_config(data, run, resume=str(run), overwrite=True, **KW))
     older = list_checkpoints(run)[0]
     with pytest.raises(OutputDirError, match=r"older than the run's latest checkpoints \['step_000000002'\]"):
@@ -228,20 +228,24 @@ def test_leftovers_of_interrupted_writes_are_cleaned_on_resume(data, reference, 
     run = _copy(partial, tmp_path / 'run')
     (run / 'checkpoints' / '.tmp-step_000000003').mkdir()
     (run / 'checkpoints' / '.tmp-step_000000003' / 'model.safetensors').write_bytes(b'half')
-    (run / '.best.k2j3h4').mkdir()
-    (run / '.summary.json.tmp4242').write_text('{')
+    (run / '.best.dropres-tmp-0a1b2c3d').mkdir()
+    (run / '.summary.json.dropres-tmp-4242').write_text('{')
+    mine = ['.best.backup', '.logs.mine', '.summary.csv.swp']  # the user's: same prefixes, not the trainer's names
+    (run / mine[0]).mkdir()
+    for name in mine[1:]:
+        (run / name).write_text('keep me')
     finetune(tiny_config(data, run, resume=str(run), **KW))
-    assert sorted(p.name for p in run.iterdir()) == ['args.yaml', 'best', 'checkpoints', 'last', 'summary.csv',
-                                                     'summary.json']
+    assert sorted(p.name for p in run.iterdir()) == mine + ['args.yaml', 'best', 'checkpoints', 'last',
+                                                            'summary.csv', 'summary.json']
     assert not [p for p in (run / 'checkpoints').iterdir() if p.name.startswith('.')]
     _assert_same_weights(reference / 'last', run / 'last')
 
 
 def test_an_export_caught_between_its_two_renames_is_restored(reference, tmp_path):
     run = _copy(reference, tmp_path / 'run')
-    os.replace(run / 'best', run / '.best.old')  # killed after moving the old best aside, before the new one
-    (run / '.best.x1y2z3').mkdir()  # ... which was still being written
-    assert sorted(clean_partial_writes(run)) == ['.best.x1y2z3', 'best (restored from .best.old)']
+    os.replace(run / 'best', run / '.best.dropres-old')  # killed after moving the old best aside, before the new
+    (run / '.best.dropres-tmp-0a1b2c3d').mkdir()  # ... which was still being written
+    assert sorted(clean_partial_writes(run)) == ['.best.dropres-tmp-0a1b2c3d', 'best (restored from .best.dropres-old)']
     _assert_same_weights(reference / 'best', run / 'best')
 
 
@@ -268,8 +272,8 @@ def _kill_on_call(monkeypatch, name: str, n: int, before_kill=None) -> None:
 def _half_export(model, out_dir, **kwargs) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists():
-        os.replace(out_dir, out_dir.with_name(f'.{out_dir.name}.old'))
-    (out_dir.with_name(f'.{out_dir.name}.a1b2c3')).mkdir()
+        os.replace(out_dir, out_dir.with_name(f'.{out_dir.name}.dropres-old'))
+    (out_dir.with_name(f'.{out_dir.name}.dropres-tmp-a1b2c3d4')).mkdir()
 
 
 @pytest.mark.parametrize('point', ['checkpoint_write', 'best_export', 'summary_write'])
@@ -325,8 +329,8 @@ def test_resume_refuses_settings_that_break_exact_resume(data, partial):
     with pytest.raises(CheckpointError) as e:
         finetune(tiny_config(data, partial, resume=str(partial), **dict(KW, lr=0.1, seed=1, batch_size=2)))
     msg = str(e.value)
-    for part in ('--lr: checkpoint 0.003, this run 0.1', '--seed: checkpoint 0, this run 1',
-                 '--batch-size: checkpoint 4, this run 2'):
+    for part in ('lr: checkpoint 0.003, this run 0.1', 'seed: checkpoint 0, this run 1',
+                 'batch_size: checkpoint 4, this run 2'):  # by field name; the CLI names flags (tests/cli)
         assert part in msg, msg
     assert _tree(partial) == before
 
@@ -353,7 +357,7 @@ def test_resume_allows_and_records_a_longer_run_on_moved_data(data, partial, tmp
     assert s['epochs_completed'] == 3 and s['global_steps'] == 9
     # --dataset and --epochs are recorded; --keep-checkpoints (free) is not
     assert s['resumes'][0]['changed'] == dict(dataset=[str(data), str(moved)], epochs=[2, 3])
-    with pytest.raises(CheckpointError, match='--epochs 2 is fewer than the 3 epochs'):
+    with pytest.raises(CheckpointError, match='run: epochs 2 is fewer than the 3 epochs'):
         finetune(tiny_config(moved, tmp_path / 'longer', resume=str(tmp_path / 'longer'), **KW))
 
 
@@ -403,8 +407,8 @@ def test_every_damaged_checkpoint_file_is_refused_naming_the_older_ones(data, em
         DAMAGE[damage](target)
     before = _tree(run)
     with pytest.raises(CheckpointError, match=r'step_000000003 is corrupt or incomplete: .*older complete '
-                                              r"checkpoints of this run: \['step_000000002'\].*--resume "
-                                              r'.*step_000000002 --output-dir') as e:
+                                              r"checkpoints of this run: \['step_000000002'\].*: resume "
+                                              r'.*step_000000002 output_dir <new folder>$') as e:
         finetune(tiny_config(data, run, resume=str(run), ema=True, ema_decay=0.9, checkpoint_every=2))
     if name == 'random_states_0.pkl' and damage != 'missing':
         assert 'random number generators' in str(e.value)

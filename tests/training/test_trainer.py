@@ -271,7 +271,7 @@ def test_cli_reports_bad_input_cleanly(dataset, tmp_path, capsys):
 def test_existing_output_is_not_overwritten(dataset, trained_run):
     out, _ = trained_run
     before = (out / 'summary.json').read_bytes()
-    with pytest.raises(OutputDirError, match='--overwrite'):
+    with pytest.raises(OutputDirError, match='already holds a run.*; pass overwrite to replace'):
         finetune(tiny_config(dataset, out))
     assert (out / 'summary.json').read_bytes() == before
 
@@ -294,9 +294,9 @@ def test_overwrite_replaces_only_run_artifacts(dataset, tmp_path):
 
 def test_resume_from_a_different_model_is_refused(dataset, trained_run, tmp_path):
     out, _ = trained_run
-    with pytest.raises(CheckpointError, match="--model: checkpoint 'test_resnet_dropres', this run 'resnet10t_drop"):
+    with pytest.raises(CheckpointError, match="run: model: checkpoint 'test_resnet_dropres', this run 'resnet10t_drop"):
         finetune(tiny_config(dataset, tmp_path / 'o', resume=str(out), model='resnet10t_dropres'))
-    with pytest.raises(CheckpointError, match='--res-drop-rate: checkpoint 0.2, this run 0.3'):
+    with pytest.raises(CheckpointError, match=': res_drop_rate: checkpoint 0.2, this run 0.3'):
         finetune(tiny_config(dataset, tmp_path / 'o', resume=str(out), res_drop_rate=0.3))
 
 

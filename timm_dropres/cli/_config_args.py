@@ -19,11 +19,15 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple, Type, TypeVar
 
 import yaml
 
+from ..checks import cut
+from ..errors import OptionMessage
 from ..recipes import find_recipe, list_recipes
-from ..training.config import OptionError
+from ..strict_yaml import safe_load_strict
 from ..training.runs import error_line
+from ._parser import OneLineParser
 
-__all__ = ['build_parser', 'parse_config', 'parse_checked', 'flag_message', 'load_yaml', 'yaml_aliases']
+__all__ = ['build_parser', 'parse_config', 'parse_checked', 'flag_message', 'load_yaml', 'yaml_aliases',
+           'recipe_command']
 
 T = TypeVar('T')
 R = TypeVar('R')
@@ -80,15 +84,15 @@ class _AmpDtype(argparse.Action):
 
 
 class _ListRecipes(argparse.Action):
-    """``--list-configs``: print the shipped recipes and exit, as ``--version`` does."""
+    """``--list-configs``: print the shipped recipes, the command each is for, and exit (as ``--version`` does)."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        for name in list_recipes():
-            print(f'{name:40s} {find_recipe(name)}')
+        for name in list_recipes():  # each with the command that takes it: not all are for this one
+            print(f'{name:34s} {recipe_command(name):33s} {find_recipe(name)}')
         parser.exit()
 
 
@@ -126,7 +130,7 @@ def build_parser(cls: Type[Any], description: str, prog: str | None = None,
     Returns:
         The parser; ``--config`` is its first option.
     """
-    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    p = OneLineParser(prog=prog, description=description, allow_abbrev=False)
     config_help = 'read options from a YAML file; flags given on the command line override it'
     if recipes:
         config_help += ('. A shipped recipe can be named instead of a path (e.g. fashion_mnist_resnet18, '
@@ -168,7 +172,7 @@ def build_parser(cls: Type[Any], description: str, prog: str | None = None,
 def _read_yaml(path: Path) -> Any:
     """The YAML document in ``path``; a syntax error becomes one ``ValueError`` line with the file and position."""
     try:
-        return yaml.safe_load(path.read_text(encoding='utf-8')) or {}
+        return safe_load_strict(path.read_text(encoding='utf-8')) or {}  # a key given twice is refused
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark is not None else ''
@@ -180,7 +184,7 @@ def _read_yaml(path: Path) -> Any:
 
 def _describe(value: Any) -> str:
     """``value`` as the error shows it; a string says so (``'false'`` in quotes is not false)."""
-    return f'{value!r} (a string)' if isinstance(value, str) else repr(value)
+    return f'{cut(value)} (a string)' if isinstance(value, str) else cut(value)  # never expands an anchor bomb
 
 
 def _scalar(tp: Any, value: Any) -> Any:
@@ -244,7 +248,7 @@ def check_yaml_types(cls: Type[Any], values: Dict[str, Any], path: str | Path) -
                 if not isinstance(value, list):
                     raise ValueError(f'expected a list, got {_describe(value)}')
                 if isinstance(nargs, int) and len(value) != nargs:
-                    raise ValueError(f'expected a list of {nargs} values, got {value!r}')
+                    raise ValueError(f'expected a list of {nargs} values, got {cut(value)}')
                 if nargs == '+' and not value and default != []:
                     raise ValueError('expected a list of at least one value, got []')
                 elem = typing.get_args(tp)[0]
@@ -253,7 +257,7 @@ def check_yaml_types(cls: Type[Any], values: Dict[str, Any], path: str | Path) -
                 value = _scalar(tp, value)
             choices = f.metadata.get('choices')
             if choices is not None and value is not None and value not in choices:
-                raise ValueError(f'got {value!r}; valid choices: {list(choices)}')
+                raise ValueError(f'got {cut(value)}; valid choices: {list(choices)}')
         except ValueError as e:
             raise ValueError(f'--config {path}: {key}: {e}') from None
         out[key] = value
@@ -288,7 +292,7 @@ def load_yaml(path: str | Path, cls: Type[Any]) -> Dict[str, Any]:
         key = str(k).replace('-', '_')
         key = aliases.get(key, key)
         if key not in names:
-            raise ValueError(f'--config {path}: unknown option {k!r}; valid options: {sorted(names)}')
+            raise ValueError(f'--config {path}: unknown option {cut(k)}; valid options: {sorted(names)}')
         if key in out:
             raise ValueError(f'--config {path}: {key!r} is given twice (as {k!r} and under another name)')
         out[key] = v
@@ -299,18 +303,20 @@ def flag_message(e: BaseException) -> str:
     """The one line that explains ``e``, with the library's option names rendered as this CLI's flags.
 
     Args:
-        e: an error from the library; an :class:`~timm_dropres.training.config.OptionError` names options by
-            their config field names, which become ``--field-name`` here.
+        e: an error from the library; one with an :class:`~timm_dropres.errors.OptionMessage` (an
+            ``OptionError``, a run folder or checkpoint refusal, a diverged run) names options by their config
+            field names, which become ``--field-name`` here.
 
     Returns:
         The message (a DataLoader worker's traceback reduced to its last line, see ``error_line``).
     """
-    if isinstance(e, OptionError):
+    if isinstance(e, OptionMessage) and (e.options or e.values):  # (one from a loader worker is plain text)
         return e.render(_flag)
     return error_line(e)
 
 
-def _parse(parser: argparse.ArgumentParser, cls: Type[T], argv: Sequence[str] | None, recipes: bool) -> T:
+def _parse(parser: argparse.ArgumentParser, cls: Type[T], argv: Sequence[str] | None, recipes: bool,
+           prog: str | None) -> T:
     """``argv`` (YAML from ``--config`` first, flags on top) into a ``cls`` instance; bad input is a usage error."""
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
@@ -318,7 +324,7 @@ def _parse(parser: argparse.ArgumentParser, cls: Type[T], argv: Sequence[str] | 
             path = find_recipe(pre.config) if recipes else Path(pre.config)
             parser.set_defaults(**load_yaml(path, cls))
         except (FileNotFoundError, ValueError) as e:
-            parser.error(flag_message(e))
+            parser.error(flag_message(e) + (_other_command(pre.config, prog) if recipes else ''))
     args = vars(parser.parse_args(argv))
     args.pop('config')
     try:
@@ -341,7 +347,7 @@ def parse_config(cls: Type[T], argv: Sequence[str] | None, description: str, pro
     Returns:
         The validated config; bad input exits with argparse's usage error (status 2).
     """
-    return _parse(build_parser(cls, description, prog, recipes=recipes), cls, argv, recipes)
+    return _parse(build_parser(cls, description, prog, recipes=recipes), cls, argv, recipes, prog)
 
 
 def parse_checked(cls: Type[T], argv: Sequence[str] | None, description: str, prog: str | None,
@@ -362,8 +368,44 @@ def parse_checked(cls: Type[T], argv: Sequence[str] | None, description: str, pr
         the flags.
     """
     parser = build_parser(cls, description, prog, recipes=recipes)
-    cfg = _parse(parser, cls, argv, recipes)
+    cfg = _parse(parser, cls, argv, recipes, prog)
     try:
         return cfg, check(cfg)
     except (ValueError, FileNotFoundError) as e:
         parser.error(flag_message(e))
+
+def _other_command(config: str, prog: str | None) -> str:
+    """`` (<recipe> is a recipe for <command>)`` when ``--config`` names a shipped recipe of another command."""
+    try:
+        path = find_recipe(config).resolve()
+    except FileNotFoundError:
+        return ''
+    name = next((n for n in list_recipes() if find_recipe(n).resolve() == path), None)
+    if name is None or recipe_command(name).split()[0] == prog:
+        return ''
+    return f' ({name} is a recipe for {recipe_command(name)})'
+
+
+def recipe_command(name: str) -> str:
+    """The command a shipped recipe is for, as ``--list-configs`` shows it.
+
+    ``accelerate/*`` are ``accelerate launch --config_file`` configs; a recipe whose every key is a
+    ``dropres-finetune`` option is a ``dropres-finetune --config`` recipe; the study specifications are for
+    ``dropres-transfer`` (they name ``source_classes``) or ``dropres-ablate``.
+
+    Args:
+        name: a name from :func:`list_recipes`.
+
+    Returns:
+        The command line prefix that takes the recipe, e.g. ``'dropres-finetune --config'``.
+    """
+    from ..training.config import FinetuneConfig
+
+    if name.startswith('accelerate/'):
+        return 'accelerate launch --config_file'
+    data = yaml.safe_load(find_recipe(name).read_text(encoding='utf-8')) or {}
+    keys = {str(k).replace('-', '_') for k in data} if isinstance(data, dict) else set()
+    options = {f.name for f in dataclasses.fields(FinetuneConfig)} | set(yaml_aliases(FinetuneConfig))
+    if keys <= options:
+        return 'dropres-finetune --config'
+    return 'dropres-transfer --config' if 'source_classes' in keys else 'dropres-ablate --config'

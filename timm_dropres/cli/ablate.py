@@ -6,7 +6,6 @@ skipped, so rerunning resumes), and rewrites ``<out-dir>/ablation.{csv,md,png}``
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import List, Optional
 import torch
 
 from ..research import ablation, report
+from ._parser import OneLineParser
 from ._study import add_run_args, load_config, runs_line
 
 
@@ -77,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         >>> exit_code = main(['--config', 'configs/ablation_fmnist.yaml', '--report-only'])  # doctest: +SKIP
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument('--config', required=True,
                    help='ablation YAML, or a shipped recipe\'s name (e.g. ablation_fmnist)')
     p.add_argument('--out-dir', default='docs/results', help='where ablation.{csv,md,png} go')

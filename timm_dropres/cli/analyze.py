@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._parser import OneLineParser
+
 __all__ = ['main']
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='dropres-analyze', description=__doc__.split('\n')[0],
+    p = OneLineParser(prog='dropres-analyze', description=__doc__.split('\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
 

@@ -21,6 +21,10 @@ from typing import Any, Dict, Sequence
 
 import yaml
 
+from ..checks import cut
+from ..strict_yaml import safe_load_strict
+from ._parser import OneLineParser
+
 __all__ = ['main']
 
 
@@ -28,12 +32,16 @@ def _kwarg(text: str) -> tuple[str, Any]:
     if '=' not in text:
         raise argparse.ArgumentTypeError(f'--kwarg takes KEY=VALUE, got {text!r}')
     key, value = text.split('=', 1)
-    return key.replace('-', '_'), yaml.safe_load(value)
+    try:  # a key written twice in a mapping value is refused, as in --config files
+        return key.replace('-', '_'), safe_load_strict(value)
+    except yaml.YAMLError as e:  # argparse reports ArgumentTypeError in one line; a YAMLError was a traceback
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise argparse.ArgumentTypeError(f'--kwarg {cut(text)}: VALUE is not valid YAML ({problem})') from None
 
 
 def _parser() -> argparse.ArgumentParser:
     from ..research.audit import describe_rules
-    p = argparse.ArgumentParser(prog='dropres-audit', description=__doc__.split('\n')[0],
+    p = OneLineParser(prog='dropres-audit', description=__doc__.split('\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split('\n', 1)[1] + '\n' + describe_rules())
     p.add_argument('model', help='timm model name, or local-dir:<folder> with config.json + weights')

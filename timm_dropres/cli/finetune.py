@@ -33,6 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainingDiverged, OSError) as e:  # a run that failed (diverged, disk full): exit 1, never 0
         print(f'dropres-finetune: error: {flag_message(e)}', file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the shell's 128 + SIGINT
+        print(f'dropres-finetune: interrupted (Ctrl-C); nothing half-written is left, and --resume {cfg.output_dir} '
+              'continues from the latest checkpoint', file=sys.stderr)
+        return 130
     return 0 if summary is not None else 1
 
 

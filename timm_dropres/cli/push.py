@@ -12,11 +12,13 @@ from typing import List
 
 from huggingface_hub.errors import HfHubHTTPError
 
+from ._parser import OneLineParser
+
 __all__ = ['build_parser', 'main']
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog='dropres-push',
         description='Publish a run folder (config.json + model.safetensors, e.g. runs/pets/best) to the Hub with a '
                     'generated model card. The token comes from --token, else HF_TOKEN, else `hf auth login`.')

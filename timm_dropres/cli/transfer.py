@@ -7,7 +7,6 @@ A thin CLI over ``timm_dropres.transfer``: pretrains each network once (cached),
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shlex
@@ -19,6 +18,7 @@ from typing import List, Optional
 import torch
 
 from ..research import ablation, report, transfer
+from ._parser import OneLineParser
 from ._study import add_run_args, load_config, runs_line
 
 
@@ -78,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         >>> exit_code = main(['--config', 'configs/study_transfer.yaml', '--report-only'])  # doctest: +SKIP
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument('--config', required=True,
                    help='transfer-study YAML, or a shipped recipe\'s name (e.g. study_transfer)')
     p.add_argument('--out-dir', default='docs/results/transfer', help='report, runs/ and pretrained/ go here')

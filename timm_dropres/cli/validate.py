@@ -25,6 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # e.g. the results file cannot be written
         print(f'dropres-validate: error: {flag_message(e)}', file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the shell's 128 + SIGINT
+        print('dropres-validate: interrupted (Ctrl-C); nothing was written', file=sys.stderr)
+        return 130
     return 0
 
 

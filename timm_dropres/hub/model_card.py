@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import torch.nn as nn
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..errors import OptionError
 from ..models.convert import dropout_args
 from ..models.layers import AFTER_LAST_BN, BEFORE_LAST_CONV, HEAD_BEFORE_POOL
 from ..models.reference import ModelRef
@@ -239,6 +240,14 @@ def base_model_id(summary: Mapping[str, Any] | None) -> str | None:
     return pcfg.hf_hub_id if pcfg is not None and pcfg.hf_hub_id else None
 
 
+def _is_folder(name: Any) -> bool:
+    """Whether a recorded model name is a saved folder (``local-dir:``), which holds starting weights."""
+    try:
+        return isinstance(name, str) and ModelRef.parse(name, read_folder=False).is_folder
+    except ValueError:
+        return False
+
+
 def dataset_id(name: Any) -> Tuple[str | None, str | None]:
     """The Hub dataset and a readable name of a trainer ``dataset`` value.
 
@@ -420,22 +429,46 @@ def build_card(
         summary: the trainer's ``summary.json`` (None: the card says there are no eval results).
         checkpoint: which of its results the weights are (``'best'`` or ``'last'``).
         license: overrides the license the config and summary give.
-        base_model: overrides the Hub id of the starting weights.
-        dataset: overrides the dataset.
+        base_model: the Hub id of the starting weights, for a run that recorded them only as a local file;
+            otherwise it must agree with the run's records.
+        dataset: names the data of a run that recorded none (the card then carries no results); otherwise
+            it must agree with the run's records, since the card's results are the run's.
 
     Returns:
         The card (``huggingface_hub.ModelCard``).
+
+    Raises:
+        OptionError: ``dataset`` or ``base_model`` contradicts the run's records.
     """
     arch = str(config['architecture'])
     base_arch = arch[:-len('_dropres')] if arch.endswith('_dropres') else arch
     pcfg = dict(config.get('pretrained_cfg') or {})
     args = dropout_args(model)
-    ds_id, ds_name = dataset_id(dataset or run_dataset(config, summary))
+    recorded = run_dataset(config, summary)
+    same = (dataset_id(dataset)[0] or dataset_id(dataset)[1]) == (dataset_id(recorded)[0] or dataset_id(recorded)[1]) \
+        if dataset is not None and recorded is not None else True
+    if not same:
+        # the card's results are the run's: they may name only the data the run recorded
+        raise OptionError('{0} {value!r}: the run\'s records say it trained and was evaluated on {recorded!r}, and '
+                          'the card\'s dataset and results come from those records; drop {0}', 'dataset',
+                          value=dataset, recorded=dataset_id(recorded)[0] or dataset_id(recorded)[1])
+    ds_id, ds_name = dataset_id(dataset or recorded)
+    if base_model is not None and summary:  # likewise the starting weights: never another than the run's
+        cfg = summary_config(summary)
+        started = cfg.get('pretrained') or cfg.get('pretrained_file') or cfg.get('initial_checkpoint') or \
+            _is_folder(cfg.get('model'))
+        if not started:
+            raise OptionError('{0} {value!r}: the run\'s records say it trained from random initialisation, not '
+                              'from weights; drop {0}', 'base_model', value=base_model)
+        if base_model_id(summary) not in (None, base_model):
+            raise OptionError('{0} {value!r}: the run\'s records say it started from {recorded!r}; drop {0}',
+                              'base_model', value=base_model, recorded=base_model_id(summary))
     base_model = base_model or base_model_id(summary)
     license = license or pcfg.get('license') or 'unknown'
     split = 'test' if ds_id in _TEST_SPLIT else 'validation'
     metrics = weights_metrics(config, summary, checkpoint)
-    results = _eval_results(metrics, ds_id, ds_name, split)
+    # no record of the data: the metrics are not attached to a dataset the user only named
+    results = _eval_results(metrics, ds_id, ds_name, split) if recorded is not None else []
     data = ModelCardData(
         library_name='timm', pipeline_tag='image-classification', tags=list(TAGS), license=license,
         datasets=[ds_id] if ds_id else None, base_model=base_model,

@@ -335,8 +335,11 @@ def push(
     if dry_run and out_dir is None:
         raise PushError('a dry run writes what would be uploaded to {0}; pass one', 'out_dir')
     info = inspect_folder(folder)
-    card = build_card(info.config, repo_id=repo_id, model=info.model, summary=info.summary,
-                      checkpoint=info.checkpoint, license=license, base_model=base_model, dataset=dataset)
+    try:
+        card = build_card(info.config, repo_id=repo_id, model=info.model, summary=info.summary,
+                          checkpoint=info.checkpoint, license=license, base_model=base_model, dataset=dataset)
+    except OptionError as e:  # dataset or base_model contradicting the run's records
+        raise PushError(e.template, *e.options, **e.values) from None
     card_text = str(card)
     entry = registry_entry(info.config, repo_id)
     token = token or get_token()

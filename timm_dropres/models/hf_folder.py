@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 from timm.models import save_for_hf
 
-from ..files import files_like_folder, temp_dir_beside
+from ..checks import check_folder_config
+from ..files import files_like_folder, replaced_name, temp_dir_beside
 from .convert import dropout_args
 
 __all__ = ['save_pretrained_folder', 'read_folder_config', 'trained_pretrained_cfg', 'WEIGHTS_NAME', 'CONFIG_NAME',
@@ -155,7 +156,7 @@ def save_pretrained_folder(
         files_like_folder(tmp)  # safetensors writes 0600; the folder itself has the umask's mode
         old = None
         if out_dir.exists():
-            old = out_dir.with_name(f'.{out_dir.name}.old')
+            old = replaced_name(out_dir)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
@@ -173,6 +174,7 @@ def read_folder_config(folder: str | os.PathLike) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f'{folder!s} has no {CONFIG_NAME}; expected a folder written by save_pretrained_folder')
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f'{path} is not valid JSON: {e}') from e
+    return check_folder_config(config, path)  # types, lengths and sizes, before timm reads them

@@ -14,8 +14,11 @@ from typing import Any, Dict, Tuple
 
 import timm
 import torch.nn as nn
+from safetensors import SafetensorError
 
+from ..checks import check_output_outside_data, check_safetensors_file
 from ..models.convert import dropout_args
+from ..models.hf_folder import WEIGHTS_NAME
 from ..models.reference import ModelRef
 from .config import FinetuneConfig, OptionError
 
@@ -33,7 +36,8 @@ def check_model(ref: ModelRef) -> None:
 
     Raises:
         OptionError: an unknown architecture (with close names), an unknown pretrained tag (with the valid
-            ones), or a folder whose ``config.json`` names an architecture that is not registered.
+            ones), a folder whose ``config.json`` names an architecture that is not registered, or whose
+            weights file is damaged.
     """
     if ref.is_folder:
         arch = (ref.folder_config or {}).get('architecture')
@@ -42,6 +46,8 @@ def check_model(ref: ModelRef) -> None:
             raise OptionError('{folder}/config.json: architecture {arch!r} is not a registered timm model, so the '
                               'folder cannot be loaded; expected a timm name, e.g. a dropres one like {known}',
                               folder=str(ref.folder), arch=arch, known=known)
+        if (ref.folder / WEIGHTS_NAME).exists():  # a damaged file is named now, not in a traceback later
+            check_safetensors_file(ref.folder / WEIGHTS_NAME, 'model', ref.name)
         return
     if ref.architecture is None:  # a Hub id: known only after download
         return
@@ -94,7 +100,8 @@ def resolve_model(cfg: FinetuneConfig) -> ModelRef:
 
     Raises:
         OptionError: an unknown model or tag, a folder timm cannot build, dropres-only options for another
-            model, an unknown compile backend, or a weights file that does not exist.
+            model, an unknown compile backend, a weights file that does not exist or is damaged, or an output
+            folder inside the ImageFolder dataset.
         ValueError: a model string timm cannot parse (``timm.models.parse_model_name``).
         FileNotFoundError: a ``local-dir:`` folder that does not exist or has no ``config.json``.
     """
@@ -107,6 +114,13 @@ def resolve_model(cfg: FinetuneConfig) -> ModelRef:
         checkpoint_file(cfg.initial_checkpoint)
     if cfg.pretrained_file is not None and not Path(cfg.pretrained_file).is_file():
         raise OptionError('{0} {path} does not exist', 'pretrained_file', path=cfg.pretrained_file)
+    for name in ('pretrained_file', 'initial_checkpoint'):  # a damaged weights file is named now, not in a traceback
+        path = getattr(cfg, name)
+        file = Path(path) / WEIGHTS_NAME if path is not None and Path(path).is_dir() else path
+        if file is not None and Path(file).suffix == '.safetensors' and Path(file).is_file():
+            check_safetensors_file(file, name)
+    if cfg.dataset and Path(cfg.dataset).expanduser().is_dir():  # an ImageFolder: the run folder stays outside it
+        check_output_outside_data(cfg.output_dir, Path(cfg.dataset).expanduser())
     return ref
 
 
@@ -233,7 +247,7 @@ def _load_initial_checkpoint(model: nn.Module, path: str | Path) -> None:
     file = checkpoint_file(path)
     try:
         timm.models.load_checkpoint(model, str(file), strict=True)
-    except RuntimeError as e:  # missing / unexpected keys, shape mismatches, a pickle torch refuses
+    except (RuntimeError, SafetensorError) as e:  # missing / unexpected keys, shapes, a refused pickle, damage
         raise OptionError('{0} {file} cannot be loaded strictly into {arch} as built (classes and channels come '
                           'from the data; {1} adapts a checkpoint whose classifier or input channels differ): '
                           '{problem}', 'initial_checkpoint', 'pretrained_file', file=file, arch=_arch_name(model),

@@ -16,11 +16,15 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-__all__ = ['OUTPUT_ARTIFACTS', 'ARGS_FILE', 'SUMMARY_CSV', 'CKPT_DIR', 'CKPT_PREFIX', 'STATE_FILE', 'EMA_FILE',
-           'CheckpointError', 'list_checkpoints', 'find_checkpoint', 'read_state']
+from ..errors import OptionMessage
+
+__all__ = ['OUTPUT_ARTIFACTS', 'RUN_LOCK', 'ARGS_FILE', 'SUMMARY_CSV', 'CKPT_DIR', 'CKPT_PREFIX', 'STATE_FILE',
+           'EMA_FILE', 'CheckpointError', 'list_checkpoints', 'find_checkpoint', 'read_state']
 
 #: What a run writes into --output-dir; --overwrite removes exactly these, nothing else.
 OUTPUT_ARTIFACTS = ('checkpoints', 'best', 'last', 'summary.json', 'summary.csv', 'args.yaml', 'logs')
+#: the run folder's lock file (:mod:`timm_dropres.training.lock`): not an output, never removed by --overwrite
+RUN_LOCK = '.dropres-run.lock'
 #: the resolved options of the run (YAML, as timm train.py) and its per-epoch metrics (CSV)
 ARGS_FILE = 'args.yaml'
 SUMMARY_CSV = 'summary.csv'
@@ -30,16 +34,21 @@ EMA_FILE = 'ema.safetensors'
 CKPT_PREFIX = 'step_'
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed: missing, corrupt, or from a different model."""
+class CheckpointError(OptionMessage, RuntimeError):
+    """A checkpoint that cannot be resumed: missing, corrupt, or from a different model.
+
+    The message names options by their field names (:class:`~timm_dropres.errors.OptionMessage`).
+    """
 
     @classmethod
-    def corrupt(cls, ckpt: Path, reason: str) -> CheckpointError:
+    def corrupt(cls, ckpt: Path, reason: str, *options: str) -> CheckpointError:
         """The error for a damaged checkpoint, naming the older complete checkpoints of its run to resume instead.
 
         Args:
             ckpt: the checkpoint folder.
-            reason: what is wrong with it.
+            reason: what is wrong with it (its first line is kept).
+            *options: the options ``reason`` names; ``reason`` is then a template whose fields ``{2}``, ``{3}``...
+                are those options (``{0}``/``{1}`` are taken by the hint). Without options it is shown as it is.
 
         Returns:
             The error (to raise).
@@ -47,13 +56,15 @@ class CheckpointError(RuntimeError):
         run = ckpt.parent.parent if ckpt.parent.name == CKPT_DIR else None
         older = [p for p in list_checkpoints(run) if p.name < ckpt.name] if run is not None else []
         if older:
-            hint = (f'; older complete checkpoints of this run: {[p.name for p in older]}. Resume the newest of them '
-                    f'into a new folder: --resume {older[-1]} --output-dir <new folder>')
+            hint = ('; older complete checkpoints of this run: {older}. Resume the newest of them into a new folder: '
+                    '{0} {newest} {1} <new folder>')
         else:
             hint = '; this run has no older checkpoint to fall back to'
         lines = reason.strip().splitlines() or ['']
         reason = lines[0] if len(lines[0]) <= 300 else lines[0][:300] + '...'  # torch's messages run for paragraphs
-        return cls(f'checkpoint {ckpt} is corrupt or incomplete: {reason}{hint}')
+        return cls('checkpoint {ckpt} is corrupt or incomplete: ' + (reason if options else '{reason}') + hint,
+                   'resume', 'output_dir', *options, ckpt=ckpt, reason=reason, older=[p.name for p in older],
+                   newest=older[-1] if older else None)
 
 def list_checkpoints(run_dir: str | os.PathLike) -> List[Path]:
     """Complete checkpoints of a run, oldest first (incomplete ones are dot-prefixed temp folders).
@@ -85,18 +96,20 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     """
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f'--resume {p} does not exist')
+        raise CheckpointError('{0} {path} does not exist', 'resume', path=p)
     if p.name.startswith(f'.tmp-{CKPT_PREFIX}'):
-        raise CheckpointError(f'--resume {p} is a checkpoint whose write was interrupted (a .tmp- folder); resume '
-                              f'the run folder {p.parent.parent} or one of its {CKPT_PREFIX}* checkpoints')
+        raise CheckpointError('{0} {path} is a checkpoint whose write was interrupted (a .tmp- folder); resume the '
+                              'run folder {run} or one of its {prefix}* checkpoints', 'resume', path=p,
+                              run=p.parent.parent, prefix=CKPT_PREFIX)
     if (p / STATE_FILE).is_file():
         return p
     if p.name.startswith(CKPT_PREFIX) and p.parent.name == CKPT_DIR:
         raise CheckpointError.corrupt(p, f'{STATE_FILE} is missing')
     ckpts = list_checkpoints(p)
     if not ckpts:
-        raise CheckpointError(f'--resume {p}: no checkpoints found (expected {p}/{CKPT_DIR}/{CKPT_PREFIX}*/'
-                              f'{STATE_FILE}); was the run stopped before its first checkpoint?')
+        raise CheckpointError('{0} {path}: no checkpoints found (expected {path}/{dir}/{prefix}*/{state}); was the run '
+                              'stopped before its first checkpoint?', 'resume', path=p, dir=CKPT_DIR,
+                              prefix=CKPT_PREFIX, state=STATE_FILE)
     return ckpts[-1]
 
 

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence
 
+from ..checks import check_finetune_values, check_validate_values
 from ..errors import OptionError
 from ..models.layers import RES_DROP_POSITIONS, check_dropout_args, check_rate
 
@@ -223,6 +224,7 @@ class FinetuneConfig:
             raise OptionError('{0} and {1} together fail in the backward pass of timm\'s ResNets (the compiled '
                               'checkpoint replays BatchNorm\'s in-place num_batches_tracked update); use one of them',
                               'torchcompile', 'grad_checkpointing')
+        check_finetune_values(self)  # sizes, timm's choices (values only: nothing here reads a file)
 
 
 @dataclass
@@ -261,3 +263,4 @@ class ValidateConfig:
             raise OptionError('{0} must be >= 1, got {value}', 'batch_size', value=self.batch_size)
         if self.num_workers < 0:
             raise OptionError('{0} must be >= 0, got {value}', 'num_workers', value=self.num_workers)
+        check_validate_values(self)  # sizes (values only)

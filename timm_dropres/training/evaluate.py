@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 from ..files import write_json_atomic
 from ..models.reference import ModelRef
@@ -190,8 +191,8 @@ def validate(cfg: ValidateConfig, *, ref: ModelRef | None = None) -> Dict[str, A
     pretrained = ref.loads_weights(cfg.pretrained)
     try:
         model = timm.create_model(cfg.model, pretrained=pretrained, **model_kwargs)
-    except (TypeError, RuntimeError, pickle.UnpicklingError) as e:  # see runs.model_load_error
-        raise ValueError(model_load_error(cfg.model, e)) from e
+    except (TypeError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:  # see runs.model_load_error
+        raise model_load_error(cfg.model, e) from e
     model_in_chans = in_chans_of(model)
     if model_in_chans != data.in_chans:
         raise ValueError(f'{cfg.model} takes {model_in_chans}-channel input but {cfg.dataset} has {data.in_chans}')

@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from .. import __version__
+from ..errors import OptionError
 from ..files import write_text_atomic
 from .config import FinetuneConfig
 
@@ -28,7 +29,8 @@ def _trackers(log_with: str | None) -> Any:
     avail = dict(tensorboard=is_tensorboard_available(), wandb=is_wandb_available())
     missing = [t for t in need if not avail.get(t, False)]
     if log_with != 'all' and missing:
-        raise ValueError(f'--log-with {log_with}: {missing[0]} is not installed (pip install {missing[0]})')
+        raise OptionError('{0} {value}: {missing} is not installed (pip install {missing})', 'log_with',
+                          value=log_with, missing=missing[0])
     return [t for t in need if avail.get(t, False)] or None
 
 

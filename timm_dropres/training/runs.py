@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -29,15 +30,19 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import OptionError, OptionMessage
+from ..files import TEMP_MARKER, replaced_name
 from ..models.hf_folder import CONFIG_NAME, WEIGHTS_NAME
-from .checkpoints import CKPT_DIR, CKPT_PREFIX, OUTPUT_ARTIFACTS, CheckpointError, list_checkpoints
+from .checkpoints import CKPT_DIR, CKPT_PREFIX, OUTPUT_ARTIFACTS, RUN_LOCK, CheckpointError, list_checkpoints
 
 if TYPE_CHECKING:
     from .config import FinetuneConfig
 
-__all__ = ['TRACKER_PROJECT', 'SAME', 'RECORDED', 'FREE', 'RESUME_RULES', 'OutputDirError', 'TrainingDiverged',
+__all__ = ['TRACKER_PROJECT', 'SAME', 'RECORDED', 'FREE', 'RESUME_RULES', 'OutputDirError', 'RunWriteError',
+           'TrainingDiverged',
            'RunPlan', 'plan_run', 'apply_plan', 'clean_partial_writes', 'check_resume_settings',
-           'check_resume_data', 'nonfinite_tensors', 'error_line', 'first_line', 'model_load_error']
+           'check_resume_data', 'nonfinite_tensors', 'check_validation_loss', 'EXPLODED_LOSS_FACTOR', 'error_line',
+           'first_line', 'model_load_error']
 
 _logger = logging.getLogger(__name__)
 
@@ -45,6 +50,15 @@ _logger = logging.getLogger(__name__)
 TRACKER_PROJECT = 'dropres-finetune'
 _EXPORTS = ('best', 'last')
 _CKPT_NAME = re.compile(rf'(\.tmp-)?{CKPT_PREFIX}\d+')
+#: what an interrupted atomic write of an artifact leaves (files.TEMP_MARKER), and an export caught between its
+#: two renames (files.replaced_name): exact names, never a user's ``.best.backup`` or ``.summary.csv.swp``
+_TEMP_NAME = re.compile(rf'\.({"|".join(map(re.escape, OUTPUT_ARTIFACTS))})\.{TEMP_MARKER}-[0-9a-f]+')
+_REPLACED = tuple(replaced_name(e).name for e in _EXPORTS)
+
+
+def _interrupted_write(name: str) -> bool:
+    """True for the exact names an interrupted atomic write of the trainer leaves in a run folder."""
+    return bool(_TEMP_NAME.fullmatch(name)) or name in _REPLACED
 
 #: resume rule: the resumed run must use the checkpoint's value (else it would not be an exact continuation).
 SAME = 'same'
@@ -80,16 +94,25 @@ RESUME_RULES: Dict[str, str] = {
 }
 
 
-class OutputDirError(OSError):
-    """``--output-dir`` cannot be used as asked: a file, another run, files a run did not write, or unwritable."""
+class OutputDirError(OptionMessage, OSError):
+    """``output_dir`` cannot be used as asked: a file, another run, files a run did not write, or unwritable.
+
+    The message names options by their field names (:class:`~timm_dropres.errors.OptionMessage`).
+    """
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the weights stopped being finite; nothing from that point on was saved."""
+class RunWriteError(OptionMessage, OSError):
+    """A write into the run folder failed (disk full, quota, a vanished mount); the earlier checkpoints are intact.
+
+    The message names options by their field names (:class:`~timm_dropres.errors.OptionMessage`).
+    """
 
 
-def _flag(name: str) -> str:
-    return '--' + name.replace('_', '-')
+class TrainingDiverged(OptionMessage, RuntimeError):
+    """The loss or the weights stopped being finite; nothing from that point on was saved.
+
+    The message names options by their field names (:class:`~timm_dropres.errors.OptionMessage`).
+    """
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,9 +124,8 @@ def _foreign_inside(entry: Path) -> List[str]:
     name = entry.name
     if entry.is_symlink():
         return [name]
-    for artifact in OUTPUT_ARTIFACTS:  # a temporary or replaced copy of an artifact (an interrupted atomic write)
-        if name.startswith(f'.{artifact}.'):
-            return []
+    if _interrupted_write(name):  # a temporary or replaced copy of an artifact (an interrupted atomic write)
+        return []
     if name not in OUTPUT_ARTIFACTS:
         return [name]
     if name == CKPT_DIR:
@@ -142,14 +164,15 @@ def _check_writable(out: Path, probe: bool) -> None:
     while not base.exists() and base.parent != base:
         base = base.parent
     if not base.is_dir():
-        raise OutputDirError(f'--output-dir {out}: {base} is a file, not a folder')
+        raise OutputDirError('{0} {out}: {base} is a file, not a folder', 'output_dir', out=out, base=base)
     try:
         if not os.access(base, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         if probe:
             os.rmdir(tempfile.mkdtemp(prefix='.dropres-write-test-', dir=base))
     except OSError as e:
-        raise OutputDirError(f'--output-dir {out} cannot be written ({base}: {e.strerror or e})') from None
+        raise OutputDirError('{0} {out} cannot be written ({base}: {why})', 'output_dir', out=out, base=base,
+                             why=e.strerror or e) from None
 
 
 @dataclass(frozen=True)
@@ -204,50 +227,50 @@ def plan_run(output_dir: str | os.PathLike, resume_ckpt: Path | None, overwrite:
     """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
-        raise OutputDirError(f'--output-dir {out} is a file, not a folder')
+        raise OutputDirError('{0} {out} is a file, not a folder', 'output_dir', out=out)
     _check_writable(out, probe)
-    entries = sorted(out.iterdir()) if out.is_dir() else []
+    entries = sorted(e for e in out.iterdir() if e.name != RUN_LOCK) if out.is_dir() else []
     foreign = [f for e in entries for f in _foreign_inside(e)]
     ours = [e for e in entries if not _foreign_inside(e)]
     run_dir = _run_dir_of(resume_ckpt) if resume_ckpt is not None else None
     if run_dir is not None and _same_path(run_dir, out):
         if overwrite:
             raise OutputDirError(
-                f'--overwrite with --resume {resume_ckpt}: that checkpoint belongs to --output-dir {out}, which '
-                f'--overwrite would delete. Drop --overwrite to continue the run, or pass another --output-dir to '
-                f'continue it in a new folder')
+                '{0} with {1} {ckpt}: that checkpoint belongs to {2} {out}, which {0} would delete. Drop {0} to '
+                'continue the run, or pass another {2} to continue it in a new folder', 'overwrite', 'resume',
+                'output_dir', ckpt=resume_ckpt, out=out)
         newer = [p.name for p in list_checkpoints(out) if p.name > resume_ckpt.name]
         if newer:
             raise OutputDirError(
-                f'--resume {resume_ckpt} is older than the run\'s latest checkpoints {newer}; continuing it in '
-                f'{out} would mix two histories. Continue it in a new folder (--output-dir <new>), or delete the '
-                f'newer checkpoints first')
+                '{0} {ckpt} is older than the run\'s latest checkpoints {newer}; continuing it in {out} would mix '
+                'two histories. Continue it in a new folder ({1} <new>), or delete the newer checkpoints first',
+                'resume', 'output_dir', ckpt=resume_ckpt, newer=newer, out=out)
         return RunPlan(out, 'continue', resume_ckpt)
     if foreign:
         shown = foreign[:10] + ([f'... {len(foreign) - 10} more'] if len(foreign) > 10 else [])
         raise OutputDirError(
-            f'--output-dir {out} holds files a run does not write: {shown}. --overwrite removes only a run\'s '
-            f'outputs ({", ".join(OUTPUT_ARTIFACTS)}), so it refuses such a folder: choose a new or empty '
-            f'--output-dir, or move those files')
+            '{0} {out} holds files a run does not write: {shown}. {1} removes only a run\'s outputs ({outputs}), '
+            'so it refuses such a folder: choose a new or empty {0}, or move those files', 'output_dir',
+            'overwrite', out=out, shown=shown, outputs=', '.join(OUTPUT_ARTIFACTS))
     action = 'new' if resume_ckpt is None else 'fork'
     if not ours:
         return RunPlan(out, action, resume_ckpt)
     if not overwrite:
         present = sorted(p.name for p in ours)
-        cont = f', --resume {out} to continue it' if resume_ckpt is None else ''
-        raise OutputDirError(
-            f'--output-dir {out} already holds a run ({present}); pass --overwrite to replace its outputs'
-            f'{cont}, or choose another --output-dir')
+        cont = ', {2} {out} to continue it' if resume_ckpt is None else ''
+        raise OutputDirError('{0} {out} already holds a run ({present}); pass {1} to replace its outputs' + cont +
+                             ', or choose another {0}', 'output_dir', 'overwrite', 'resume', out=out, present=present)
     return RunPlan(out, 'overwrite' if resume_ckpt is None else 'fork', resume_ckpt, remove=tuple(ours))
 
 
 def clean_partial_writes(out: Path) -> List[str]:
     """Remove what interrupted writes left in a run folder; restore an export caught between its two renames.
 
-    A killed run can leave ``checkpoints/.tmp-step_*`` (a checkpoint being written), ``.best.*``/``.last.*``
-    (an export being written) and ``.summary.json.tmp*`` (an atomic file write). An export replaced in place
-    is renamed to ``.best.old`` before the new one is renamed to ``best``; when ``best`` is missing, the old
-    one is put back.
+    A killed run can leave ``checkpoints/.tmp-step_*`` (a checkpoint being written), ``.best.dropres-tmp-*``
+    (an export being written) and ``.summary.json.dropres-tmp-*`` (an atomic file write). An export replaced
+    in place is renamed to ``.best.dropres-old`` before the new one is renamed to ``best``; when ``best`` is
+    missing, the old one is put back. Only these exact names are touched (:data:`files.TEMP_MARKER`): a user's
+    ``.best.backup`` or an editor's swap file stays.
 
     Args:
         out: the run folder.
@@ -263,14 +286,13 @@ def clean_partial_writes(out: Path) -> List[str]:
                 shutil.rmtree(p)
                 done.append(f'{CKPT_DIR}/{p.name}')
     for name in _EXPORTS:
-        old = out / f'.{name}.old'
+        old = replaced_name(out / name)
         if old.is_dir() and not (out / name).exists():
             os.replace(old, out / name)
-            done.append(f'{name} (restored from .{name}.old)')
+            done.append(f'{name} (restored from {old.name})')
     if out.is_dir():
         for p in sorted(out.iterdir()):
-            if p.name.startswith('.') and not p.is_symlink() and any(
-                    p.name.startswith(f'.{a}.') for a in OUTPUT_ARTIFACTS):
+            if not p.is_symlink() and _interrupted_write(p.name):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 done.append(p.name)
     if done:
@@ -295,13 +317,13 @@ def apply_plan(plan: RunPlan) -> None:
             else:
                 p.unlink()
         if plan.remove:
-            _logger.info('--overwrite: removed the previous run\'s %s from %s', sorted(p.name for p in plan.remove),
+            _logger.info('Overwrite: removed the previous run\'s %s from %s', sorted(p.name for p in plan.remove),
                          out)
         (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
         clean_partial_writes(out)
     except OSError as e:
-        raise OutputDirError(f'cannot write to --output-dir {out}: {e.strerror or e}'
-                             f'{f" ({e.filename})" if e.filename else ""}') from e
+        raise OutputDirError('cannot write to {0} {out}: {why}{where}', 'output_dir', out=out, why=e.strerror or e,
+                             where=f' ({e.filename})' if e.filename else '') from e
     _logger.info('Run folder %s', plan.describe())
 
 
@@ -338,25 +360,32 @@ def check_resume_settings(saved: Mapping[str, Any] | None, cfg: FinetuneConfig, 
     defaults = _jsonable({f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                           for f in dataclasses.fields(cfg)})
     refused, changed = [], {}
+    options: List[str] = ['resume', 'output_dir']  # the options the message names: '{0}', '{1}', ...
+    values: Dict[str, Any] = {}
     for name, value in now.items():
         old = saved.get(name, defaults[name])  # an option added since the checkpoint was written: its default
         if old == value:
             continue
         rule = RESUME_RULES.get(name, SAME)
         if rule == SAME:
-            refused.append(f'{_flag(name)}: checkpoint {old!r}, this run {value!r}')
+            i = len(options)
+            options.append(name)
+            values.update({f'old{i}': repr(old), f'new{i}': repr(value)})
+            refused.append(f'{{{i}}}: checkpoint {{old{i}}}, this run {{new{i}}}')
         elif rule == RECORDED:
             changed[name] = [old, value]
     if cfg.epochs < epochs_done:
-        refused.append(f'--epochs {cfg.epochs} is fewer than the {epochs_done} epochs the checkpoint has completed')
+        options.append('epochs')
+        refused.append(f'{{{len(options) - 1}}} {cfg.epochs} is fewer than the {epochs_done} epochs the checkpoint '
+                       f'has completed')
     if refused:
         raise CheckpointError(
-            f'--resume {ckpt}: settings differ from the checkpoint\'s, and resuming would not continue the same '
-            f'run: {"; ".join(refused)}. Resume with the checkpoint\'s values, or start a new run in another '
-            f'--output-dir (docs/training.md lists what a resumed run may change)')
+            '{0} {ckpt}: settings differ from the checkpoint\'s, and resuming would not continue the same run: '
+            + '; '.join(refused) + '. Resume with the checkpoint\'s values, or start a new run in another {1} '
+            '(docs/training.md lists what a resumed run may change)', *options, ckpt=ckpt, **values)
     if changed:
         _logger.info('Resumed with changed settings (recorded in summary.json): %s',
-                     ', '.join(f'{_flag(k)} {a!r} -> {b!r}' for k, (a, b) in changed.items()))
+                     ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changed.items()))
     return changed
 
 
@@ -383,8 +412,8 @@ def check_resume_data(saved: Mapping[str, Any] | None, now: Mapping[str, Any], c
             if saved.get(key) and now.get(key) and saved[key] != now[key]:
                 diffs.append(f'the {what} images or their labels differ (same count, other files)')
     if diffs:
-        raise CheckpointError(f'--resume {ckpt}: the data differ from the data the checkpoint was trained on: '
-                              f'{"; ".join(diffs)}')
+        raise CheckpointError('{0} {ckpt}: the data differ from the data the checkpoint was trained on: {diffs}',
+                              'resume', ckpt=ckpt, diffs='; '.join(diffs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,6 +437,43 @@ def nonfinite_tensors(module: nn.Module) -> List[str]:
         return []
     finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu().tolist()
     return [n for (n, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+#: a validation loss above this many times ln(classes) (the loss of a uniform guess) means the run diverged:
+#: 1000 ln(10) = 2303, far above any loss of a model that still learns, far below the 1e33 of momentum 5
+EXPLODED_LOSS_FACTOR = 1000.0
+
+
+def check_validation_loss(loss: float, num_classes: int, epoch: int, out: Path, last_end_step: int,
+                          best: Mapping[str, Any] | None) -> None:
+    """Stop a run whose validation loss is not finite or has exploded, before it is exported or checkpointed.
+
+    Args:
+        loss: the epoch's validation loss.
+        num_classes: the class count (the limit is :data:`EXPLODED_LOSS_FACTOR` x ln(classes)).
+        epoch: the epoch (1-based, for the message).
+        out: the run folder (the message names the last checkpoint from before this epoch).
+        last_end_step: the optimizer step of the last completed epoch's end (0: none yet).
+        best: the trainer's best-epoch record (``epoch``, ``top1``), or None.
+
+    Raises:
+        TrainingDiverged: the loss is NaN, infinite or above the limit.
+    """
+    limit = EXPLODED_LOSS_FACTOR * math.log(max(num_classes, 2))
+    if math.isfinite(loss) and loss <= limit:
+        return
+    good = [c for c in list_checkpoints(out) if int(c.name[len(CKPT_PREFIX):]) <= last_end_step]
+    if good:
+        kept = f'the last epoch-end checkpoint is {good[-1]}'
+    else:  # none yet, or keep_checkpoints rotated it out for checkpoints of the diverging epoch
+        kept = 'no checkpoint from before this epoch is kept'
+    if best is not None:
+        kept += f'; best/ holds epoch {best["epoch"]} (top-1 {best["top1"]:.2f})'
+    raise TrainingDiverged(
+        'training diverged: the validation loss after epoch {epoch} is {loss:.4g}, above {limit:.4g} ({factor:g} x ln '
+        '{classes} classes, the loss of a uniform guess). Stopped without exporting or checkpointing that epoch; '
+        '{kept}. Lower {0} or {1}, or add {2}', 'lr', 'momentum', 'clip_grad', epoch=epoch, loss=loss, limit=limit,
+        factor=EXPLODED_LOSS_FACTOR, classes=num_classes, kept=kept)
 
 
 def error_line(e: BaseException) -> str:
@@ -445,26 +511,27 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     return f'{type(e).__name__}: {text}' if text else type(e).__name__
 
 
-def model_load_error(model: str, e: BaseException, weights: str | None = None) -> str:
-    """One line for a model that timm could not create or fill with its weights.
+def model_load_error(model: str, e: BaseException, weights: str | None = None) -> OptionError:
+    """The error for a model that timm could not create or fill with its weights.
 
     Args:
-        model: the ``--model`` value.
+        model: the ``model`` option's value.
         e: what ``timm.create_model`` raised (``TypeError`` for arguments the architecture does not take,
             ``RuntimeError``/``UnpicklingError`` for weights ``torch.load(weights_only=True)`` refuses or cannot
             read, ``RuntimeError`` for weights that do not fit).
-        weights: the weights file, when one was named (``--pretrained-file``).
+        weights: the weights file, when one was named (the ``pretrained_file`` option).
 
     Returns:
-        The message: which model, which weights, and what timm or torch said.
+        The error to raise, in one line: which model, which weights, and what timm or torch said.
     """
     src = f' from {weights}' if weights else ''
     if isinstance(e, TypeError):
-        return (f'cannot build {model}: {first_line(e, 300)} (does its config.json or --model-kwargs hold arguments '
-                f'of another model?)')
+        return OptionError('cannot build {model}: {said} (does its config.json or {0} hold arguments of another '
+                           'model?)', 'model_kwargs', model=model, said=first_line(e, 300))
     if 'weights_only' in str(e) or isinstance(e, pickle.UnpicklingError):
-        return (f'cannot load the weights of {model}{src}: torch.load(weights_only=True) refused them '
-                f'({first_line(e, 300)}). Only safetensors files and plain tensor state dicts are loaded, never '
-                f'arbitrary pickles; convert the checkpoint to safetensors (safetensors.torch.save_file)')
-    return f'cannot load the weights of {model}{src}: {first_line(e, 300)}'
+        return OptionError(f'cannot load the weights of {model}{src}: torch.load(weights_only=True) refused them '
+                           f'({first_line(e, 300)}). Only safetensors files and plain tensor state dicts are loaded, '
+                           f'never arbitrary pickles; convert the checkpoint to safetensors '
+                           f'(safetensors.torch.save_file)')
+    return OptionError(f'cannot load the weights of {model}{src}: {first_line(e, 300)}')
 

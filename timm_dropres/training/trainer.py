@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import yaml
 from accelerate import Accelerator, DistributedType
-from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -51,7 +51,7 @@ from .checkpoints import (
     list_checkpoints,
     read_state,
 )
-from .config import FinetuneConfig
+from .config import FinetuneConfig, OptionError
 from .data import (
     DataBundle,
     DataError,
@@ -65,13 +65,17 @@ from .data import (
     train_loader,
 )
 from .evaluate import EvalResult, evaluate, format_results
+from .lock import lock_run_folder
+from .logs import main_process_logger
 from .progress import _flat_config, _progress, _trackers, _versions, write_history_csv
 from .runs import (
     TRACKER_PROJECT,
+    RunWriteError,
     TrainingDiverged,
     apply_plan,
     check_resume_data,
     check_resume_settings,
+    check_validation_loss,
     first_line,
     model_load_error,
     nonfinite_tensors,
@@ -80,7 +84,7 @@ from .runs import (
 
 __all__ = ['finetune']
 
-_logger = get_logger(__name__)  # accelerate's: logs on the main process only, unless told otherwise
+_logger = main_process_logger(__name__)  # logs on the main process only; [RANK i] only when there are several
 
 #: optimizer steps between two reads of the non-finite-loss flag (it is also read before every save)
 _FINITE_CHECK_EVERY = 10
@@ -105,6 +109,16 @@ class _Trainer:
             log_with=_trackers(cfg.log_with), project_config=ProjectConfiguration(
                 project_dir=str(self.out), logging_dir=str(log_dir), automatic_checkpoint_naming=False),
             step_scheduler_with_optimizer=False)
+        # the run folder is this run's alone from here to the end (released by finetune, or below on a refusal)
+        self.lock = lock_run_folder(self.out, self.acc)
+        try:
+            self._plan_and_check(cfg, data)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _plan_and_check(self, cfg: FinetuneConfig, data: DataBundle | None) -> None:
+        """Decide what happens to the run folder, check the resume settings and the data (nothing is written)."""
         # what happens to --output-dir is decided here and carried out only once everything is validated
         self.plan = plan_run(self.out, self.resume_ckpt, cfg.overwrite, probe=self.acc.is_main_process)
         self.resumes: List[Dict[str, Any]] = list(self.resume_state.get('resumes') or []) if self.resume_state else []
@@ -135,16 +149,17 @@ class _Trainer:
                             'needs at least 2 classes')
         global_batch = cfg.batch_size * self.acc.num_processes
         if len(data.train) < global_batch:
-            raise ValueError(f'the training set has {len(data.train)} images, fewer than one global batch '
-                             f'(--batch-size {cfg.batch_size} x {self.acc.num_processes} processes); lower '
-                             f'--batch-size to at most {len(data.train) // self.acc.num_processes}')
+            raise OptionError('the training set has {n} images, fewer than one global batch ({0} {bs} x {procs} '
+                              'processes); lower {0} to at most {most}', 'batch_size', n=len(data.train),
+                              bs=cfg.batch_size, procs=self.acc.num_processes,
+                              most=len(data.train) // self.acc.num_processes)
 
     def setup(self) -> None:
         cfg, acc, data = self.cfg, self.acc, self.data
         try:
             model, self.model_kwargs = build_model(cfg, self.ref, data.num_classes, data.in_chans)
-        except (RuntimeError, pickle.UnpicklingError) as e:  # weights refused by torch.load or not fitting
-            raise ValueError(model_load_error(cfg.model, e, cfg.pretrained_file)) from e
+        except (RuntimeError, pickle.UnpicklingError, SafetensorError) as e:  # refused, damaged or not fitting
+            raise model_load_error(cfg.model, e, cfg.pretrained_file) from e
         if self.model_hook is not None:  # e.g. a study's hook-placed dropout; it must not consume the RNG
             model = self.model_hook(model)
         if in_chans_of(model) != data.in_chans:
@@ -160,7 +175,8 @@ class _Trainer:
         if data.preprocessed:  # tensors already at model resolution; only tensor augmentation may remain
             train_tf, eval_tf = data.train_transform, None
         if cfg.sync_bn and acc.num_processes > 1 and acc.device.type != 'cuda':
-            raise ValueError(f'--sync-bn needs CUDA devices (torch.nn.SyncBatchNorm); this run is on {acc.device.type}')
+            raise OptionError('{0} needs CUDA devices (torch.nn.SyncBatchNorm); this run is on {device}', 'sync_bn',
+                              device=acc.device.type)
         if cfg.sync_bn and acc.num_processes > 1:
             # BN statistics are per process under DDP; SyncBN averages them over all processes, which
             # matters when the per-process batch is small. timm's converter also handles BatchNormAct2d.
@@ -193,7 +209,7 @@ class _Trainer:
         self.ema = None
         if cfg.ema:
             if acc.distributed_type == DistributedType.FSDP:
-                raise ValueError('--ema is not supported with FSDP (ModelEmaV3 needs unsharded weights)')
+                raise OptionError('{0} is not supported with FSDP (ModelEmaV3 needs unsharded weights)', 'ema')
             self.ema = ModelEmaV3(acc.unwrap_model(model), decay=cfg.ema_decay)
         if self.mixup is not None:  # mixup's soft targets carry the smoothing
             self.criterion: nn.Module = SoftTargetCrossEntropy()
@@ -223,7 +239,8 @@ class _Trainer:
         diffs = {k: (saved.get(k), v) for k, v in self.identity.items() if saved.get(k) != v}
         if diffs:
             detail = '; '.join(f'{k}: checkpoint {a!r} vs this run {b!r}' for k, (a, b) in diffs.items())
-            raise CheckpointError(f'--resume {self.resume_ckpt} is from a different model or dataset ({detail})')
+            raise CheckpointError('{0} {ckpt} is from a different model or dataset ({detail})', 'resume',
+                                  ckpt=self.resume_ckpt, detail=detail)
 
     # -- checkpointing -------------------------------------------------------------------------
 
@@ -268,8 +285,9 @@ class _Trainer:
         if self.best is not None:
             kept += f'; best/ holds epoch {self.best["epoch"]} (top-1 {self.best["top1"]:.2f})'
         raise TrainingDiverged(
-            f'training diverged: {what} (epoch {self.epoch + 1}). Stopped without checkpointing or exporting '
-            f'anything from that point; {kept}. Lower --lr, or add --clip-grad or a longer --warmup-epochs')
+            'training diverged: {what} (epoch {epoch}). Stopped without checkpointing or exporting anything from that '
+            'point; {kept}. Lower {0}, or add {1} or a longer {2}', 'lr', 'clip_grad', 'warmup_epochs', what=what,
+            epoch=self.epoch + 1, kept=kept)
 
     def save_checkpoint(self) -> Path:
         """accelerate's state (model, optimizer, scaler, per-process RNG) + ours, as one atomic folder."""
@@ -296,11 +314,17 @@ class _Trainer:
                 if final.exists():  # same step saved twice (e.g. epoch end == step checkpoint)
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-        except OSError as e:  # disk full, quota, a vanished mount: the earlier checkpoints stay as they were
+        except (OSError, RuntimeError, SafetensorError) as e:  # disk full, quota, a vanished mount: torch says
+            # it with a RuntimeError (PytorchStreamWriter), safetensors with SafetensorError; earlier checkpoints stay
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(f'cannot write checkpoint {final}: {e.strerror or e}; the earlier checkpoints are '
-                          f'intact (--resume {self.out} continues from the latest)') from e
+            why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+            raise RunWriteError('cannot write checkpoint {final}: {why}; the earlier checkpoints are intact ({0} {out} '
+                                'continues from the latest)', 'resume', final=final, why=why, out=self.out) from e
+        except BaseException:  # Ctrl-C (KeyboardInterrupt) mid-write: no half checkpoint stays behind
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if acc.is_main_process:
             for old in list_checkpoints(self.out)[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -336,7 +360,7 @@ class _Trainer:
         if self.ema is not None:
             ema_file = ckpt / EMA_FILE
             if not ema_file.is_file():
-                raise CheckpointError.corrupt(ckpt, f'--ema is on but it has no {EMA_FILE}')
+                raise CheckpointError.corrupt(ckpt, f'{{2}} is on but it has no {EMA_FILE}', 'ema')
             try:
                 self.ema.module.load_state_dict(load_file(str(ema_file), device=str(acc.device)))
             except Exception as e:  # SafetensorError, RuntimeError (shapes, missing keys)
@@ -370,8 +394,13 @@ class _Trainer:
         extra = dict(metrics=metrics, weights=source, dataset=self.cfg.dataset or self.data.description)
         if self.origin is not None:
             extra['finetuned_from'] = self.origin['finetuned_from']
-        save_pretrained_folder(model, self.out / name, label_names=self.data.label_names, data_config=data_cfg,
-                               license=self.origin['license'] if self.origin else None, extra_config=extra)
+        try:  # written beside and renamed: a failed write leaves the previous folder (or none) in place
+            save_pretrained_folder(model, self.out / name, label_names=self.data.label_names, data_config=data_cfg,
+                                   license=self.origin['license'] if self.origin else None, extra_config=extra)
+        except (OSError, RuntimeError, SafetensorError) as e:  # disk full: SafetensorError from safetensors
+            why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+            raise RunWriteError('cannot write {folder}: {why}; the checkpoints are intact ({0} {out} continues from '
+                                'the latest)', 'resume', folder=self.out / name, why=why, out=self.out) from e
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -474,6 +503,8 @@ class _Trainer:
             self._check_finite()  # nothing non-finite is evaluated, exported or checkpointed
             t_eval = time.perf_counter()
             last_res, last_ema = self.evaluate()
+            check_validation_loss(last_res.loss, self.data.num_classes, self.epoch + 1, self.out,
+                                  self.history[-1]['step'] if self.history else 0, self.best)
             eval_time = time.perf_counter() - t_eval
             row = dict(epoch=self.epoch + 1, step=self.global_step, train_loss=train_loss,
                        lr=self.optimizer.param_groups[0]['lr'], top1=last_res.top1, top5=last_res.top5,
@@ -560,5 +591,8 @@ def finetune(cfg: FinetuneConfig, data: DataBundle | None = None, *, ref: ModelR
         The run's summary: final and best metrics, the history, where the weights went, the versions.
     """
     trainer = _Trainer(dataclasses.replace(cfg), data, ref, model_hook)
-    trainer.setup()
-    return trainer.run()
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        trainer.lock.release()

@@ -172,11 +172,15 @@ def read_spec_mapping(path: str | os.PathLike) -> Dict[str, Any]:
     """The top-level mapping of a study's YAML specification (an empty file is an empty mapping).
 
     Raises:
-        ValueError: if the top level is not a mapping.
+        ValueError: if the top level is not a mapping, or a key is given twice in one mapping.
     """
     import yaml
 
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    from ...strict_yaml import safe_load_strict
+    try:
+        raw = safe_load_strict(Path(path).read_text()) or {}
+    except yaml.constructor.ConstructorError as e:  # a key given twice: the last would silently win
+        raise ValueError(f'{path}: {e.problem} (line {e.problem_mark.line + 1})') from None
     if not isinstance(raw, dict):
         raise ValueError(f'{path}: expected a mapping at the top level, got {type(raw).__name__}')
     return dict(raw)

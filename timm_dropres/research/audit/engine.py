@@ -54,12 +54,18 @@ def load_model(spec: str | nn.Module, **kwargs: Any) -> Tuple[nn.Module, str]:
             return timm.create_model(spec, pretrained=ref.loads_weights(), **kwargs), spec
         except Exception as e:  # noqa: BLE001 - turned into one clear message
             raise AuditError(f'could not build {spec!r}: {type(e).__name__}: {e}') from e
+    if ref.hub_id is not None:  # timm reads the repository from the Hub, or from the local HF cache
+        try:
+            return timm.create_model(spec, pretrained=ref.loads_weights(), **kwargs), spec
+        except Exception as e:  # noqa: BLE001 - what timm / huggingface_hub said, in one line
+            said = (str(e).strip().splitlines() or [''])[0][:300]
+            raise AuditError(f'could not build {spec!r}: {type(e).__name__}: {said} (timm reads that repository '
+                             f'from the Hub, or from the local cache when HF_HUB_OFFLINE=1; '
+                             f'local-dir:<folder> reads a saved folder)') from e
     if ref.architecture is None or not timm.is_model(ref.architecture):
-        if ref.architecture is None:
-            hint = 'the Hub is not reachable here; use local-dir:<folder>'
-        else:
-            close = timm.list_models(f'*{ref.architecture[:8]}*')[:8]
-            hint = f'similar names: {close}' if close else 'see timm.list_models()'
+        import difflib
+        close = difflib.get_close_matches(ref.architecture or '', timm.list_models(), n=5, cutoff=0.6)
+        hint = f'closest names: {close}' if close else 'see timm.list_models()'
         raise AuditError(f'unknown model {spec!r}: not a registered timm model ({hint})')
     try:
         return timm.create_model(spec, pretrained=ref.loads_weights(), **kwargs), spec

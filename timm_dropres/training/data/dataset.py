@@ -16,9 +16,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from ...errors import OptionError
 
-class DataError(ValueError):
-    """Bad dataset input: a missing path, an empty class folder, inconsistent class sets."""
+
+class DataError(OptionError):
+    """Bad dataset input: a missing path, an empty class folder, inconsistent class sets.
+
+    A message that names an option names it by its field name (:class:`~timm_dropres.errors.OptionError`).
+    """
 
 
 @dataclass

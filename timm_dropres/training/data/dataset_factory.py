@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from .. import fmnist
 from .dataset import DataBundle, DataError, ImageFiles, TensorImageDataset, _Remapped, _Subset, _targets, scan_images
+from .folder_scan import FolderLayoutError, class_folder_samples
 
 _logger = logging.getLogger(__name__)
 
@@ -142,9 +143,9 @@ def _folder_data(
 ) -> DataBundle:
     if not root.exists():
         raise DataError(
-            f'dataset path {str(root)!r} does not exist. --dataset takes an ImageFolder root '
-            f'(<root>/train/<class>/..., <root>/val/<class>/...), a timm dataset name '
-            f'({", ".join(p + "..." for p in TIMM_PREFIXES)}), or one of {list(FMNIST_NAMES)}')
+            'dataset path {path!r} does not exist. {0} takes an ImageFolder root (<root>/train/<class>/..., '
+            '<root>/val/<class>/...), a timm dataset name ({prefixes}), or one of {fmnist}', 'dataset',
+            path=str(root), prefixes=', '.join(p + '...' for p in TIMM_PREFIXES), fmnist=list(FMNIST_NAMES))
     train_root = _find_sub(root, TRAIN_FOLDERS)
     val_root = _find_sub(root, VAL_FOLDERS)
     if split is not None:  # validation CLI: one split only
@@ -165,6 +166,15 @@ def _folder_data(
         extra = sorted(set(val_classes) - set(classes))
         if extra:
             raise DataError(f'{val_root} has classes that {train_root} lacks: {extra}')
+        if val_fraction is not None:
+            raise DataError('{0} {fraction} holds out part of the training images, but {root} has a {val}/ folder, '
+                            'which is the validation split; drop {0}, or move {val}/ away to hold out from {train}/ '
+                            'instead', 'val_fraction', fraction=val_fraction, root=root, val=val_root.name,
+                            train=train_root.name)
+        absent = [c for c in classes if c not in val_classes]
+        if absent:
+            _logger.warning('%s has no folder for the classes %s: validation measures only the other %d classes',
+                            val_root, absent, len(classes) - len(absent))
     if class_names is not None:  # the model's label order (validation of a trained model)
         unknown = sorted(set(classes) - set(class_names))
         if unknown:
@@ -175,9 +185,11 @@ def _folder_data(
         label_names = classes
     class_map = {c: i for i, c in enumerate(label_names)}
 
-    def find(folder: Path) -> List[Tuple[str, int]]:  # timm's folder reader finds the files and their classes
-        return list(create_dataset('', root=str(folder), split='', search_split=False, class_map=class_map
-                                   ).reader.samples)
+    def find(folder: Path) -> List[Tuple[str, int]]:  # nested images under their class folder's label
+        try:
+            return class_folder_samples(folder, class_map)
+        except FolderLayoutError as e:
+            raise DataError(str(e)) from None
 
     found = {folder: find(folder) for folder in (train_root, val_root) if folder is not None}
     # every header, not a sample of them: one colour image among gray ones makes the whole set RGB
@@ -201,7 +213,7 @@ def _folder_data(
     else:
         frac = 0.1 if val_fraction is None else val_fraction
         if not 0.0 < frac < 1.0:
-            raise DataError(f'--val-fraction must be in (0, 1), got {frac!r}')
+            raise DataError('{0} must be in (0, 1), got {value!r}', 'val_fraction', value=frac)
         targets = _targets(train_ds)
         by_class: Dict[int, List[int]] = {}
         for i, t in enumerate(targets):
@@ -232,7 +244,7 @@ def _fmnist_data(data_dir: str | None, split: str | None) -> DataBundle:
         try:
             fmnist.load_fashion_mnist('test', root=data_dir)
         except fmnist.FashionMNISTNotFound as e:
-            raise DataError(f'{e} Or use --dataset torch/fashion_mnist --download when online.') from e
+            raise DataError('{e} Or use {0} torch/fashion_mnist {1} when online.', 'dataset', 'download', e=e) from e
     info = dict(kind='fmnist', root=str(folder))
     val = TensorImageDataset(*fmnist.load_fashion_mnist('test', root=folder))
     if split is not None:
@@ -253,8 +265,9 @@ def _timm_data(name: str, data_dir: str | None, download: bool, split: str | Non
         try:
             return create_dataset(name, **kwargs)
         except (RuntimeError, AssertionError, FileNotFoundError, ValueError) as e:
-            hint = '' if download else ' Add --download to fetch it (needs internet).'
-            raise DataError(f'could not load dataset {name!r} ({s} split) from {root}: {e}.{hint}') from e
+            hint = '' if download else ' Add {0} to fetch it (needs internet).'
+            raise DataError('could not load dataset {name!r} ({s} split) from {root}: {e}.' + hint,
+                            *(() if download else ('download',)), name=name, s=s, root=root, e=e) from e
 
     val = make(split or 'validation')
     if isinstance(val, torch.utils.data.IterableDataset):
@@ -323,8 +336,8 @@ def resolve_data(
             not know, or a dataset that needs a download.
     """
     if not dataset:
-        raise DataError('no dataset given: pass --dataset (an ImageFolder path, a timm name like torch/cifar10, '
-                        f'or one of {list(FMNIST_NAMES)})')
+        raise DataError('no dataset given: pass {0} (an ImageFolder path, a timm name like torch/cifar10, or one of '
+                        '{fmnist})', 'dataset', fmnist=list(FMNIST_NAMES))
     kind = dataset_kind(dataset)
     if kind == 'fmnist':
         bundle = _fmnist_data(data_dir, split)
@@ -351,10 +364,11 @@ def _carve_validation(bundle: DataBundle, fraction: float, seed: int) -> DataBun
     """Validate on a class-balanced ``fraction`` of the training split; the dataset's own validation (test)
     split is then left out of training and model selection entirely."""
     if not 0.0 < fraction < 1.0:
-        raise DataError(f'--val-fraction must be in (0, 1), got {fraction}')
+        raise DataError('{0} must be in (0, 1), got {value}', 'val_fraction', value=fraction)
     targets = _targets(bundle.train)
     if targets is None:
-        raise DataError(f'{bundle.description}: --val-fraction needs a training split whose targets are known')
+        raise DataError('{desc}: {0} needs a training split whose targets are known', 'val_fraction',
+                        desc=bundle.description)
     order = _stratified_order(targets, seed)
     n_val = max(1, round(fraction * len(order)))
     val, train = _Subset(bundle.train, order[:n_val]), _Subset(bundle.train, sorted(order[n_val:]))

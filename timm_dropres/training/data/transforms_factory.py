@@ -13,6 +13,41 @@ from timm.data.transforms import str_to_interp_mode
 # transforms and loaders
 
 
+def channel_stats(model: torch.nn.Module, in_chans: int) -> Dict[str, Tuple[float, ...]]:
+    """The model's normalisation ``mean``/``std`` for ``in_chans``-channel data.
+
+    RGB statistics for one-channel data become their mean (one log line, not timm's warning on every call);
+    a single value is repeated; any other length mismatch (a ``config.json`` with 2 values for 3 channels)
+    is refused, where timm would silently average it.
+
+    Args:
+        model: the model whose ``pretrained_cfg`` holds ``mean``/``std`` (ImageNet's when absent).
+        in_chans: the data's channel count.
+
+    Returns:
+        ``{'mean': (...), 'std': (...)}`` with ``in_chans`` values each, for
+        ``resolve_model_data_config(model, args=...)``.
+
+    Raises:
+        ValueError: a ``mean``/``std`` whose length is neither 1, ``in_chans``, nor 3 for one-channel data.
+    """
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    pc = getattr(model, 'pretrained_cfg', None) or {}
+    out: Dict[str, Tuple[float, ...]] = {}
+    for key, default in (('mean', IMAGENET_DEFAULT_MEAN), ('std', IMAGENET_DEFAULT_STD)):
+        value = pc.get(key) or default
+        value = tuple(float(v) for v in ((value,) if isinstance(value, (int, float)) else value))
+        if len(value) == 1:
+            value = value * in_chans
+        elif len(value) != in_chans:
+            if not (len(value) == 3 and in_chans == 1):
+                raise ValueError(f'the model\'s pretrained_cfg {key} has {len(value)} values, but the data has '
+                                 f'{in_chans} channel(s): one value per channel is needed')
+            value = (float(np.mean(value)),)
+        out[key] = value
+    return out
+
+
 def resolve_transforms(
         model: torch.nn.Module,
         in_chans: int,
@@ -52,7 +87,7 @@ def resolve_transforms(
         ``(train transform, eval transform, data config)``; the data config holds the input size, crop,
         mean/std and interpolation the eval transform uses.
     """
-    cfg = resolve_model_data_config(model)
+    cfg = resolve_model_data_config(model, args=channel_stats(model, in_chans))
     if img_size:
         cfg['input_size'] = (in_chans, img_size, img_size)
     else:
