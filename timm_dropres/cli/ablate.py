@@ -28,7 +28,7 @@ def _train_size(data: ablation.DataSpec) -> str:
 def _header(spec: ablation.AblationSpec, config: str, records: list, skipped: dict, argv: List[str],
             title: str) -> str:
     sch, data = spec.schedule, spec.data
-    shown = shlex.join(a for a in argv if a != '--report-only')
+    shown = shlex.join(argv)
     lines = [
         f'# {title} (generated)', '',
         f'Command: `python scripts/ablate.py {shown}` (spec: `{config}`).', '',
