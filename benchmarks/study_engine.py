@@ -2,7 +2,9 @@
 
 Each case is one run of ``configs/studies/overfit.yaml`` (the engine: :func:`timm_dropres.study.runner.run_one`,
 i.e. ``dropres-finetune``'s trainer on in-memory tensors) and the same (architecture, configuration, seed) of
-``configs/study_overfit.yaml`` through the first study's private loop (``research.ablation.run_one``). Cases run
+``configs/study_overfit.yaml`` through the first study's private loop (``ablation_harness.run_one``, moved out of
+the package into ``benchmarks/`` when the package kept one training loop; the measurement was taken at commit
+f9dd426 with the loop still in ``research.ablation``, and the copy here is the same loop). Cases run
 interleaved (harness, engine, harness, engine, ...) in one process with one torch thread. Data preparation is
 timed apart, once per side. The clock is this process's CPU time (``time.process_time``), because other
 processes share the machine; wall time is printed too. The two do not do identical work, and the table says
@@ -28,6 +30,10 @@ from pathlib import Path
 
 import torch
 
+try:
+    from benchmarks import ablation_harness as harness
+except ImportError:  # run as a file: python benchmarks/study_engine.py
+    import ablation_harness as harness  # type: ignore[no-redef]
 from timm_dropres.recipes import find_recipe
 from timm_dropres.research import ablation
 from timm_dropres.study.runner import finetune_config, run_data, run_one
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         arch_old = next(a for a in old.architectures if a.name == args.arch)
         arch_new = next(a for a in new.architectures if a.name == args.arch)
         c0 = time.process_time()
-        data_old = ablation.load_fmnist_data(old.data)
+        data_old = harness.load_fmnist_data(old.data)
         prep_old = time.process_time() - c0
         c0 = time.process_time()
         probe = Run(arch_new, new.config(args.configs[0]), args.seeds[0])
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for name in args.configs:
                 c0, w0 = time.process_time(), time.perf_counter()
-                rec_h = ablation.run_one(old, arch_old, ablation.get_config(name), seed, data_old, log=lambda m: None)
+                rec_h = harness.run_one(old, arch_old, ablation.get_config(name), seed, data_old)
                 h_cpu, h_wall = time.process_time() - c0, time.perf_counter() - w0
                 c0, w0 = time.process_time(), time.perf_counter()
                 rec_e = run_one(new, Run(arch_new, new.config(name), seed), log=lambda m: None)

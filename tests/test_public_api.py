@@ -207,3 +207,39 @@ def test_training_imports_nothing_from_hub():
     users = [str(p.relative_to(ROOT.parent)) for p in sorted((ROOT / 'training').rglob('*.py'))
              if 'hub' in _imported_layers(p, 'training')]
     assert not users, f'training/ must not import hub/ (the HF folder format lives in models/): {users}'
+
+
+#: the one module that may run a backward pass: the product's trainer (issue 19: one training loop)
+TRAINER = 'timm_dropres/training/trainer.py'
+
+
+def _backward_calls(path: Path) -> List[int]:
+    """Lines calling ``<anything>.backward(...)`` (``loss.backward()``, ``accelerator.backward(loss)``,
+    ``torch.autograd.backward(...)``), a bare ``backward(...)``, or ``torch.autograd.grad(...)``."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+        if name == 'backward' or (name == 'grad' and isinstance(f, ast.Attribute)
+                                  and ast.unparse(f.value).endswith('autograd')):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_trainer_runs_a_backward_pass():
+    found = {str(p.relative_to(ROOT.parent)): lines for p in sorted(ROOT.rglob('*.py'))
+             if (lines := _backward_calls(p))}
+    assert TRAINER in found, 'the trainer\'s backward call is no longer seen: the check would find nothing'
+    del found[TRAINER]
+    assert not found, f'training loops outside the trainer ({TRAINER}); train through it instead: {found}'
+
+
+def test_the_backward_check_sees_every_spelling(tmp_path):
+    src = tmp_path / 'm.py'
+    src.write_text('import torch\nfrom torch.autograd import backward\n\n\ndef f(loss, acc, x):\n'
+                   '    loss.backward()\n    acc.backward(loss)\n    torch.autograd.backward([loss])\n'
+                   '    backward(loss)\n    torch.autograd.grad(loss, x)\n'
+                   '    x.grad = None\n    hook = "backward"\n    x.register_full_backward_hook(f)\n')
+    assert _backward_calls(src) == [6, 7, 8, 9, 10]

@@ -23,7 +23,8 @@ def list_recipes() -> List[str]:
     """Names of the shipped recipes, sorted: ``'fashion_mnist_resnet18'``, ``'paper/preresnet110_cifar10'``, ...
 
     ``accelerate/*`` are accelerate launch configs (``accelerate launch --config_file``), the rest
-    are ``dropres-finetune``, ``dropres-ablate`` and ``dropres-transfer`` recipes.
+    are ``dropres-finetune`` recipes, ``dropres-study`` specs (``studies/*``) and the first studies' specs
+    (``ablation_fmnist``, re-analysed by ``dropres-ablate``; ``study_overfit``, read by the benchmarks).
     """
     return sorted(p.relative_to(RECIPES_DIR).with_suffix('').as_posix()
                   for p in RECIPES_DIR.rglob('*') if p.suffix in _SUFFIXES and p.is_file())

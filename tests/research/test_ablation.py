@@ -1,7 +1,9 @@
-"""The placement ablation: hazards sit where they claim, significance marking, and a resumable smoke run."""
+"""The placement ablation: hazards sit where they claim, significance marking, and the committed report re-made."""
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,7 @@ import torch.nn as nn
 from timm_dropres import RES_DROP_POSITIONS, ResidualDropout, residual_blocks
 from timm_dropres.cli import ablate as cli
 from timm_dropres.research import ablation, report
-from timm_dropres.research.ablation import CONFIGS, AblationSpec, ArchSpec, DataSpec, Schedule, runner
-from timm_dropres.research.ablation.data import _augment
+from timm_dropres.research.ablation import CONFIGS, ArchSpec
 
 # tiny models: one intra-op thread is fastest, and two threads spin on a busy 2-core box
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
@@ -22,13 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 # tiny versions of the two committed architectures (same layouts, width 8)
 POST = ArchSpec('post', 'resnet18_dropres', dict(channels=[8, 8, 8, 8], stem_type='deep', stem_width=4), 2)
 PRE = ArchSpec('pre', 'resnetv2_18_dropres', dict(channels=[8, 8, 8, 8], stem_chs=8), 2)
-
-
-def _tiny_data(n_train: int = 64, n_test: int = 40) -> ablation.AblationData:
-    g = torch.Generator().manual_seed(0)
-    return ablation.AblationData(
-        torch.randn(n_train, 1, 28, 28, generator=g), torch.randint(0, 10, (n_train,), generator=g),
-        torch.randn(n_test, 1, 28, 28, generator=g), torch.randint(0, 10, (n_test,), generator=g))
 
 
 def _model(arch: ArchSpec, config: str, p: float = 0.5) -> nn.Module:
@@ -149,15 +143,6 @@ def test_small_input_stem_gives_a_2x2_final_map() -> None:
         ablation.small_input_stem(timm.create_model('resnet18_dropres'), 3)
 
 
-def test_augment_is_a_translation_or_flip_of_the_image() -> None:
-    x = torch.arange(2 * 28 * 28, dtype=torch.float32).view(2, 1, 28, 28)
-    out = _augment(x, -1.0, torch.Generator().manual_seed(0))
-    assert out.shape == x.shape
-    for i in range(2):
-        vals = set(out[i][out[i] != -1.0].tolist())
-        assert vals <= set(x[i].flatten().tolist()) and len(vals) >= 24 * 24  # a shifted window, pad elsewhere
-
-
 # ---------------------------------------------------------------------------------------------- report
 
 def test_summarize_and_tables_on_synthetic_records() -> None:
@@ -180,7 +165,7 @@ def test_summarize_and_tables_on_synthetic_records() -> None:
     assert '| a | residual − before_last_conv | 5 | +2.01 [' in md  # 2 + 0.75 x mean noise = 2.015
 
 
-# ---------------------------------------------------------------------------------------------- spec + runs
+# ---------------------------------------------------------------------------------------------- spec + re-analysis
 
 def test_load_spec_reads_the_committed_config_and_rejects_unknown_keys(tmp_path: Path) -> None:
     spec = ablation.load_spec(ROOT / 'configs' / 'ablation_fmnist.yaml')
@@ -196,57 +181,6 @@ def test_load_spec_reads_the_committed_config_and_rejects_unknown_keys(tmp_path:
     bad.write_text('architectures: []\nschedule: {epochs: 1, lr: 0.1, lr: 0.3}\n')  # the last used to win
     with pytest.raises(ValueError, match=r"the key 'lr' is given twice \(first on line 2\).*\(line 2\)"):
         ablation.load_spec(bad)
-
-
-def _smoke_spec(**kw) -> AblationSpec:
-    return AblationSpec((POST,), configs=('none', 'before_last_conv'), seeds=(0,),
-                        schedule=Schedule(epochs=1, batch_size=32), data=DataSpec(vs_images=32), **kw)
-
-
-def test_smoke_run_writes_its_table_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec, data, logs = _smoke_spec(), _tiny_data(), []
-    records, _ = ablation.run_ablation(spec, tmp_path / 'runs', data, log=logs.append)
-    assert [(r['config'], r['seed']) for r in records] == [('none', 0), ('before_last_conv', 0)]
-    for r in records:
-        assert r['steps'] == 2 and 0.0 <= r['top1'] <= 100.0 and r['nll'] > 0 and r['vs_mean'] >= 1.0
-        assert r['vs_max'] >= r['vs_mean'] and len(r['vs_layers']) == 22  # 3 deep-stem BN + 16 branch + 3 downsample
-    paths = report.write_report(records, tmp_path, stem='ablation', header='# smoke', png=False)
-    md = paths['md'].read_text()
-    assert md.startswith('# smoke') and '| before_last_conv | 1 |' in md and '(n = 1)' in md
-    rows = paths['csv'].read_text().splitlines()
-    assert rows[0].startswith('arch,config,n,') and len(rows) == 3
-
-    # second call: nothing is trained again
-    def boom(*a, **k):
-        raise AssertionError('a finished run was trained again')
-    monkeypatch.setattr(runner, 'run_one', boom)
-    again, _ = ablation.run_ablation(spec, tmp_path / 'runs', data, log=logs.append)
-    assert again == records and sum(line.startswith('skip') for line in logs) == 2
-
-    # a different specification must not silently reuse the JSONs
-    with pytest.raises(ValueError, match='different ablation specification'):
-        ablation.run_ablation(_smoke_spec(res_drop_rate=0.3), tmp_path / 'runs', data, log=logs.append)
-
-
-def test_configs_share_initial_weights_and_data_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: dict = {}
-    build = ablation.build_model
-
-    def recording_build(arch, config, **kw):
-        model = build(arch, config, **kw)
-        seen[config.name] = dict(state={k: v.clone() for k, v in model.state_dict().items()}, inputs=[])
-        model.register_forward_pre_hook(lambda m, a: seen[config.name]['inputs'].append(a[0].clone())
-                                        if m.training else None)
-        return model
-    monkeypatch.setattr(runner, 'build_model', recording_build)
-    spec, data = _smoke_spec(), _tiny_data()
-    for name in ('none', 'after_add'):
-        ablation.run_one(spec, POST, CONFIGS[name], 0, data, log=lambda s: None)
-    a, b = seen['none'], seen['after_add']
-    assert a['state'].keys() == b['state'].keys()
-    assert all(torch.equal(a['state'][k], b['state'][k]) for k in a['state'])
-    assert len(a['inputs']) == len(b['inputs']) == 2
-    assert all(torch.equal(x, y) for x, y in zip(a['inputs'], b['inputs'], strict=True))
 
 
 def test_cli_report_only_rewrites_the_report_and_keeps_the_analysis(tmp_path: Path) -> None:
@@ -273,7 +207,7 @@ def test_cli_report_only_rewrites_the_report_and_keeps_the_analysis(tmp_path: Pa
     assert cli.main(['--config', str(spec), '--out-dir', str(tmp_path / 'empty'), '--report-only']) == 1
 
 
-def test_rate_variants_parse_validate_and_get_their_own_fingerprint() -> None:
+def test_rate_variants_parse_and_validate() -> None:
     c = ablation.get_config('default@0.1')
     assert (c.name, c.residual, c.head, c.rate) == ('default@0.1', 'auto', 'before_pool', 0.1)
     assert ablation.get_config('none') is CONFIGS['none']
@@ -281,10 +215,37 @@ def test_rate_variants_parse_validate_and_get_their_own_fingerprint() -> None:
                      ('default@1.0', r'must be in \[0, 1\)')):
         with pytest.raises(ValueError, match=msg):
             ablation.get_config(bad)
-    spec = _smoke_spec()
-    fps = {runner._fingerprint(spec, POST, ablation.get_config(n)) for n in ('default', 'default@0.1', 'default@0.2')}
-    assert len(fps) == 3  # spec rates are 0.2 but the name differs, so no JSON is shared
     model = ablation.build_model(POST, c, res_drop_rate=0.1, head_drop_rate=0.1)
     assert timm_dropres_positions(model) == {'after_last_bn'} and model.head_drop.p == 0.1
     names, skipped = ablation.configs_for(PRE, ('before_last_conv@0.1', 'after_last_bn@0.1'))
     assert names == ['before_last_conv@0.1'] and set(skipped) == {'after_last_bn@0.1'}
+
+
+def test_cli_refuses_to_train_and_names_what_replaced_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(['--config', 'ablation_fmnist', '--out-dir', str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'no longer trains' in err and 'dropres-study configs/studies/' in err
+    assert '--report-only' in err and not (tmp_path / 'out').exists()
+
+
+def test_make_ablate_reproduces_the_committed_underfit_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make ablate``'s command re-makes docs/results/underfit from its committed run JSONs, training nothing: the
+    csv is byte-identical, and so is the md once its recorded command names the same output folder."""
+    committed = ROOT / 'docs' / 'results' / 'underfit'
+    make = (ROOT / 'Makefile').read_text()
+    recipe = make[make.index('\nablate:'):].split('\n\n')[0]
+    argv = shlex.split(recipe.split('scripts/ablate.py', 1)[1].replace('\\\n', ' '))
+    assert '--report-only' in argv and argv[argv.index('--out-dir') + 1] == 'docs/results/underfit'
+    argv[argv.index('--out-dir') + 1] = str(tmp_path)
+    shutil.copy(committed / 'underfit.md', tmp_path / 'underfit.md')  # the hand-written analysis below the marker
+    monkeypatch.chdir(ROOT)  # the Makefile's relative paths
+    assert cli.main(argv) == 0
+    assert (tmp_path / 'underfit.csv').read_bytes() == (committed / 'underfit.csv').read_bytes()
+    old = (committed / 'underfit.md').read_text()
+    assert '--out-dir docs/results/underfit --runs-dir' in old
+    assert (tmp_path / 'underfit.md').read_text() == old.replace(
+        '--out-dir docs/results/underfit --runs-dir', f'--out-dir {shlex.quote(str(tmp_path))} --runs-dir', 1)
+    assert '| after_add | 5 | 65.21 ± 2.85 |' in old  # the tables are there
+    files = list((committed / 'runs').glob('*/*.json'))
+    assert len(ablation.read_records(committed / 'runs')) == len(files) == 95 and '- runs: 95,' in old

@@ -74,6 +74,11 @@ def test_study_records_report_and_report_only(folder, tmp_path, one_torch_thread
     assert rec['resolved_res_pos'] == 'before_last_conv' and rec['dropout']['res_drop_rate'] == 0.1
     assert [p['epoch'] for p in rec['curve']] == [1, 2] and rec['select'] == 'best'
     assert rec['data']['tensors']['test'] and rec['data']['test_size'] == 24
+    # the BN variance shift of the tested weights, on the (54) unaugmented training images
+    assert rec['vs_images'] == 54 and 1.0 <= rec['vs_mean'] <= rec['vs_max']
+    assert rec['vs_max'] == pytest.approx(max(rec['vs_layers'].values()), abs=1e-5)
+    assert len(rec['vs_layers']) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in timm.create_model(
+        rec['model'], **spec.architectures[0].model_kwargs).modules())
     assert not (tmp_path / 'work' / 'p20').exists(), 'trainer folders are deleted once recorded'
     # records exist: a second start without --resume refuses, with --resume runs nothing
     with pytest.raises(ValueError, match='pass --resume'):
@@ -84,6 +89,8 @@ def test_study_records_report_and_report_only(folder, tmp_path, one_torch_thread
     assert study_main([str(spec_file), '--report-only']) == 0
     md = (tmp_path / 'results' / 'tiny.md').read_text()
     assert 'residual − none' in md and 'not adjusted for multiplicity' in md and 'smallest detectable effect' in md
+    vs = [json.loads(f.read_text())['vs_mean'] for f in (tmp_path / 'results' / 'records' / 'p20').glob('residual_*')]
+    assert '| VS mean | VS max |' in md and f'{sum(vs) / len(vs):.3f} ± ' in md
     assert (tmp_path / 'results' / 'tiny.png').stat().st_size > 1000
     lines = (tmp_path / 'results' / 'tiny.csv').read_text().splitlines()
     assert len(lines) == 1 + 3  # one comparison x (top-1, NLL, ECE)

@@ -1,26 +1,22 @@
-"""What the study CLIs (``dropres-ablate``, ``dropres-transfer``) share: run flags, recipe lookup, report lines."""
+"""What the first studies' CLIs (``dropres-ablate``, ``dropres-transfer``) share: recipe lookup, report lines, and
+the pointer to ``dropres-study``, which replaced their training."""
 from __future__ import annotations
 
 import argparse
-import platform
 from pathlib import Path
 from typing import Any, Callable, Dict, List, TypeVar
 
-import torch
-
 from ..recipes import find_recipe
 
-__all__ = ['add_run_args', 'find_config', 'load_config', 'runs_line']
+__all__ = ['REPLACED_BY_STUDY', 'find_config', 'load_config', 'runs_line']
 
 S = TypeVar('S')
 
-
-def add_run_args(p: argparse.ArgumentParser, *, threads: int) -> None:
-    """Add ``--threads`` (default ``threads``), ``--only-arch``, ``--report-only`` and ``--fmnist-root``."""
-    p.add_argument('--threads', type=int, default=threads, help='torch intra-op threads')
-    p.add_argument('--only-arch', nargs='+', default=None, help='run only these architecture names')
-    p.add_argument('--report-only', action='store_true', help='rewrite the report from existing run JSONs')
-    p.add_argument('--fmnist-root', default=None, help='folder with the Fashion-MNIST idx files')
+#: what replaced the first studies' training loops (issue 19): one sentence, quoted by both old commands
+REPLACED_BY_STUDY = ('Every study now trains through the dropres-finetune trainer with dropres-study: '
+                     'dropres-study configs/studies/{overfit,transfer,underfit}.yaml --workers 2 --threads 1 '
+                     '--resume (or make study-overfit, study-transfer, study-underfit), and '
+                     'dropres-study SPEC --report-only re-analyses its records.')
 
 
 def find_config(p: argparse.ArgumentParser, name: str) -> Path:
@@ -51,8 +47,20 @@ def load_config(p: argparse.ArgumentParser, name: str, load: Callable[[Path], S]
         raise  # unreachable: p.error exits
 
 
+def _recorded(records: List[Dict[str, Any]], key: str) -> str:
+    return ', '.join(sorted({str(r.get(key, '?')) for r in records}))
+
+
 def runs_line(records: List[Dict[str, Any]]) -> str:
-    """The report header's line on how many runs took how long, on what."""
+    """The report header's line on how many runs took how long, on what: as the records say, not this machine.
+
+    Args:
+        records: the run records (each with ``wall_s``; ``threads``, ``torch`` and ``machine`` when recorded).
+
+    Returns:
+        One markdown list item.
+    """
     total = sum(r['wall_s'] for r in records)
     return (f'- runs: {len(records)}, sum of per-run wall times {total / 60:.1f} min (torch threads per run: '
-            f'{records[0].get("threads", "?")}; torch {torch.__version__}, {platform.machine()} CPU, no GPU)')
+            f'{_recorded(records, "threads")}; torch {_recorded(records, "torch")}, {_recorded(records, "machine")} '
+            'CPU, no GPU)')

@@ -1,22 +1,21 @@
 #!/usr/bin/env python3
-"""Dropout-placement ablation on Fashion-MNIST: ``python scripts/ablate.py --config configs/ablation_fmnist.yaml``.
+"""Re-analyse the first dropout-placement ablation from its run records: ``dropres-ablate --config ... --report-only``.
 
-A thin CLI over ``timm_dropres.research.ablation``: it reads the YAML, trains every missing run (finished runs are
-skipped, so rerunning resumes), and rewrites ``<out-dir>/ablation.{csv,md,png}`` from all run JSONs.
+A thin CLI over ``timm_dropres.research.ablation`` and ``research.report``: it reads the ablation's YAML and
+its per-run JSONs and rewrites ``<out-dir>/<stem>.{csv,md,png}``; ``make ablate`` re-makes the committed
+under-fitting report (docs/results/underfit/) this way. It trains nothing: since issue 19 every study trains
+through the product's trainer with ``dropres-study SPEC.yaml`` (configs/studies/*.yaml).
 """
 from __future__ import annotations
 
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
 from ..research import ablation, report
 from ._parser import OneLineParser
-from ._study import add_run_args, load_config, runs_line
+from ._study import REPLACED_BY_STUDY, load_config, runs_line
 
 
 def _train_size(data: ablation.DataSpec) -> str:
@@ -29,7 +28,7 @@ def _train_size(data: ablation.DataSpec) -> str:
 def _header(spec: ablation.AblationSpec, config: str, records: list, skipped: dict, argv: List[str],
             title: str) -> str:
     sch, data = spec.schedule, spec.data
-    shown = shlex.join(a for a in argv if a != '--report-only')
+    shown = shlex.join(argv)
     lines = [
         f'# {title} (generated)', '',
         f'Command: `python scripts/ablate.py {shown}` (spec: `{config}`).', '',
@@ -56,54 +55,49 @@ def _header(spec: ablation.AblationSpec, config: str, records: list, skipped: di
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the dropout-placement ablation described by a YAML file and write its report.
+    """Rewrite the report of a dropout-placement ablation from its run JSONs (no training).
 
-    Trains every (architecture, configuration, seed) without a run JSON under the runs folder (finished
-    runs are skipped, so rerunning resumes), then rewrites ``<out-dir>/<stem>.{csv,md,png}`` from all run
-    JSONs of the specification's architectures and configurations. ``--report-only`` skips training.
+    Reads the specification (for the report's header and the configurations to show) and every run JSON
+    under the runs folder, then rewrites ``<out-dir>/<stem>.{csv,md,png}``; text below the report's keep marker
+    survives. ``--report-only`` is required: this command no longer trains (``dropres-study`` does).
 
     Args:
         argv: command-line arguments without the program name; None reads ``sys.argv[1:]``.
 
     Returns:
-        The exit code: 0 on success, 1 if ``--report-only`` finds no run JSON.
+        The exit code: 0 on success, 1 if there is no run JSON.
 
     Raises:
-        SystemExit: from argparse, for ``--help``, invalid arguments or an invalid specification (status 2).
-        ValueError: if an existing run JSON belongs to another specification.
-        FileNotFoundError: if the Fashion-MNIST files are not found (when training).
+        SystemExit: from argparse, for ``--help``, invalid arguments, a missing ``--report-only`` or an invalid
+            specification (status 2).
+        ValueError: if a run JSON cannot be read.
 
     Example:
         >>> exit_code = main(['--config', 'configs/ablation_fmnist.yaml', '--report-only'])  # doctest: +SKIP
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(prog='dropres-ablate', description=__doc__.splitlines()[0])
     p.add_argument('--config', required=True,
                    help='ablation YAML, or a shipped recipe\'s name (e.g. ablation_fmnist)')
-    p.add_argument('--out-dir', default='docs/results', help='where ablation.{csv,md,png} go')
+    p.add_argument('--out-dir', default='docs/results', help='where <stem>.{csv,md,png} go')
     p.add_argument('--runs-dir', default=None, help='per-run JSONs (default: <out-dir>/<stem>_runs)')
     p.add_argument('--title', default='Dropout-placement ablation on Fashion-MNIST', help='report title')
     p.add_argument('--stem', default='ablation', help='report file names: <out-dir>/<stem>.{csv,md,png}')
-    add_run_args(p, threads=2)
+    p.add_argument('--report-only', action='store_true',
+                   help='rewrite the report from existing run JSONs (required: this command trains nothing)')
     args = p.parse_args(argv)
+    if not args.report_only:
+        p.error(f'dropres-ablate no longer trains. {REPLACED_BY_STUDY} To re-analyse existing run JSONs, add '
+                '--report-only.')
 
     spec = load_config(p, args.config, ablation.load_spec)
     out_dir = Path(args.out_dir)
     runs_dir = Path(args.runs_dir) if args.runs_dir else out_dir / f'{args.stem}_runs'
-    torch.set_num_threads(args.threads)
     skipped = {a.name: ablation.configs_for(a, spec.configs)[1] for a in spec.architectures}
-    if args.report_only:
-        records = ablation.read_records(runs_dir)
-        if not records:
-            print(f'no run JSONs under {runs_dir}', file=sys.stderr)
-            return 1
-    else:
-        t0 = time.time()
-        data = ablation.load_fmnist_data(spec.data, args.fmnist_root)
-        records, skipped = ablation.run_ablation(spec, runs_dir, data, only_arch=args.only_arch,
-                                                 log=lambda s: print(s, flush=True))
-        print(f'ablation pass done in {(time.time() - t0) / 60:.1f} min', flush=True)
-        records = ablation.read_records(runs_dir)
+    records = ablation.read_records(runs_dir)
+    if not records:
+        print(f'no run JSONs under {runs_dir}', file=sys.stderr)
+        return 1
     names = {(a.name, c) for a in spec.architectures for c in spec.configs}
     records = [r for r in records if (r['arch'], r['config']) in names]
     paths = report.write_report(records, out_dir, stem=args.stem, order=ablation.CONFIG_ORDER, alpha=spec.alpha,

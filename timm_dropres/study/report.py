@@ -30,7 +30,7 @@ __all__ = ['METRICS', 'Comparison', 'compare', 'verdict', 'summary_rows', 'markd
 #: compared metrics: (record key, label, unit, higher is better, digits)
 METRICS = (('top1', 'top-1', 'points', True, 2), ('nll', 'test NLL', '', False, 4), ('ece', 'ECE', '', False, 4))
 _SUMMARY = (('top1', 'top-1 %', 2), ('top5', 'top-5 %', 2), ('nll', 'test NLL', 4), ('ece', 'ECE', 4),
-            ('train_nll', 'train NLL (eval)', 4))
+            ('train_nll', 'train NLL (eval)', 4), ('vs_mean', 'VS mean', 3), ('vs_max', 'VS max', 3))
 
 
 @dataclass

@@ -39,7 +39,7 @@ from ..training.config import FinetuneConfig
 from ..training.data import TransformedDataset, resolve_transforms
 from ..training.trainer import finetune
 from .data import SplitData, resolve_splits, tensor_bundle
-from .metrics import ECE_BINS, predict, split_metrics
+from .metrics import ECE_BINS, bn_variance_shift, predict, split_metrics
 from .spec import ArchSpec, ConfigSpec, DataSpec, Run, StudySpec, plan_runs, run_fingerprint
 
 __all__ = ['StudyError', 'StudyResult', 'record_path', 'read_records', 'finetune_config', 'run_data', 'run_one',
@@ -258,10 +258,11 @@ def run_one(spec: StudySpec, run: Run, *, pretrained_file: Optional[Path] = None
         The record (also at ``record_path(spec, run)``): identity (``study``, ``arch``, ``config``, ``seed``,
         ``fingerprint``, ``model``, ``dropout``, ``resolved_res_pos``), the test metrics (``top1``, ``top5``,
         ``nll``, ``ece``, on ``test_images``), ``train_nll``/``train_top1`` (eval mode, unaugmented training
-        images), the final validation metrics (``val``), the per-epoch validation ``curve``, which weights were
-        tested (``select``, ``epoch``), ``steps``, ``resumed_at_steps`` (a killed run continued from its trainer
-        checkpoint; the trainer's resume is exact), the data fingerprint (``data``), ``versions``, ``device``,
-        ``wall_s`` and ``cpu_s`` (this process's CPU time).
+        images), ``vs_mean``/``vs_max``/``vs_layers`` (the eval-mode BN variance shift on ``vs_images``
+        unaugmented training images; None without BN), the final validation metrics (``val``), the per-epoch
+        validation ``curve``, which weights were tested (``select``, ``epoch``), ``steps``, ``resumed_at_steps``
+        (a killed run continued from its trainer checkpoint; the trainer's resume is exact), the data fingerprint
+        (``data``), ``versions``, ``device``, ``wall_s`` and ``cpu_s`` (this process's CPU time).
     """
     t0, c0 = time.perf_counter(), time.process_time()
     out = spec.resolved_work_dir() / run.arch.name / f'{run.config.name}_seed{run.seed}'
@@ -275,6 +276,7 @@ def run_one(spec: StudySpec, run: Run, *, pretrained_file: Optional[Path] = None
     model.to(device)
     test_m = split_metrics(*predict(model, test, device=device))  # the one read of the test split
     train_m = split_metrics(*predict(model, train_eval, device=device))
+    shift = bn_variance_shift(model, train_eval) or dict(vs_mean=None, vs_max=None, vs_layers=None, vs_images=0)
     history = summary.get('history') or []
     epoch = summary['best']['epoch'] if spec.select == 'best' else summary['epochs_completed']
     rec = dict(
@@ -283,6 +285,7 @@ def run_one(spec: StudySpec, run: Run, *, pretrained_file: Optional[Path] = None
         resolved_res_pos=_resolved_position(model, run.config),
         top1=test_m['top1'], top5=test_m['top5'], nll=test_m['nll'], ece=test_m['ece'], ece_bins=ECE_BINS,
         test_images=test_m['n'], train_nll=train_m['nll'], train_top1=train_m['top1'], train_images=train_m['n'],
+        **shift,
         val=dict(top1=history[-1]['top1'], top5=history[-1]['top5'], nll=history[-1]['loss'],
                  images=summary['val_size']) if history else None,
         curve=[dict(epoch=h['epoch'], train_loss=h['train_loss'], val_top1=h['top1'], val_top5=h['top5'],
