@@ -5,9 +5,13 @@ On CPU, ``F.dropout`` is not fused: it draws a float mask with ``bernoulli_`` (s
 kernel of every ``ResidualDropout`` in ``<arch>_dropres`` (by re-typing the modules, like ``convert``)
 and measures each variant against the same base model, interleaved, in one run:
 
-* ``current``: the package's ``ResidualDropout`` (on CPU at p <= 0.125: the dropped positions drawn as
-  geometric gaps, one scaling pass each way, int32 positions kept for backward; above: a uint8 mask from
-  16-bit uniforms; see ``timm_dropres.models.layers._cpu_dropout``).
+* ``current``: what the package runs by default (``set_dropout_kernel('auto')``): on CPU at p <= 0.125 the
+  dropped positions drawn as geometric gaps, one scaling pass each way, int32 positions kept for backward;
+  above, a uint8 mask from 16-bit uniforms (``timm_dropres.models.layers._cpu_dropout``); in train mode the
+  post-activation blocks fuse it with the residual addition (``residual_dropout_add``). On CUDA the Triton
+  kernels that keep no mask (``timm_dropres.models.triton_dropout``), fused with the addition and ReLU.
+* ``unfused``: the same module with ``set_dropout_kernel('unfused')``: the op before issue 22 (the CPU kernel
+  without the addition; ``torch.native_dropout`` on CUDA), the addition and ReLU as separate ops.
 * ``positions`` / ``mask``: the package's position kernel / uint8 mask kernel at any rate, to place the
   threshold between them (``POSITION_KERNEL_MAX_P``).
 * ``mask16_bool``: the kernel it replaced (issue 14): 16-bit uniforms sliced from 64-bit draws and a bool
@@ -20,7 +24,8 @@ and measures each variant against the same base model, interleaved, in one run:
 * ``rand_bool``: one uniform draw, a bool mask saved for backward, float multiplies (a custom
   ``autograd.Function``: fast and small, but not scriptable).
 
-Target ratios as figures 2 and 3 (>= 0.98 speed, <= 1.02 memory).
+Every variant other than ``current`` runs with ``set_dropout_kernel('unfused')``, so its module's
+``forward`` is what runs at every position. Target ratios as figures 2 and 3 (>= 0.98 speed, <= 1.02 memory).
 
 ``--isolated`` times each kernel alone instead (forward + backward on the tensors the model's dropouts
 see in one step) against the base model's whole train step, which resolves shares of 1-2 % that whole-step
@@ -144,9 +149,23 @@ class MaskDropout(_ForcedKernel):
 
 
 VARIANTS: dict[str, type[ResidualDropout]] = {
-    'current': ResidualDropout, 'positions': PositionsDropout, 'mask': MaskDropout,
+    'current': ResidualDropout, 'unfused': ResidualDropout, 'positions': PositionsDropout, 'mask': MaskDropout,
     'mask16_bool': Mask16BoolDropout, 'f_dropout': FDropout,
     'rand_ge': RandGeDropout, 'native': NativeDropout, 'rand_bool': RandBoolDropout}
+
+
+def kernel_of(variant: str) -> str:
+    """The ``set_dropout_kernel`` choice a variant runs under: the default for ``current``, else ``unfused``
+    (the blocks then call each module's own ``forward`` instead of the fused dropout + addition)."""
+    return 'auto' if variant == 'current' else 'unfused'
+
+
+def under_kernel(kernel: str, fn):
+    """``fn`` run with ``set_dropout_kernel(kernel)`` (restored after each call)."""
+    def run() -> object:
+        with layers.dropout_kernel(kernel):
+            return fn()
+    return run
 
 
 def with_variant(model: torch.nn.Module, cls: type[ResidualDropout]) -> torch.nn.Module:
@@ -205,7 +224,7 @@ def isolated(args: argparse.Namespace) -> tuple[str, list[dict]]:
                         for m, (_, t), g in zip(modules, inputs, upstream, strict=True):
                             torch.autograd.grad(m(t), t, g)
 
-                    cases[name] = kernels
+                    cases[name] = under_kernel(kernel_of(name), kernels)
                 t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
                                   clock=args.clock)
                 step, step_min = C.Stat.of(t['base step']).median, min(t['base step'])
@@ -239,13 +258,15 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
             models.update({name: with_variant(copy.deepcopy(dropres), VARIANTS[name]) for name in args.variants})
             for bs in args.batch_sizes:
                 x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
-                steps = {k: T.make_step(m, x, y, device, dtype)[0] for k, m in models.items()}
+                steps = {k: under_kernel(kernel_of(k), T.make_step(m, x, y, device, dtype)[0])
+                         for k, m in models.items()}
                 t = C.interleaved(steps, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
                                   clock=args.clock)
                 del steps
                 peaks = {}
                 for k, m in models.items():
                     step, opt = T.make_step(m, x, y, device, dtype)
+                    step = under_kernel(kernel_of(k), step)
                     step()
                     peaks[k] = C.peak_step_memory(step, device, m, opt, x, y)
                     del step, opt
