@@ -306,7 +306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return C.print_table((isolated if args.isolated else run)(args)[0])
+    return C.emit(args, *(isolated if args.isolated else run)(args), script='dropout_impl')
 
 
 if __name__ == '__main__':
