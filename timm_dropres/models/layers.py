@@ -380,6 +380,10 @@ def _triton_device_ok(device: torch.device, dtype: torch.dtype) -> bool:
     """Triton importable and able to run on ``device`` (CUDA: compute capability 7.0+, 8.0+ for bfloat16)."""
     if importlib.util.find_spec('triton') is None:
         return False
+    try:
+        from . import triton_dropout  # noqa: F401  (a broken Triton install: the other kernels)
+    except Exception:  # noqa: BLE001 - any import failure means "not usable", never a failed training step
+        return False
     if device.type == 'cuda':
         major, _ = torch.cuda.get_device_capability(device)
         return major >= (8 if dtype == torch.bfloat16 else 7)
@@ -502,11 +506,15 @@ class ResidualDropout(nn.Dropout):
     (eval mode or p == 0): the output is then the input tensor itself, so eval-mode outputs are
     bit-identical to the base model and no RNG state is consumed.
 
-    Training runs ``residual_dropout``: in eager CPU training ``_cpu_dropout`` (the position kernel at
-    rates up to 0.125: random numbers for the drops only, one pass each way, 0.4 bytes per element
-    saved at p = 0.1), elsewhere ``torch.native_dropout`` (the fused op ``F.dropout`` uses on CUDA,
-    with a 1-byte mask). See docs/benchmarks.md, "Issue 14". Traceable by ``torch.fx``, timm's
-    FX feature extraction, TorchScript, ``torch.compile`` (no graph break) and ``torch.export``.
+    Training runs ``residual_dropout``: in eager CUDA training a Triton kernel that keeps no mask (the
+    Philox seed is saved and the mask regenerated in backward; ``triton_dropout``), in eager CPU training
+    ``_cpu_dropout`` (the position kernel at rates up to 0.125: random numbers for the drops only, one pass
+    each way, 0.4 bytes per element saved at p = 0.1), elsewhere ``torch.native_dropout`` (with a 1-byte
+    mask). Post-activation blocks at ``after_last_bn`` call ``residual_dropout_add`` with this module's
+    ``p`` instead of calling the module, in train mode with autograd on (``fuse_with_add``), so the
+    dropout shares one pass with the residual addition (and ReLU). ``set_dropout_kernel('unfused')`` forces
+    the previous behaviour. See docs/benchmarks.md, "Issue 14" and "Issue 22". Traceable by ``torch.fx``,
+    timm's FX feature extraction, TorchScript, ``torch.compile`` (no graph break) and ``torch.export``.
 
     Args:
         p: drop probability in [0, 1).

@@ -22,7 +22,8 @@ start to execute the kernels on CPU tensors (how the tests check them without a 
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import ContextManager, Optional
 
 import torch
 import triton
@@ -107,6 +108,11 @@ def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, 4 * _BLOCK4),)
 
 
+def _on(t: torch.Tensor) -> ContextManager:
+    """Triton launches on the current CUDA device: make it ``t``'s (a tensor on another GPU would fault)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def keep_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
     """The float32 tensor ``keep * scale`` that the kernels apply for ``seed``, laid out like ``like``.
 
@@ -124,8 +130,9 @@ def keep_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor
     threshold, scale = rate_threshold(p)
     ones = torch.ones_like(like, dtype=torch.float32)
     out = torch.empty_like(ones)
-    _forward_kernel[_grid(ones.numel())](ones, ones, out, seed, ones.numel(), threshold, scale,
-                                         HAS_SHORTCUT=False, RELU=False, BLOCK4=_BLOCK4)
+    with _on(out):
+        _forward_kernel[_grid(ones.numel())](ones, ones, out, seed, ones.numel(), threshold, scale,
+                                             HAS_SHORTCUT=False, RELU=False, BLOCK4=_BLOCK4)
     return out
 
 
@@ -139,8 +146,9 @@ class _DropoutAdd(torch.autograd.Function):
         seed = torch.randint(0, 1 << 62, (1,), device=x.device, dtype=torch.int64)
         out = torch.empty_like(x)  # x is dense: same strides, so flat indices match
         s = x if shortcut is None else shortcut  # a valid pointer; not read without HAS_SHORTCUT
-        _forward_kernel[_grid(x.numel())](x, s, out, seed, x.numel(), threshold, scale,
-                                          HAS_SHORTCUT=shortcut is not None, RELU=relu, BLOCK4=_BLOCK4)
+        with _on(x):
+            _forward_kernel[_grid(x.numel())](x, s, out, seed, x.numel(), threshold, scale,
+                                              HAS_SHORTCUT=shortcut is not None, RELU=relu, BLOCK4=_BLOCK4)
         ctx.save_for_backward(seed, out if relu else None)
         ctx.p, ctx.relu, ctx.has_shortcut = p, relu, shortcut is not None
         ctx.threshold, ctx.scale, ctx.stride = threshold, scale, x.stride()
@@ -158,8 +166,9 @@ class _DropoutAdd(torch.autograd.Function):
             return (grad * mask).to(grad.dtype), grad if ctx.has_shortcut else None, None, None
         gx = torch.empty_like(grad)
         gs = torch.empty_like(grad) if ctx.relu else grad
-        _backward_kernel[_grid(grad.numel())](grad, out if ctx.relu else grad, gx, gs, seed, grad.numel(),
-                                              ctx.threshold, ctx.scale, RELU=ctx.relu, BLOCK4=_BLOCK4)
+        with _on(grad):
+            _backward_kernel[_grid(grad.numel())](grad, out if ctx.relu else grad, gx, gs, seed, grad.numel(),
+                                                  ctx.threshold, ctx.scale, RELU=ctx.relu, BLOCK4=_BLOCK4)
         return gx, gs if ctx.has_shortcut else None, None, None
 
 
