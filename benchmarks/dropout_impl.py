@@ -246,6 +246,103 @@ def isolated(args: argparse.Namespace) -> tuple[str, list[dict]]:
     return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
 
 
+def tail_inputs(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float32
+                ) -> tuple[list[tuple[float, torch.Tensor, torch.Tensor, bool]], list[tuple[float, torch.Tensor]]]:
+    """What one train-mode forward (autograd on) hands to the fused tails and to the other dropouts.
+
+    Returns:
+        ``(tails, singles)``: ``(p, branch, shortcut, relu)`` for every block that called
+        ``residual_dropout_add`` (post-activation at ``after_last_bn``) and ``(p, input)`` for every
+        ``ResidualDropout`` called as a module (the head, pre-activation blocks); tensors copied.
+    """
+    from timm_dropres.models import blocks
+
+    tails: list[tuple[float, torch.Tensor, torch.Tensor, bool]] = []
+    real = blocks.residual_dropout_add
+
+    def spy(branch, shortcut, p, training=True, relu=False):
+        tails.append((p, branch.detach().clone(), shortcut.detach().clone(), relu))
+        return real(branch, shortcut, p, training, relu)
+
+    singles: list[tuple[float, torch.Tensor]] = []
+
+    def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if module.p > 0:
+            singles.append((module.p, inputs[0].detach().clone()))
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, ResidualDropout)]
+    blocks.residual_dropout_add = spy
+    try:
+        with layers.dropout_kernel('auto'), C.autocast(x.device, dtype):
+            model(x)
+    finally:
+        blocks.residual_dropout_add = real
+        for h in hooks:
+            h.remove()
+    return tails, singles
+
+
+def tails(args: argparse.Namespace) -> tuple[str, list[dict]]:
+    """``--tails``: the dropout's marginal cost with the residual addition, timed alone.
+
+    For every post-activation block the tail (dropout, addition, ReLU) runs forward + backward on the
+    block's own tensors, as ``current`` (fused, ``residual_dropout_add``) and ``unfused`` (the separate
+    ops), and so does the base model's tail (addition + ReLU). The other dropouts (head, pre-activation
+    blocks) run alone as in ``--isolated``. A variant's share of the base step is (its time - the base
+    tails' time) / the base step, all interleaved: what the dropout adds to what the base runs anyway.
+    """
+    device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
+    variants = [v for v in args.variants if v in ('current', 'unfused')]
+    if not variants:
+        raise SystemExit('--tails compares the variants current and unfused; pass at least one of them')
+    rows, records = [], []
+    for arch in args.archs:
+        for cl in C.layouts(args.channels_last):
+            layout = 'channels_last' if cl else 'contiguous'
+            base, dropres = T.build_pair(arch, device, cl, compile_=False, res_drop_rate=args.res_drop_rate)
+            for bs in args.batch_sizes:
+                x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
+                fused, singles = tail_inputs(dropres, x, dtype)
+                fused = [(p, a.requires_grad_(), b.requires_grad_(), r) for p, a, b, r in fused]
+                singles = [(p, t.requires_grad_()) for p, t in singles]
+                up_f = [torch.randn_like(a) for _, a, _, _ in fused]
+                up_s = [torch.randn_like(t) for _, t in singles]
+
+                def base_tails(fused=fused, up_f=up_f) -> None:
+                    for (_, a, b, relu), g in zip(fused, up_f, strict=True):
+                        out = a + b
+                        torch.autograd.grad(torch.relu_(out) if relu else out, (a, b), g)
+
+                def dropres_tails(fused=fused, up_f=up_f, singles=singles, up_s=up_s) -> None:
+                    for (p, a, b, relu), g in zip(fused, up_f, strict=True):
+                        torch.autograd.grad(layers.residual_dropout_add(a, b, p, True, relu), (a, b), g)
+                    for (p, t), g in zip(singles, up_s, strict=True):
+                        torch.autograd.grad(layers.residual_dropout(t, p, True), t, g)
+
+                cases = {'base step': T.make_step(base, x, y, device, dtype)[0], 'base tails': base_tails}
+                cases.update({v: under_kernel(kernel_of(v), dropres_tails) for v in variants})
+                t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
+                                  clock=args.clock)
+                step = C.Stat.of(t['base step']).median
+                for name in variants:
+                    extra = [a - b for a, b in zip(t[name], t['base tails'], strict=True)]  # adjacent reps
+                    cost = C.Stat.of(extra)
+                    share = cost.median / step
+                    ms = {k: f'{C.Stat.of(t[k]).median * 1e3:.1f}' for k in (name, 'base tails')}
+                    rows.append([arch, layout, bs, name, len(fused), len(singles), ms[name], ms['base tails'],
+                                 f'{cost.median * 1e3:.1f} ({cost.lo * 1e3:.1f}–{cost.hi * 1e3:.1f})',
+                                 f'{step * 1e3:.0f}', f'{100 * share:.2f}', f'{1 / (1 + share):.3f}'])
+                    records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, extra_s=cost, step_s=step,
+                                        share=share, fused_sites=len(fused), other_sites=len(singles)))
+    title = (f'### Dropout with the residual addition, timed alone: forward + backward of the block tails on the '
+             f'tensors of one step, minus the base tails, vs the base train step ({args.dtype}, {args.img_size}px, '
+             f'res_drop_rate {args.res_drop_rate}; {args.reps} interleaved reps, {args.clock} clock)')
+    headers = ['arch', 'layout', 'batch', 'kernel', 'fused tails', 'other dropouts', 'dropres tails ms',
+               'base tails ms', 'extra ms / step, median (min–max)', 'base step ms (median)', 'share % (medians)',
+               'implied speed ratio']
+    return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
+
+
 def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
     import copy
     device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
@@ -297,8 +394,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f'kernels to compare with the base (default: all of {" ".join(VARIANTS)})')
     p.add_argument('--isolated', action='store_true',
                    help='time each kernel alone on the inputs of one step, against the base step (see isolated())')
+    p.add_argument('--tails', action='store_true',
+                   help='time the block tails (dropout + addition + ReLU) alone, current vs unfused, minus the '
+                        "base's tails (see tails())")
     T.add_res_drop_rate(p)
     args = C.parse_args(p, argv, SMOKE)
+    if args.isolated and args.tails:
+        p.error('--isolated and --tails are two different measures; pass one')
     if args.compile:
         p.error('--compile is not supported here: compiled graphs replace the eager dropout kernel being compared')
     return args
@@ -306,7 +408,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return C.emit(args, *(isolated if args.isolated else run)(args), script='dropout_impl')
+    fn = tails if args.tails else isolated if args.isolated else run
+    return C.emit(args, *fn(args), script='dropout_impl')
 
 
 if __name__ == '__main__':

@@ -244,3 +244,18 @@ def test_cpu_clock_counts_work_not_waiting():
         C.interleaved(cases, device=torch.device('cuda'), reps=1, warmup=0, iters=1, clock='cpu')
     with pytest.raises(ValueError, match='clock must be one of'):
         C.interleaved(cases, device=torch.device('cpu'), reps=1, warmup=0, iters=1, clock='gpu')
+
+
+def test_dropout_impl_tails_times_the_fused_and_separate_tails():
+    """--tails: every post-activation block's tail is captured (4 in test_resnet) and the head dropout alone;
+    the extra time over the base's tails is reported for both kernels."""
+    table, records = dropout_impl.tails(dropout_impl.parse_args(['--smoke', '--tails', '--variants', 'current',
+                                                                  'unfused']))
+    assert [r['variant'] for r in records] == ['current', 'unfused']
+    assert all(r['fused_sites'] == 4 and r['other_sites'] == 1 and r['step_s'] > 0 for r in records)
+    assert 'Dropout with the residual addition, timed alone' in table
+    model = timm.create_model('test_resnet_dropres', res_drop_rate=0.1).train()
+    fused, singles = dropout_impl.tail_inputs(model, torch.randn(2, 3, 32, 32))
+    assert [(p, relu) for p, _, _, relu in fused] == [(0.1, True)] * 4 and len(singles) == 1
+    with pytest.raises(SystemExit):
+        dropout_impl.parse_args(['--isolated', '--tails'])
