@@ -254,7 +254,8 @@ class _ApplyDropAdd(torch.autograd.Function):
         if drop.dtype == torch.int64:
             torch.add(shortcut, x, alpha=scale, out=out)
             flat_s = shortcut.permute(order).reshape(-1)  # a view: shortcut is dense in this order
-            out.permute(order).view(-1).scatter_(0, drop, flat_s.gather(0, drop))
+            # index_select: 2-3x faster than gather or indexing for sorted positions on CPU (one thread)
+            out.permute(order).view(-1).scatter_(0, drop, flat_s.index_select(0, drop))
         else:
             keep = _empty_in_order(x, order)
             keep.permute(order).copy_(drop)
