@@ -169,3 +169,14 @@ def test_torch_export(arch, x):
             out.sum().backward()
             assert all(p.grad is not None for p in exported.parameters())
             assert not torch.equal(out, model.eval()(x))
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_jit_trace_records_a_dropout_op_not_one_draw(arch, x):
+    """torch.jit.trace in train mode takes native_dropout: a custom kernel's drops would be baked in."""
+    model = tiny(arch, 'train')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # trace warns that train-mode outputs differ between runs
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+    assert 'native_dropout' in str(traced.inlined_graph)
+    assert not torch.equal(traced(x), traced(x))  # fresh drops every call

@@ -432,7 +432,7 @@ def residual_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.
     (timm's and torchvision's feature extractors trace both).
 
     When not training or ``p == 0`` it returns ``x`` itself, without running any op. Otherwise, in eager
-    mode (not scripting, not compiling): on CUDA the Triton kernel that keeps no mask (``triton_dropout``,
+    mode (not scripting, tracing or compiling): on CUDA the Triton kernel that keeps no mask (``triton_dropout``,
     see ``DROPOUT_KERNELS`` for the automatic choice and how to force the previous op), on CPU
     ``_cpu_dropout``; everywhere else ``torch.native_dropout``, which TorchScript runs, ``torch.compile``
     fuses with its neighbours and ``torch.export`` records.
@@ -449,10 +449,11 @@ def residual_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.
     if not training or p == 0.0:
         return x
     if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
-        if _use_triton(x, None):
-            return _triton_dropout_add(x, None, p, False)
-        if x.device.type == 'cpu':
-            return _cpu_dropout(x, p)
+        if not torch.jit.is_tracing():  # torch.jit.trace would record a custom kernel's drops as constants
+            if _use_triton(x, None):
+                return _triton_dropout_add(x, None, p, False)
+            if x.device.type == 'cpu':
+                return _cpu_dropout(x, p)
     return torch.native_dropout(x, p, True)[0]
 
 
@@ -476,8 +477,9 @@ def residual_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, trai
     stochastic depth sits between the dropout and the addition). In eager mode, on CUDA, one Triton kernel
     each way that keeps no mask (``triton_dropout``); on CPU the CPU kernel with the addition in its scaling
     pass (``_cpu_dropout_add``; the ReLU runs in place after it, as the block's activation would). Under
-    ``torch.compile``, ``torch.export`` and TorchScript, and for any pair a kernel cannot take (other dtypes,
-    layouts or devices, a shortcut with other strides), the separate ops, which inductor fuses itself.
+    ``torch.compile``, ``torch.export``, TorchScript and ``torch.jit.trace``, and for any pair a kernel
+    cannot take (other dtypes, layouts or devices, a shortcut with other strides), the separate ops, which
+    inductor fuses itself.
     Wrapped for ``torch.fx`` like ``residual_dropout``.
 
     Args:
@@ -491,7 +493,7 @@ def residual_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, trai
         A new tensor: ``relu(shortcut + dropout(x))`` or ``shortcut + dropout(x)``.
     """
     if training and p != 0.0 and not torch.jit.is_scripting():
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             fused = _eager_dropout_add(x, shortcut, p, relu)
             if fused is not None:
                 return fused
