@@ -260,9 +260,9 @@ def tail_inputs(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype = to
     tails: list[tuple[float, torch.Tensor, torch.Tensor, bool]] = []
     real = blocks.residual_dropout_add
 
-    def spy(branch, shortcut, p, training=True, relu=False):
+    def spy(branch, shortcut, p, training=True, relu=False, inplace=False):
         tails.append((p, branch.detach().clone(), shortcut.detach().clone(), relu))
-        return real(branch, shortcut, p, training, relu)
+        return real(branch, shortcut, p, training, relu, inplace)
 
     singles: list[tuple[float, torch.Tensor]] = []
 
@@ -308,14 +308,17 @@ def tails(args: argparse.Namespace) -> tuple[str, list[dict]]:
                 up_f = [torch.randn_like(a) for _, a, _, _ in fused]
                 up_s = [torch.randn_like(t) for _, t in singles]
 
+                # both start from a copy of the branch, which they then overwrite as the blocks do (x += shortcut)
                 def base_tails(fused=fused, up_f=up_f) -> None:
                     for (_, a, b, relu), g in zip(fused, up_f, strict=True):
-                        out = a + b
+                        out = a.clone()
+                        out += b
                         torch.autograd.grad(torch.relu_(out) if relu else out, (a, b), g)
 
                 def dropres_tails(fused=fused, up_f=up_f, singles=singles, up_s=up_s) -> None:
                     for (p, a, b, relu), g in zip(fused, up_f, strict=True):
-                        torch.autograd.grad(layers.residual_dropout_add(a, b, p, True, relu), (a, b), g)
+                        out = layers.residual_dropout_add(a.clone(), b, p, True, relu, inplace=True)
+                        torch.autograd.grad(out, (a, b), g)
                     for (p, t), g in zip(singles, up_s, strict=True):
                         torch.autograd.grad(layers.residual_dropout(t, p, True), t, g)
 

@@ -287,6 +287,33 @@ def test_fused_cpu_op_is_a_fixed_linear_map_with_double_backward(p):
     assert torch.autograd.gradcheck(fn, args) and torch.autograd.gradgradcheck(fn, args)
 
 
+@pytest.mark.parametrize('p', [0.05, 0.3])
+def test_fused_cpu_op_in_place_writes_into_the_branch(p):
+    """inplace=True (what the blocks pass, as their own ``x += shortcut``): the branch's memory holds the
+    result, the values and gradients are those of the new-tensor op, and a saved branch is caught."""
+    x0, s0 = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    grads = []
+    for inplace in (False, True):
+        x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+        branch = x * 1.0  # a non-leaf, as a BN output
+        torch.manual_seed(2)
+        out = layers._cpu_dropout_add(branch, s, p, inplace=inplace)
+        assert (out.data_ptr() == branch.data_ptr()) == inplace
+        out.backward(torch.ones_like(out))
+        grads.append((out.detach(), x.grad, s.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    branch = x.sigmoid()  # sigmoid saves its output: writing into it must fail loudly in backward
+    out = layers._cpu_dropout_add(branch, torch.randn(2, 8, 5, 5), p, inplace=True)
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        out.sum().backward()
+    y = torch.randn(2, 8, 5, 5)
+    torch.manual_seed(2)
+    same = layers._cpu_dropout_add(y, y, p, inplace=True)  # shortcut is the branch: not in place
+    torch.manual_seed(2)
+    assert same.data_ptr() != y.data_ptr() and torch.equal(same, layers._cpu_dropout_add(y, y.clone(), p))
+
+
 def test_fused_cpu_op_saves_only_the_drops():
     x = torch.randn(8, 32, 16, 16, requires_grad=True)
     saved = []
@@ -331,7 +358,7 @@ def test_fused_blocks_train_like_the_separate_ops(build, one_torch_thread, monke
     x = torch.randn(2, 3, 32, 32)
     calls = []
     real = layers._cpu_dropout_add
-    monkeypatch.setattr(layers, '_cpu_dropout_add', lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(layers, '_cpu_dropout_add', lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = []
     for kernel in ('auto', 'unfused'):
         model.zero_grad()

@@ -237,6 +237,21 @@ def test_forward_and_gradients_equal_the_formula_and_the_current_op(fmt, with_sh
 
 
 @kernel
+def test_in_place_equals_a_new_tensor():
+    x0, s0 = torch.randn(2, 8, 6, 6, device=DEVICE), torch.randn(2, 8, 6, 6, device=DEVICE)
+    runs = []
+    for inplace in (False, True):
+        x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+        branch = x * 1.0
+        torch.manual_seed(8)
+        out = layers._triton_dropout_add(branch, s, 0.2, True, inplace)
+        assert (out.data_ptr() == branch.data_ptr()) == inplace
+        out.square().sum().backward()
+        runs.append((out.detach(), x.grad, s.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@kernel
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_half_precision_rounds_once_from_float32(dtype):
     x = torch.randn(2, 16, 4, 4, device=DEVICE).to(dtype).requires_grad_()
@@ -341,9 +356,9 @@ def test_model_train_step_through_the_kernels(arch, post_act):
     calls = []
     real = layers._triton_dropout_add
 
-    def spy(x_, s_, p_, relu_):
+    def spy(x_, s_, p_, relu_, inplace_=False):
         calls.append((s_ is not None, relu_))
-        return real(x_, s_, p_, relu_)
+        return real(x_, s_, p_, relu_, inplace_)
 
     layers._triton_dropout_add = spy
     try:

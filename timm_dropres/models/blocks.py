@@ -53,7 +53,7 @@ def _fused_tail(block: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, act: 
     if block.downsample is not None:
         shortcut = block.downsample(shortcut)
     relu = type(act) is nn.ReLU
-    out = residual_dropout_add(x, shortcut, block.res_drop.p, True, relu)
+    out = residual_dropout_add(x, shortcut, block.res_drop.p, True, relu, inplace=True)  # as ``x += shortcut``
     return out if relu else act(out)
 
 

@@ -249,8 +249,14 @@ class _ApplyDropAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, shortcut: torch.Tensor, drop: torch.Tensor,  # type: ignore[override]
-                scale: float, order: tuple[int, ...]) -> torch.Tensor:
-        out = _empty_in_order(x, order)
+                scale: float, order: tuple[int, ...], inplace: bool = False) -> torch.Tensor:
+        # in place, as the block's own ``x += shortcut``: no new tensor, so no first-touch page faults on CPU
+        # (the copy-back below reads the shortcut after the add, so never when the two share memory)
+        if inplace and x.untyped_storage().data_ptr() != shortcut.untyped_storage().data_ptr():
+            out = x
+            ctx.mark_dirty(x)
+        else:
+            out = _empty_in_order(x, order)
         if drop.dtype == torch.int64:
             torch.add(shortcut, x, alpha=scale, out=out)
             flat_s = shortcut.permute(order).reshape(-1)  # a view: shortcut is dense in this order
@@ -259,20 +265,20 @@ class _ApplyDropAdd(torch.autograd.Function):
         else:
             keep = _empty_in_order(x, order)
             keep.permute(order).copy_(drop)
-            torch.addcmul(shortcut, x, keep, value=scale, out=out)
+            torch.addcmul(shortcut, x, keep, value=scale, out=out)  # elementwise: out may be x
         fits = drop.dtype == torch.int64 and x.numel() - 1 <= _INT32_MAX
         ctx.save_for_backward(drop.int() if fits else drop)
         ctx.scale, ctx.order = scale, order
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (drop,) = ctx.saved_tensors
         if drop.dtype == torch.int32:
             drop = drop.long()
         if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
-            return _ApplyDrop.apply(grad, drop, ctx.scale, ctx.order), grad, None, None, None
-        return _apply_drop(grad, drop, ctx.scale, ctx.order), grad, None, None, None
+            return _ApplyDrop.apply(grad, drop, ctx.scale, ctx.order), grad, None, None, None, None
+        return _apply_drop(grad, drop, ctx.scale, ctx.order), grad, None, None, None, None
 
 
 def _cpu_drops(x: torch.Tensor, p: float, order: tuple[int, ...],
@@ -313,7 +319,7 @@ def _cpu_fusable(x: torch.Tensor, shortcut: torch.Tensor) -> bool:
 
 
 def _cpu_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float,
-                     position_max_p: float = POSITION_KERNEL_MAX_P) -> torch.Tensor:
+                     position_max_p: float = POSITION_KERNEL_MAX_P, inplace: bool = False) -> torch.Tensor:
     """``shortcut + _cpu_dropout(x, p)`` with the addition fused into the scaling pass (``_ApplyDropAdd``).
 
     The same drops as ``_cpu_dropout`` draws for the same RNG state, so the two agree at equal seeds up to the
@@ -321,7 +327,7 @@ def _cpu_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float,
     """
     order = _memory_order(x)
     drop, scale = _cpu_drops(x, p, order, position_max_p)
-    return _ApplyDropAdd.apply(x, shortcut, drop, scale, order)
+    return _ApplyDropAdd.apply(x, shortcut, drop, scale, order, inplace)
 
 
 #: Values of ``set_dropout_kernel`` (and of the ``TIMM_DROPRES_DROPOUT_KERNEL`` environment variable).
@@ -405,9 +411,10 @@ def _use_triton(x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> bool:
     return triton_dropout.usable(x, shortcut)
 
 
-def _triton_dropout_add(x: torch.Tensor, shortcut: Optional[torch.Tensor], p: float, relu: bool) -> torch.Tensor:
+def _triton_dropout_add(x: torch.Tensor, shortcut: Optional[torch.Tensor], p: float, relu: bool,
+                        inplace: bool = False) -> torch.Tensor:
     from . import triton_dropout
-    return triton_dropout.dropout_add(x, shortcut, p, relu)
+    return triton_dropout.dropout_add(x, shortcut, p, relu, inplace)
 
 
 def fuse_with_add(module: nn.Module) -> bool:
@@ -457,12 +464,13 @@ def residual_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.
     return torch.native_dropout(x, p, True)[0]
 
 
-def _eager_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, relu: bool) -> Optional[torch.Tensor]:
+def _eager_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, relu: bool,
+                       inplace: bool) -> Optional[torch.Tensor]:
     """The fused kernels in eager mode, or ``None`` where none takes the pair (the caller runs separate ops)."""
     if _use_triton(x, shortcut):
-        return _triton_dropout_add(x, shortcut, p, relu)
+        return _triton_dropout_add(x, shortcut, p, relu, inplace)
     if _kernel != 'unfused' and x.device.type == 'cpu' and _cpu_fusable(x, shortcut):
-        out = _cpu_dropout_add(x, shortcut, p)
+        out = _cpu_dropout_add(x, shortcut, p, inplace=inplace)
         return torch.relu_(out) if relu else out
     return None
 
@@ -470,7 +478,7 @@ def _eager_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, relu: 
 @torch.fx.wrap
 @register_notrace_function
 def residual_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, training: bool = True,
-                         relu: bool = False) -> torch.Tensor:
+                         relu: bool = False, inplace: bool = False) -> torch.Tensor:
     """``shortcut + residual_dropout(x, p, training)``, then ReLU when ``relu``: one op where a kernel allows.
 
     What the post-activation blocks call at ``after_last_bn`` when ``fuse_with_add`` says so (and no
@@ -488,13 +496,15 @@ def residual_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, trai
         p: drop probability in [0, 1).
         training: drop only when true.
         relu: apply ReLU to the sum (the block's final activation, when it is ``nn.ReLU``).
+        inplace: the fused kernels may write the result into ``x`` (as the blocks' own ``x += shortcut``
+            does; autograd raises if something saved ``x``). The separate ops never do.
 
     Returns:
         A new tensor: ``relu(shortcut + dropout(x))`` or ``shortcut + dropout(x)``.
     """
     if training and p != 0.0 and not torch.jit.is_scripting():
         if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-            fused = _eager_dropout_add(x, shortcut, p, relu)
+            fused = _eager_dropout_add(x, shortcut, p, relu, inplace)
             if fused is not None:
                 return fused
     out = residual_dropout(x, p, training) + shortcut

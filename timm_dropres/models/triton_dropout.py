@@ -141,10 +141,14 @@ class _DropoutAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, shortcut: Optional[torch.Tensor], p: float,  # type: ignore[override]
-                relu: bool) -> torch.Tensor:
+                relu: bool, inplace: bool = False) -> torch.Tensor:
         threshold, scale = rate_threshold(p)
         seed = torch.randint(0, 1 << 62, (1,), device=x.device, dtype=torch.int64)
-        out = torch.empty_like(x)  # x is dense: same strides, so flat indices match
+        if inplace:  # each element is read, then written, by the same program: safe in place
+            out = x
+            ctx.mark_dirty(x)
+        else:
+            out = torch.empty_like(x)  # x is dense: same strides, so flat indices match
         s = x if shortcut is None else shortcut  # a valid pointer; not read without HAS_SHORTCUT
         with _on(x):
             _forward_kernel[_grid(x.numel())](x, s, out, seed, x.numel(), threshold, scale,
@@ -163,13 +167,13 @@ class _DropoutAdd(torch.autograd.Function):
             if ctx.relu:
                 grad = grad * (out > 0)
             mask = keep_scale(seed, grad, ctx.p)
-            return (grad * mask).to(grad.dtype), grad if ctx.has_shortcut else None, None, None
+            return (grad * mask).to(grad.dtype), grad if ctx.has_shortcut else None, None, None, None
         gx = torch.empty_like(grad)
         gs = torch.empty_like(grad) if ctx.relu else grad
         with _on(grad):
             _backward_kernel[_grid(grad.numel())](grad, out if ctx.relu else grad, gx, gs, seed, grad.numel(),
                                                   ctx.threshold, ctx.scale, RELU=ctx.relu, BLOCK4=_BLOCK4)
-        return gx, gs if ctx.has_shortcut else None, None, None
+        return gx, gs if ctx.has_shortcut else None, None, None, None
 
 
 def _dense(x: torch.Tensor) -> bool:
@@ -183,7 +187,8 @@ def _dense(x: torch.Tensor) -> bool:
     return True
 
 
-def dropout_add(x: torch.Tensor, shortcut: Optional[torch.Tensor], p: float, relu: bool = False) -> torch.Tensor:
+def dropout_add(x: torch.Tensor, shortcut: Optional[torch.Tensor], p: float, relu: bool = False,
+                inplace: bool = False) -> torch.Tensor:
     """``relu(shortcut + dropout(x, p))`` (without the parts not asked for) in one Triton kernel each way.
 
     The caller checks ``usable(x, shortcut)`` first. Gradients: ``x`` gets ``keep * scale * g'`` and
@@ -194,11 +199,12 @@ def dropout_add(x: torch.Tensor, shortcut: Optional[torch.Tensor], p: float, rel
         shortcut: ``None``, or the tensor added to the dropped branch (same shape, dtype and strides).
         p: drop probability in (0, 1).
         relu: apply ReLU to the sum.
+        inplace: write the result into ``x`` (marked dirty for autograd) instead of a new tensor.
 
     Returns:
-        A new tensor with ``x``'s shape and strides.
+        A tensor with ``x``'s shape and strides (``x`` itself when ``inplace``).
     """
-    return _DropoutAdd.apply(x, shortcut, p, relu)
+    return _DropoutAdd.apply(x, shortcut, p, relu, inplace)
 
 
 def usable(x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> bool:
