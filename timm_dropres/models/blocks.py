@@ -47,13 +47,13 @@ __all__ = [
 def _fused_tail(block: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, act: nn.Module) -> torch.Tensor:
     """``act(shortcut' + res_drop(x))`` through ``residual_dropout_add``, ``shortcut'`` after the downsample.
 
-    The ReLU goes into the fused op when ``act`` is exactly ``nn.ReLU`` (its in-place flag changes nothing
-    there: the sum is a new tensor); any other activation runs after it as a module.
+    The ReLU goes into the fused op when ``act`` is exactly ``nn.ReLU``; any other activation runs after
+    it as a module. The sum is written into ``x``, as the block's own ``x += shortcut`` does.
     """
     if block.downsample is not None:
         shortcut = block.downsample(shortcut)
     relu = type(act) is nn.ReLU
-    out = residual_dropout_add(x, shortcut, block.res_drop.p, True, relu, inplace=True)  # as ``x += shortcut``
+    out = residual_dropout_add(x, shortcut, block.res_drop.p, True, relu, inplace=True)
     return out if relu else act(out)
 
 
