@@ -507,7 +507,9 @@ def residual_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, trai
             fused = _eager_dropout_add(x, shortcut, p, relu, inplace)
             if fused is not None:
                 return fused
-    out = residual_dropout(x, p, training) + shortcut
+    out = residual_dropout(x, p, training)
+    # the dropout's output is a new tensor: add in place, as the blocks' separate ops do (never into x itself)
+    out = out.add_(shortcut) if training and p != 0.0 else out + shortcut
     return torch.relu_(out) if relu else out
 
 
