@@ -8,7 +8,9 @@ each repetition to cancel linear drift) after a warm-up, and each ratio is the m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
+import json
 import os
 import platform
 import statistics
@@ -29,6 +31,7 @@ __all__ = [
     'DTYPES', 'Stat', 'base_parser', 'resolve_device', 'resolve_dtype', 'sync', 'interleaved', 'throughput',
     'paired_ratio', 'peak_step_memory', 'markdown_table', 'environment', 'autocast', 'make_batch', 'prepare',
     'fmt_stat', 'verdict', 'count_aten_ops', 'ratio_verdict', 'check_args', 'layouts', 'device_name',
+    'environment_info', 'add_json_flag', 'emit', 'to_jsonable',
 ]
 
 #: ``--clock`` choices: wall-clock time, or this process's CPU time (see ``interleaved``).
@@ -73,7 +76,15 @@ def base_parser(description: str, *, archs: Sequence[str], batch_sizes: Sequence
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default: leave torch to decide)')
     p.add_argument('--clock', default='wall', choices=tuple(CLOCKS),
                    help="'wall' (default) or 'cpu': process CPU time, for a shared CPU; use with --threads 1")
+    add_json_flag(p)
     return p
+
+
+def add_json_flag(p: argparse.ArgumentParser) -> None:
+    """``--json FILE``: every script appends its records there as one JSON line (``emit``)."""
+    p.add_argument('--json', default=None, metavar='FILE',
+                   help='also append this run (arguments, environment, records) as one JSON line to FILE; '
+                        'benchmarks/gpu_summary.py turns such a file into the summary gpu_check.sh writes')
 
 
 def parse_args(p: argparse.ArgumentParser, argv: list[str] | None, smoke: list[str]) -> argparse.Namespace:
@@ -257,6 +268,51 @@ def environment(device: torch.device) -> str:
     cpu = f'{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, load average {load}'
     return (f'device: {device.type} ({device_name(device)}); {cpu}; torch {torch.__version__}, '
             f'timm {timm.__version__}, python {platform.python_version()}')
+
+
+def environment_info(device: torch.device) -> dict:
+    """The ``environment`` line as a dict: device, versions, threads and the residual dropout kernel choice."""
+    import timm
+
+    from timm_dropres.models import layers
+
+    info = dict(device=device.type, device_name=device_name(device), cpu_count=os.cpu_count(),
+                torch_threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
+                python=platform.python_version(), cuda=torch.version.cuda, dropout_kernel=layers.get_dropout_kernel())
+    try:
+        import triton
+        info['triton'] = triton.__version__
+    except ImportError:
+        info['triton'] = None
+    if device.type == 'cuda':
+        props = torch.cuda.get_device_properties(device)
+        info.update(device_memory_mib=props.total_memory // 2 ** 20, capability=f'{props.major}.{props.minor}')
+    return info
+
+
+def to_jsonable(obj: object) -> object:
+    """Records as JSON values: ``Stat`` -> ``{median, lo, hi}``, tuples -> lists, dtypes/devices -> strings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def emit(args: argparse.Namespace, table: str, records: list[dict], script: str) -> int:
+    """What every script's ``main`` does with its result: print the table; with ``--json FILE`` also append
+    ``{script, args, environment, records}`` to FILE as one line (append: one file collects a whole check)."""
+    if getattr(args, 'json', None):
+        device = torch.device(getattr(args, 'device', 'cpu'))
+        line = dict(script=script, args=to_jsonable(vars(args)), environment=environment_info(device),
+                    records=to_jsonable(records))
+        with open(args.json, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(line) + '\n')
+    return print_table(table)
 
 
 def count_aten_ops(fn: Callable[[], object]) -> int:

@@ -138,6 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         'dropout (needs a C++ compiler on CPU; minutes)')
     p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='device for --fusion (default: cpu)')
     p.add_argument('--channels-last', action='store_true', help='--fusion in channels_last')
+    C.add_json_flag(p)
     argv = list(sys.argv[1:] if argv is None else argv)
     if '--smoke' in argv:
         argv = ['--threads', '1', '--archs', 'test_resnet', '--img-size', '32',
@@ -152,10 +153,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    table = run(args)[0]
+    table, records = run(args)
     if args.fusion:
-        table += '\n\n' + fusion(args)[0]
-    return C.print_table(table)
+        fused_table, fused_records = fusion(args)
+        table += '\n\n' + fused_table
+        records = records + [dict(fusion=r) for r in fused_records]
+    return C.emit(args, table, records, script='compile_check')
 
 
 if __name__ == '__main__':

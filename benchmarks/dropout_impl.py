@@ -5,9 +5,13 @@ On CPU, ``F.dropout`` is not fused: it draws a float mask with ``bernoulli_`` (s
 kernel of every ``ResidualDropout`` in ``<arch>_dropres`` (by re-typing the modules, like ``convert``)
 and measures each variant against the same base model, interleaved, in one run:
 
-* ``current``: the package's ``ResidualDropout`` (on CPU at p <= 0.125: the dropped positions drawn as
-  geometric gaps, one scaling pass each way, int32 positions kept for backward; above: a uint8 mask from
-  16-bit uniforms; see ``timm_dropres.models.layers._cpu_dropout``).
+* ``current``: what the package runs by default (``set_dropout_kernel('auto')``): on CPU at p <= 0.125 the
+  dropped positions drawn as geometric gaps, one scaling pass each way, int32 positions kept for backward;
+  above, a uint8 mask from 16-bit uniforms (``timm_dropres.models.layers._cpu_dropout``); in train mode the
+  post-activation blocks fuse it with the residual addition (``residual_dropout_add``). On CUDA the Triton
+  kernels that keep no mask (``timm_dropres.models.triton_dropout``), fused with the addition and ReLU.
+* ``unfused``: the same module with ``set_dropout_kernel('unfused')``: the op before issue 22 (the CPU kernel
+  without the addition; ``torch.native_dropout`` on CUDA), the addition and ReLU as separate ops.
 * ``positions`` / ``mask``: the package's position kernel / uint8 mask kernel at any rate, to place the
   threshold between them (``POSITION_KERNEL_MAX_P``).
 * ``mask16_bool``: the kernel it replaced (issue 14): 16-bit uniforms sliced from 64-bit draws and a bool
@@ -20,7 +24,8 @@ and measures each variant against the same base model, interleaved, in one run:
 * ``rand_bool``: one uniform draw, a bool mask saved for backward, float multiplies (a custom
   ``autograd.Function``: fast and small, but not scriptable).
 
-Target ratios as figures 2 and 3 (>= 0.98 speed, <= 1.02 memory).
+Every variant other than ``current`` runs with ``set_dropout_kernel('unfused')``, so its module's
+``forward`` is what runs at every position. Target ratios as figures 2 and 3 (>= 0.98 speed, <= 1.02 memory).
 
 ``--isolated`` times each kernel alone instead (forward + backward on the tensors the model's dropouts
 see in one step) against the base model's whole train step, which resolves shares of 1-2 % that whole-step
@@ -144,9 +149,23 @@ class MaskDropout(_ForcedKernel):
 
 
 VARIANTS: dict[str, type[ResidualDropout]] = {
-    'current': ResidualDropout, 'positions': PositionsDropout, 'mask': MaskDropout,
+    'current': ResidualDropout, 'unfused': ResidualDropout, 'positions': PositionsDropout, 'mask': MaskDropout,
     'mask16_bool': Mask16BoolDropout, 'f_dropout': FDropout,
     'rand_ge': RandGeDropout, 'native': NativeDropout, 'rand_bool': RandBoolDropout}
+
+
+def kernel_of(variant: str) -> str:
+    """The ``set_dropout_kernel`` choice a variant runs under: the default for ``current``, else ``unfused``
+    (the blocks then call each module's own ``forward`` instead of the fused dropout + addition)."""
+    return 'auto' if variant == 'current' else 'unfused'
+
+
+def under_kernel(kernel: str, fn):
+    """``fn`` run with ``set_dropout_kernel(kernel)`` (restored after each call)."""
+    def run() -> object:
+        with layers.dropout_kernel(kernel):
+            return fn()
+    return run
 
 
 def with_variant(model: torch.nn.Module, cls: type[ResidualDropout]) -> torch.nn.Module:
@@ -205,7 +224,7 @@ def isolated(args: argparse.Namespace) -> tuple[str, list[dict]]:
                         for m, (_, t), g in zip(modules, inputs, upstream, strict=True):
                             torch.autograd.grad(m(t), t, g)
 
-                    cases[name] = kernels
+                    cases[name] = under_kernel(kernel_of(name), kernels)
                 t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
                                   clock=args.clock)
                 step, step_min = C.Stat.of(t['base step']).median, min(t['base step'])
@@ -227,6 +246,106 @@ def isolated(args: argparse.Namespace) -> tuple[str, list[dict]]:
     return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
 
 
+def tail_inputs(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float32
+                ) -> tuple[list[tuple[float, torch.Tensor, torch.Tensor, bool]], list[tuple[float, torch.Tensor]]]:
+    """What one train-mode forward (autograd on) hands to the fused tails and to the other dropouts.
+
+    Returns:
+        ``(tails, singles)``: ``(p, branch, shortcut, relu)`` for every block that called
+        ``residual_dropout_add`` (post-activation at ``after_last_bn``) and ``(p, input)`` for every
+        ``ResidualDropout`` called as a module (the head, pre-activation blocks); tensors copied.
+    """
+    from timm_dropres.models import blocks
+
+    tails: list[tuple[float, torch.Tensor, torch.Tensor, bool]] = []
+    real = blocks.residual_dropout_add
+
+    def spy(branch, shortcut, p, training=True, relu=False, inplace=False):
+        tails.append((p, branch.detach().clone(), shortcut.detach().clone(), relu))
+        return real(branch, shortcut, p, training, relu, inplace)
+
+    singles: list[tuple[float, torch.Tensor]] = []
+
+    def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if module.p > 0:
+            singles.append((module.p, inputs[0].detach().clone()))
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, ResidualDropout)]
+    blocks.residual_dropout_add = spy
+    try:
+        with layers.dropout_kernel('auto'), C.autocast(x.device, dtype):
+            model(x)
+    finally:
+        blocks.residual_dropout_add = real
+        for h in hooks:
+            h.remove()
+    return tails, singles
+
+
+def tails(args: argparse.Namespace) -> tuple[str, list[dict]]:
+    """``--tails``: the dropout's marginal cost with the residual addition, timed alone.
+
+    For every post-activation block the tail (dropout, addition, ReLU) runs forward + backward on the
+    block's own tensors, as ``current`` (fused, ``residual_dropout_add``) and ``unfused`` (the separate
+    ops), and so does the base model's tail (addition + ReLU). The other dropouts (head, pre-activation
+    blocks) run alone as in ``--isolated``. A variant's share of the base step is (its time - the base
+    tails' time) / the base step, all interleaved: what the dropout adds to what the base runs anyway.
+    """
+    device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
+    variants = [v for v in args.variants if v in ('current', 'unfused')]
+    if not variants:
+        raise SystemExit('--tails compares the variants current and unfused; pass at least one of them')
+    rows, records = [], []
+    for arch in args.archs:
+        for cl in C.layouts(args.channels_last):
+            layout = 'channels_last' if cl else 'contiguous'
+            base, dropres = T.build_pair(arch, device, cl, compile_=False, res_drop_rate=args.res_drop_rate)
+            for bs in args.batch_sizes:
+                x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
+                fused, singles = tail_inputs(dropres, x, dtype)
+                fused = [(p, a.requires_grad_(), b.requires_grad_(), r) for p, a, b, r in fused]
+                singles = [(p, t.requires_grad_()) for p, t in singles]
+                up_f = [torch.randn_like(a) for _, a, _, _ in fused]
+                up_s = [torch.randn_like(t) for _, t in singles]
+
+                # both start from a copy of the branch, which they then overwrite as the blocks do (x += shortcut)
+                def base_tails(fused=fused, up_f=up_f) -> None:
+                    for (_, a, b, relu), g in zip(fused, up_f, strict=True):
+                        out = a.clone()
+                        out += b
+                        torch.autograd.grad(torch.relu_(out) if relu else out, (a, b), g)
+
+                def dropres_tails(fused=fused, up_f=up_f, singles=singles, up_s=up_s) -> None:
+                    for (p, a, b, relu), g in zip(fused, up_f, strict=True):
+                        out = layers.residual_dropout_add(a.clone(), b, p, True, relu, inplace=True)
+                        torch.autograd.grad(out, (a, b), g)
+                    for (p, t), g in zip(singles, up_s, strict=True):
+                        torch.autograd.grad(layers.residual_dropout(t, p, True), t, g)
+
+                cases = {'base step': T.make_step(base, x, y, device, dtype)[0], 'base tails': base_tails}
+                cases.update({v: under_kernel(kernel_of(v), dropres_tails) for v in variants})
+                t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
+                                  clock=args.clock)
+                step = C.Stat.of(t['base step']).median
+                for name in variants:
+                    extra = [a - b for a, b in zip(t[name], t['base tails'], strict=True)]  # adjacent reps
+                    cost = C.Stat.of(extra)
+                    share = cost.median / step
+                    ms = {k: f'{C.Stat.of(t[k]).median * 1e3:.1f}' for k in (name, 'base tails')}
+                    rows.append([arch, layout, bs, name, len(fused), len(singles), ms[name], ms['base tails'],
+                                 f'{cost.median * 1e3:.1f} ({cost.lo * 1e3:.1f}–{cost.hi * 1e3:.1f})',
+                                 f'{step * 1e3:.0f}', f'{100 * share:.2f}', f'{1 / (1 + share):.3f}'])
+                    records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, extra_s=cost, step_s=step,
+                                        share=share, fused_sites=len(fused), other_sites=len(singles)))
+    title = (f'### Dropout with the residual addition, timed alone: forward + backward of the block tails on the '
+             f'tensors of one step, minus the base tails, vs the base train step ({args.dtype}, {args.img_size}px, '
+             f'res_drop_rate {args.res_drop_rate}; {args.reps} interleaved reps, {args.clock} clock)')
+    headers = ['arch', 'layout', 'batch', 'kernel', 'fused tails', 'other dropouts', 'dropres tails ms',
+               'base tails ms', 'extra ms / step, median (min–max)', 'base step ms (median)', 'share % (medians)',
+               'implied speed ratio']
+    return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
+
+
 def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
     import copy
     device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
@@ -239,13 +358,15 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
             models.update({name: with_variant(copy.deepcopy(dropres), VARIANTS[name]) for name in args.variants})
             for bs in args.batch_sizes:
                 x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
-                steps = {k: T.make_step(m, x, y, device, dtype)[0] for k, m in models.items()}
+                steps = {k: under_kernel(kernel_of(k), T.make_step(m, x, y, device, dtype)[0])
+                         for k, m in models.items()}
                 t = C.interleaved(steps, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
                                   clock=args.clock)
                 del steps
                 peaks = {}
                 for k, m in models.items():
                     step, opt = T.make_step(m, x, y, device, dtype)
+                    step = under_kernel(kernel_of(k), step)
                     step()
                     peaks[k] = C.peak_step_memory(step, device, m, opt, x, y)
                     del step, opt
@@ -276,8 +397,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f'kernels to compare with the base (default: all of {" ".join(VARIANTS)})')
     p.add_argument('--isolated', action='store_true',
                    help='time each kernel alone on the inputs of one step, against the base step (see isolated())')
+    p.add_argument('--tails', action='store_true',
+                   help='time the block tails (dropout + addition + ReLU) alone, current vs unfused, minus the '
+                        "base's tails (see tails())")
     T.add_res_drop_rate(p)
     args = C.parse_args(p, argv, SMOKE)
+    if args.isolated and args.tails:
+        p.error('--isolated and --tails are two different measures; pass one')
     if args.compile:
         p.error('--compile is not supported here: compiled graphs replace the eager dropout kernel being compared')
     return args
@@ -285,7 +411,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return C.print_table((isolated if args.isolated else run)(args)[0])
+    fn = tails if args.tails else isolated if args.isolated else run
+    return C.emit(args, *fn(args), script='dropout_impl')
 
 
 if __name__ == '__main__':

@@ -9,7 +9,13 @@
 # limit no longer fits in what is left of N is skipped and named, so a short device lease still brings
 # back the most important tables; unset or 0: no budget. Exits non-zero when any figure fails, times out
 # or is skipped (after running the others).
-# Usage: [GPU_CHECK_BUDGET=N] bash benchmarks/gpu_check.sh [output.md]   (run from the repository root)
+# Issue 22: first the Triton residual dropout's tests on the card (tests/models/test_triton_dropout.py: the
+# regenerated mask is the forward's, gradients, checkpoint replay), then the kernel side by side with the
+# previous op (dropout_impl.py: current vs unfused), and every figure also appends its records to a JSON
+# lines file, summarised at the end (benchmarks/gpu_summary.py) as docs/results/gpu/<UTC date>.json: per
+# arch and layout the eager and compiled step and peak-memory ratios, with the device and versions
+# (GPU_CHECK_JSON=path writes it elsewhere).
+# Usage: [GPU_CHECK_BUDGET=N] [GPU_CHECK_JSON=path] bash benchmarks/gpu_check.sh [output.md]   (from the repo root)
 # Prints markdown; paste it into docs/benchmarks.md under "GPU" with the card's name (first line).
 set -euo pipefail
 START=$SECONDS
@@ -23,6 +29,9 @@ if [ -z "${PY:-}" ]; then  # $PY wins, then the project's .venv, then python on 
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 fi
 OUT=${1:-}
+JSON_OUT=${GPU_CHECK_JSON:-docs/results/gpu/$(date -u +%F).json}
+JSONL=$(mktemp "${TMPDIR:-/tmp}/gpu_check.XXXXXX.jsonl")
+trap 'rm -f "$JSONL"' EXIT
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1
 
@@ -41,7 +50,7 @@ run() {  # run one figure with a time limit; echo the command first so the outpu
     FAILED=$((FAILED + 1)); return
   fi
   local status=0 t0=$SECONDS
-  timeout -k 10 "$limit" "$PY" "$@" || status=$?
+  timeout -k 10 "$limit" "$PY" "$@" --json "$JSONL" || status=$?
   if [ "$status" -ne 0 ]; then
     echo "(FAILED: exit status $status; 124 means it ran past ${limit}s)"
     FAILED=$((FAILED + 1))
@@ -49,12 +58,29 @@ run() {  # run one figure with a time limit; echo the command first so the outpu
   echo; echo "(took $((SECONDS - t0)) s)"
 }
 
+tests() {  # the Triton kernels on the card (the launcher that reruns them on CPU is marked slow: skipped)
+  echo; echo "\`$PY -m pytest -q -m 'not slow' tests/models/test_triton_dropout.py\`"; echo
+  if [ "$BUDGET" -gt 0 ] && [ $((SECONDS - START + 180)) -gt "$BUDGET" ]; then
+    echo "(SKIPPED: its 180s limit does not fit in GPU_CHECK_BUDGET=${BUDGET}s)"; FAILED=$((FAILED + 1)); return
+  fi
+  local status=0
+  timeout -k 10 180 "$PY" -m pytest -q -p no:cacheprovider -m 'not slow' tests/models/test_triton_dropout.py \
+      2>&1 | tail -n 15 || status=$?
+  if [ "$status" -ne 0 ]; then echo "(FAILED: exit status $status)"; FAILED=$((FAILED + 1)); fi
+}
+
 TRAIN=(benchmarks/training.py --device cuda --dtype bfloat16 --img-size 224 --batch-sizes 128 --res-drop-rate 0.1)
 figures() {
+  tests
   # Figures 2 and 3 (issue 14): train-step speed and peak memory (torch.cuda.max_memory_allocated),
   # batch 128, eager in both layouts
   run 120 "${TRAIN[@]}" --channels-last both --reps 7 --iters 3 --warmup 3 \
       --archs resnet18 resnet50 resnetv2_50 resnext50_32x4d
+  # Issue 22: the Triton kernels (current) against the previous op (unfused: native_dropout, separate add and
+  # ReLU) and the base, interleaved in one process, eager, both layouts
+  run 150 benchmarks/dropout_impl.py --device cuda --dtype bfloat16 --img-size 224 --batch-sizes 128 \
+      --channels-last both --res-drop-rate 0.1 --reps 5 --iters 3 --warmup 3 --variants current unfused \
+      --archs resnet50 resnetv2_50 resnext50_32x4d
   # which triton kernels hold the dropout (one block, forward + backward), and graph breaks
   run 90 benchmarks/compile_check.py --fusion --device cuda --channels-last
   # Figures 2 and 3 compiled, channels_last, one arch per call (each compiles two models; an H200 took
@@ -76,6 +102,12 @@ figures() {
   run 90 benchmarks/inference.py --device cuda --dtype bfloat16 --channels-last yes --img-size 224 \
       --batch-sizes 256 --reps 7 --iters 5 --warmup 3 --archs resnet50 --compile
   echo
+  if [ -s "$JSONL" ]; then
+    "$PY" benchmarks/gpu_summary.py "$JSONL" --out "$JSON_OUT" --command "bash benchmarks/gpu_check.sh" \
+      && echo "JSON summary: $JSON_OUT" || FAILED=$((FAILED + 1))
+  else
+    echo "(no JSON summary: no figure finished)"
+  fi
   if [ "$FAILED" -ne 0 ]; then echo "gpu_check.sh: $FAILED figure(s) failed or were skipped" >&2; return 1; fi
 }
 

@@ -91,7 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return C.print_table(run(parse_args(argv))[0])
+    args = parse_args(argv)
+    return C.emit(args, *run(args), script='inference')
 
 
 if __name__ == '__main__':

@@ -12,7 +12,17 @@ import timm
 import torch
 
 import timm_dropres  # noqa: F401
-from benchmarks import ceiling, compile_check, dropout_impl, inference, run_all, study_engine, trainer, training
+from benchmarks import (
+    ceiling,
+    compile_check,
+    dropout_impl,
+    gpu_summary,
+    inference,
+    run_all,
+    study_engine,
+    trainer,
+    training,
+)
 from benchmarks import common as C
 
 
@@ -137,15 +147,55 @@ def test_gpu_check_script_is_valid_and_its_flags_parse():
     train = re.search(r'^TRAIN=\((.*)\)$', text, flags=re.M).group(1)  # the training command, shared
     text = text.replace('"${TRAIN[@]}"', train)
     commands = re.findall(r'^\s*run \d+ benchmarks/(\w+)\.py(.*)$', text, flags=re.M)
-    modules = {m.__name__.rsplit('.', 1)[-1]: m for m in (inference, training, ceiling, trainer, compile_check)}
+    modules = {m.__name__.rsplit('.', 1)[-1]: m
+               for m in (inference, training, ceiling, trainer, compile_check, dropout_impl)}
     assert {name for name, _ in commands} == set(modules)
     for name, rest in commands:
-        args = modules[name].parse_args(shlex.split(rest))
+        args = modules[name].parse_args(shlex.split(rest) + ['--json', 'x.jsonl'])  # run() appends --json
         if name != 'compile_check':
             assert args.device == 'cuda' and args.dtype == 'bfloat16', (name, rest)
-        if name in ('training', 'ceiling', 'trainer'):
+        if name in ('training', 'ceiling', 'trainer', 'dropout_impl'):
             assert args.res_drop_rate > 0, (name, rest)  # the figures must time residual dropout
-    assert sum(name == 'training' and '--compile' in rest for name, rest in commands) == 3
+    compiled = [rest for name, rest in commands if name == 'training' and '--compile' in rest]
+    assert len(compiled) == 3 and any('resnext50_32x4d' in rest for rest in compiled)
+    assert any(name == 'trainer' and '--num-workers 8' in rest and '--res-drop-rate 0.1' in rest
+               for name, rest in commands)
+    assert any(name == 'dropout_impl' and '--variants current unfused' in rest for name, rest in commands)
+    assert '"$PY" "$@" --json "$JSONL"' in text and 'benchmarks/gpu_summary.py "$JSONL" --out "$JSON_OUT"' in text
+    assert 'docs/results/gpu/$(date -u +%F).json' in text
+
+
+def test_json_lines_summarised_per_arch_layout_and_mode(tmp_path, capsys):
+    """What gpu_check.sh writes: each script appends a JSON line (--json), gpu_summary turns them into
+    docs/results/gpu/<date>.json. Eager lines come from real CPU smoke runs; the compiled one is the eager
+    line relabelled (compiling on 2 CPU cores takes minutes)."""
+    import json
+
+    lines = tmp_path / 'session.jsonl'
+    assert training.main(['--smoke', '--json', str(lines)]) == 0
+    assert dropout_impl.main(['--smoke', '--variants', 'current', 'unfused', '--json', str(lines)]) == 0
+    runs = gpu_summary.read_lines(lines)
+    assert [r['script'] for r in runs] == ['training', 'dropout_impl']
+    compiled = json.loads(json.dumps(runs[0]))
+    compiled['args']['compile'] = True
+    lines.write_text(lines.read_text() + json.dumps(compiled) + '\n')
+    out = tmp_path / 'gpu' / '2026-12-05.json'
+    assert gpu_summary.main([str(lines), '--out', str(out), '--command', 'bash benchmarks/gpu_check.sh']) == 0
+    summary = json.loads(out.read_text())
+    assert summary['schema'] == gpu_summary.SCHEMA and summary['command'] == 'bash benchmarks/gpu_check.sh'
+    env = summary['environment']
+    assert env['device'] == 'cpu' and env['torch'] == torch.__version__ and env['timm'] == timm.__version__
+    assert env['dropout_kernel'] == 'auto' and 'triton' in env
+    entry = summary['training']['test_resnet']['contiguous']
+    for mode in ('eager', 'compiled'):
+        step, mem = entry[mode]['step_ratio'], entry[mode]['memory_ratio']
+        assert step['lo'] <= step['median'] <= step['hi'] and mem > 0, entry
+        assert entry[mode]['res_drop_rate'] == training.RES_DROP_RATE and entry[mode]['batch'] == 2
+    assert [r['variant'] for r in summary['kernels'][0]['records']] == ['current', 'unfused']
+    lines.write_text('not json\n')
+    with pytest.raises(SystemExit):
+        gpu_summary.main([str(lines), '--out', str(out)])
+    assert 'session.jsonl:1 is not a JSON line' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('module', [training, ceiling, dropout_impl, trainer], ids=lambda m: m.__name__)
@@ -212,3 +262,18 @@ def test_study_engine_smoke_times_both_sides(capsys):
     assert study_engine.main(['--smoke', '--configs', 'none']) == 0
     out = capsys.readouterr().out
     assert '| none | 0 |' in out and '| all |' in out and 'engine / harness (CPU)' in out
+
+
+def test_dropout_impl_tails_times_the_fused_and_separate_tails():
+    """--tails: every post-activation block's tail is captured (4 in test_resnet) and the head dropout alone;
+    the extra time over the base's tails is reported for both kernels."""
+    table, records = dropout_impl.tails(dropout_impl.parse_args(['--smoke', '--tails', '--variants', 'current',
+                                                                  'unfused']))
+    assert [r['variant'] for r in records] == ['current', 'unfused']
+    assert all(r['fused_sites'] == 4 and r['other_sites'] == 1 and r['step_s'] > 0 for r in records)
+    assert 'Dropout with the residual addition, timed alone' in table
+    model = timm.create_model('test_resnet_dropres', res_drop_rate=0.1).train()
+    fused, singles = dropout_impl.tail_inputs(model, torch.randn(2, 3, 32, 32))
+    assert [(p, relu) for p, _, _, relu in fused] == [(0.1, True)] * 4 and len(singles) == 1
+    with pytest.raises(SystemExit):
+        dropout_impl.parse_args(['--isolated', '--tails'])

@@ -2,6 +2,11 @@
 
 Forward hooks see modules; a TorchFunctionMode sees what runs between them (the residual ``+=``,
 functional dropout). Ops that run inside a leaf module are attributed to that module only.
+
+The forward runs without autograd: in a train-mode forward with autograd the post-activation blocks fuse
+their dropout with the residual addition into one call (``layers.fuse_with_add``), which would hide the
+module and the ``+=`` this trace checks the order of; tests/models/test_layers.py checks that the fused
+blocks compute what the separate ops compute.
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ def trace(model: nn.Module, x: torch.Tensor) -> List[str]:
             depth[0] -= 1
         handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
     try:
-        with _OpLog(events, depth):
+        with torch.no_grad(), _OpLog(events, depth):
             model(x)
     finally:
         for h in handles:

@@ -14,7 +14,7 @@ import timm
 import torch
 from timm.models import create_feature_extractor
 
-from timm_dropres.models.layers import ResidualDropout, residual_dropout
+from timm_dropres.models.layers import ResidualDropout, residual_dropout, residual_dropout_add
 
 ARCHS = {  # dropres arch -> (tiny kwargs, feature nodes for create_feature_extractor)
     'resnet18_dropres': (dict(channels=(8, 8, 8, 8), stem_width=8), ['layer1', 'layer4']),
@@ -52,8 +52,13 @@ def x() -> torch.Tensor:
 def test_symbolic_trace_matches_eager_forward_and_backward(arch, mode, x):
     model = tiny(arch, mode)
     graph = torch.fx.symbolic_trace(model)
-    calls = [n for n in graph.graph.nodes if n.op == 'call_function' and n.target is residual_dropout]
+    calls = [n for n in graph.graph.nodes
+             if n.op == 'call_function' and n.target in (residual_dropout, residual_dropout_add)]
     assert len(calls) == sum(isinstance(m, ResidualDropout) for m in model.modules())  # one leaf call each
+    # train mode with autograd: the post-activation blocks trace their fused dropout + add + ReLU as one call
+    fused = sum(n.target is residual_dropout_add for n in calls)
+    post_act = sum(isinstance(m, ResidualDropout) and m.where == 'after_last_bn' for m in model.modules())
+    assert fused == (post_act if mode == 'train' else 0) and (post_act > 0) == (arch == 'resnet18_dropres')
     eager = seeded(model, x)
     traced = seeded(graph, x)
     assert torch.equal(traced, eager)  # eval: the base model's output; train: the same kernel, same draws
@@ -164,3 +169,14 @@ def test_torch_export(arch, x):
             out.sum().backward()
             assert all(p.grad is not None for p in exported.parameters())
             assert not torch.equal(out, model.eval()(x))
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_jit_trace_records_a_dropout_op_not_one_draw(arch, x):
+    """torch.jit.trace in train mode takes native_dropout: a custom kernel's drops would be baked in."""
+    model = tiny(arch, 'train')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # trace warns that train-mode outputs differ between runs
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+    assert 'native_dropout' in str(traced.inlined_graph)
+    assert not torch.equal(traced(x), traced(x))  # fresh drops every call

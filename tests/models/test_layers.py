@@ -248,3 +248,146 @@ def test_check_dropout_args_lists_every_bad_argument():
     assert "res_drop_pos must be one of" in msg and "'nowhere'" in msg
     from timm_dropres.models.layers import check_dropout_args
     assert check_dropout_args(None, 0, None) == (None, 0.0, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the residual addition fused with the CPU kernel (issue 22)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('p', [0.05, 0.3])  # position kernel, mask kernel
+@pytest.mark.parametrize('fmt', [torch.contiguous_format, torch.channels_last])
+def test_cpu_dropout_add_equals_dropout_then_add_at_equal_masks(p, fmt):
+    """Same RNG state -> same drops as ``_cpu_dropout``; output and both gradients as the separate ops."""
+    x = torch.randn(3, 8, 7, 5).contiguous(memory_format=fmt).requires_grad_()
+    s = torch.randn(3, 8, 7, 5).contiguous(memory_format=fmt).requires_grad_()
+    torch.manual_seed(9)
+    fused = layers._cpu_dropout_add(x, s, p)
+    rx, rs = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    torch.manual_seed(9)
+    ref = layers._cpu_dropout(rx, p) + rs
+    assert fused.stride() == x.stride()
+    torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)
+    dropped = ref.detach() == rs.detach()
+    assert torch.equal(fused.detach()[dropped], s.detach()[dropped])  # dropped: exactly the shortcut
+    g = torch.randn_like(ref)
+    fused.backward(g)
+    ref.backward(g)
+    assert torch.equal(x.grad, rx.grad) and torch.equal(s.grad, g)
+
+
+@pytest.mark.parametrize('p', [0.05, 0.5])
+def test_fused_cpu_op_is_a_fixed_linear_map_with_double_backward(p):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    s = torch.randn_like(x)
+    order = _memory_order(x)
+    mask = (torch.rand(2, 4, 5, 3) > p).to(torch.uint8)
+    drop = drop_positions(x.numel(), 0.3) if p <= POSITION_KERNEL_MAX_P else mask
+    fn = lambda a, b: layers._ApplyDropAdd.apply(a, b, drop, 1.25, order)  # noqa: E731
+    args = (x.requires_grad_(), s.requires_grad_())
+    assert torch.autograd.gradcheck(fn, args) and torch.autograd.gradgradcheck(fn, args)
+
+
+@pytest.mark.parametrize('p', [0.05, 0.3])
+def test_fused_cpu_op_in_place_writes_into_the_branch(p):
+    """inplace=True (what the blocks pass, as their own ``x += shortcut``): the branch's memory holds the
+    result, the values and gradients are those of the new-tensor op, and a saved branch is caught."""
+    x0, s0 = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    grads = []
+    for inplace in (False, True):
+        x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+        branch = x * 1.0  # a non-leaf, as a BN output
+        torch.manual_seed(2)
+        out = layers._cpu_dropout_add(branch, s, p, inplace=inplace)
+        assert (out.data_ptr() == branch.data_ptr()) == inplace
+        out.backward(torch.ones_like(out))
+        grads.append((out.detach(), x.grad, s.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    branch = x.sigmoid()  # sigmoid saves its output: writing into it must fail loudly in backward
+    out = layers._cpu_dropout_add(branch, torch.randn(2, 8, 5, 5), p, inplace=True)
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        out.sum().backward()
+    y = torch.randn(2, 8, 5, 5)
+    torch.manual_seed(2)
+    same = layers._cpu_dropout_add(y, y, p, inplace=True)  # shortcut is the branch: not in place
+    torch.manual_seed(2)
+    assert same.data_ptr() != y.data_ptr() and torch.equal(same, layers._cpu_dropout_add(y, y.clone(), p))
+
+
+def test_fused_cpu_op_saves_only_the_drops():
+    x = torch.randn(8, 32, 16, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layers._cpu_dropout_add(x, torch.randn_like(x), 0.1)
+    assert len(saved) == 1 and saved[0].dtype == torch.int32 and saved[0].numel() <= 0.12 * x.numel()
+
+
+def test_residual_dropout_add_falls_back_to_separate_ops():
+    x = torch.randn(2, 4, 3, 3)
+    s = x.contiguous(memory_format=torch.channels_last)  # other strides: not fusable
+    assert not layers._cpu_fusable(x, s) and layers._cpu_fusable(x, x.clone())
+    torch.manual_seed(1)
+    a = layers.residual_dropout_add(x, s, 0.2, True, True)
+    torch.manual_seed(1)
+    assert torch.equal(a, torch.relu(residual_dropout(x, 0.2) + s))
+    assert torch.equal(layers.residual_dropout_add(x, s, 0.2, False, True), torch.relu(x + s))  # eval
+    assert torch.equal(layers.residual_dropout_add(x, s, 0.0, True, False), x + s)
+
+
+def test_fuse_with_add_only_in_train_mode_with_autograd():
+    drop = ResidualDropout(0.1).train()
+    assert layers.fuse_with_add(drop)
+    with torch.no_grad():
+        assert not layers.fuse_with_add(drop)  # the audit and module tests keep seeing the separate ops
+    with layers.dropout_kernel('unfused'):
+        assert not layers.fuse_with_add(drop)
+    assert not layers.fuse_with_add(drop.eval()) and not layers.fuse_with_add(ResidualDropout(0.0).train())
+
+
+@pytest.mark.parametrize('build', [
+    lambda: timm.create_model('resnet18_dropres', num_classes=3, res_drop_rate=0.2, channels=(8, 8, 8, 8),
+                              stem_width=8),
+    lambda: timm.create_model('test_resnet_dropres', num_classes=3, res_drop_rate=0.2),
+    lambda: timm_dropres.convert(
+        __import__('torchvision').models.resnet50(num_classes=3, width_per_group=8), res_drop_rate=0.2),
+], ids=['timm_basic', 'timm_test_resnet', 'torchvision_bottleneck'])
+def test_fused_blocks_train_like_the_separate_ops(build, one_torch_thread, monkeypatch):
+    """A train step with the fused dropout + addition (+ ReLU) equals the unfused blocks at the same seed,
+    up to the rounding of the fused addition; eval outputs are bit-identical and never fuse."""
+    model = build().train()
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    real = layers._cpu_dropout_add
+    monkeypatch.setattr(layers, '_cpu_dropout_add', lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = []
+    for kernel in ('auto', 'unfused'):
+        model.zero_grad()
+        torch.manual_seed(4)
+        with layers.dropout_kernel(kernel):
+            out = model(x)
+            out.square().sum().backward()
+        runs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        blocks = len(list(timm_dropres.residual_blocks(model)))
+        assert len(calls) == blocks  # every block fused with 'auto', none more with 'unfused'
+    (out_a, grads_a), (out_b, grads_b) = runs
+    torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    model.eval()
+    with torch.no_grad():
+        base = model(x)
+        with layers.dropout_kernel('unfused'):
+            assert torch.equal(base, model(x))
+
+
+def test_fused_blocks_replay_under_gradient_checkpointing(one_torch_thread):
+    model = timm.create_model('test_resnet_dropres', num_classes=3, res_drop_rate=0.3).train()
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for ckpt in (False, True):
+        model.set_grad_checkpointing(ckpt)
+        model.zero_grad()
+        torch.manual_seed(6)
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))

@@ -5,6 +5,12 @@ with one extra call to ``self.res_drop``. They add no parameters or buffers, so 
 those of the base block. ``convert`` turns an existing block into one of these in place by
 re-typing it (same object, same tensors), which is how retrofitting keeps pretrained weights.
 
+At ``after_last_bn`` the dropout sits right before the residual addition. In a train-mode forward with
+autograd on (``layers.fuse_with_add``) the post-activation blocks without stochastic depth call
+``residual_dropout_add`` instead: dropout, addition and, when the activation is ``nn.ReLU``, the ReLU in
+one op (one Triton kernel each way on CUDA, one pass on CPU). TorchScript, eval mode, ``torch.no_grad`` and
+``set_dropout_kernel('unfused')`` run the separate modules and ops as before.
+
 Positions (see ``docs/placement.md``):
 
 * Pre-activation (``PreActBasic``/``PreActBottleneck``): after the last norm + act, right before
@@ -23,6 +29,12 @@ from timm.models import resnet as timm_resnet
 from timm.models import resnetv2 as timm_resnetv2
 from torchvision.models import resnet as tv_resnet
 
+from .layers import fuse_with_add, residual_dropout_add
+
+# torch.fx: the blocks call residual_dropout_add from this module's globals; wrap the name here too, so a
+# symbolic trace records one call (as layers.py does for its own globals)
+torch.fx.wrap('residual_dropout_add')
+
 # The forwards compare ``res_drop_pos`` with string literals equal to ``layers.AFTER_LAST_BN`` and
 # ``layers.BEFORE_LAST_CONV``: TorchScript cannot read a module-level string constant inside ``forward``
 # (tests/models/test_fx.py scripts these blocks); tests/models/test_convert.py checks the values agree.
@@ -30,6 +42,19 @@ __all__ = [
     'DropResBasicBlock', 'DropResBottleneck', 'DropResPreActBasic', 'DropResPreActBottleneck',
     'DropResTvBasicBlock', 'DropResTvBottleneck', 'BLOCK_TYPES', 'PRE_ACT_BLOCKS', 'block_norms',
 ]
+
+
+def _fused_tail(block: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """``act(shortcut' + res_drop(x))`` through ``residual_dropout_add``, ``shortcut'`` after the downsample.
+
+    The ReLU goes into the fused op when ``act`` is exactly ``nn.ReLU``; any other activation runs after
+    it as a module. The sum is written into ``x``, as the block's own ``x += shortcut`` does.
+    """
+    if block.downsample is not None:
+        shortcut = block.downsample(shortcut)
+    relu = type(act) is nn.ReLU
+    out = residual_dropout_add(x, shortcut, block.res_drop.p, True, relu, inplace=True)
+    return out if relu else act(out)
 
 
 class DropResBasicBlock(timm_resnet.BasicBlock):
@@ -50,6 +75,9 @@ class DropResBasicBlock(timm_resnet.BasicBlock):
         x = self.bn2(x)
         if self.se is not None:
             x = self.se(x)
+        if not torch.jit.is_scripting():  # TorchScript keeps the separate ops below
+            if self.res_drop_pos == 'after_last_bn' and self.drop_path is None and fuse_with_add(self.res_drop):
+                return _fused_tail(self, x, shortcut, self.act2)
         if self.res_drop_pos == 'after_last_bn':
             x = self.res_drop(x)
         if self.drop_path is not None:
@@ -81,6 +109,9 @@ class DropResBottleneck(timm_resnet.Bottleneck):
         x = self.bn3(x)
         if self.se is not None:
             x = self.se(x)
+        if not torch.jit.is_scripting():  # TorchScript keeps the separate ops below
+            if self.res_drop_pos == 'after_last_bn' and self.drop_path is None and fuse_with_add(self.res_drop):
+                return _fused_tail(self, x, shortcut, self.act3)
         if self.res_drop_pos == 'after_last_bn':
             x = self.res_drop(x)
         if self.drop_path is not None:
@@ -137,6 +168,9 @@ class DropResTvBasicBlock(tv_resnet.BasicBlock):
         if self.res_drop_pos == 'before_last_conv':
             out = self.res_drop(out)
         out = self.bn2(self.conv2(out))
+        if not torch.jit.is_scripting():  # TorchScript keeps the separate ops below
+            if self.res_drop_pos == 'after_last_bn' and fuse_with_add(self.res_drop):
+                return _fused_tail(self, out, x, self.relu)
         if self.res_drop_pos == 'after_last_bn':
             out = self.res_drop(out)
         if self.downsample is not None:
@@ -157,6 +191,9 @@ class DropResTvBottleneck(tv_resnet.Bottleneck):
         if self.res_drop_pos == 'before_last_conv':
             out = self.res_drop(out)
         out = self.bn3(self.conv3(out))
+        if not torch.jit.is_scripting():  # TorchScript keeps the separate ops below
+            if self.res_drop_pos == 'after_last_bn' and fuse_with_add(self.res_drop):
+                return _fused_tail(self, out, x, self.relu)
         if self.res_drop_pos == 'after_last_bn':
             out = self.res_drop(out)
         if self.downsample is not None:

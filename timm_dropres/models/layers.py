@@ -4,15 +4,21 @@ Everything that names a position or checks a rate lives here, so the blocks, the
 ``convert`` and the CLIs all speak the same words and raise the same errors.
 """
 
+import contextlib
+import functools
+import importlib.util
 import math
-from typing import Final
+import os
+from typing import Final, Iterator, Optional
 
 import torch
 import torch.nn as nn
 from timm.layers import register_notrace_function
 
 __all__ = [
-    'ResidualDropout', 'residual_dropout', 'drop_positions', 'geometric_gaps', 'POSITION_KERNEL_MAX_P',
+    'ResidualDropout', 'residual_dropout', 'residual_dropout_add', 'fuse_with_add', 'drop_positions',
+    'geometric_gaps', 'POSITION_KERNEL_MAX_P', 'DROPOUT_KERNELS', 'set_dropout_kernel', 'get_dropout_kernel',
+    'dropout_kernel',
     'AFTER_LAST_BN', 'BEFORE_LAST_CONV', 'AUTO', 'HEAD_BEFORE_POOL',
     'RES_DROP_POSITIONS', 'DEFAULT_RES_DROP_RATE', 'DEFAULT_HEAD_DROP_RATE', 'DEFAULT_POST_ACT_POS',
     'check_rate', 'check_position', 'check_dropout_args',
@@ -232,6 +238,58 @@ class _ApplyDrop(torch.autograd.Function):
         return _apply_drop(grad, drop, ctx.scale, ctx.order), None, None, None
 
 
+class _ApplyDropAdd(torch.autograd.Function):
+    """``y = shortcut + x * keep * scale`` in one pass (the residual addition fused with ``_ApplyDrop``).
+
+    Forward: ``torch.add(shortcut, x, alpha=scale)`` (one pass reading both) and, for the position kernel, the
+    shortcut's values copied back at the dropped positions; for the mask kernel ``addcmul`` with the scaled
+    mask. Saved: the drops only, as ``_ApplyDrop``. Backward: ``shortcut`` gets the gradient itself and ``x``
+    the same map as ``_ApplyDrop``. ``shortcut`` must have ``x``'s shape, dtype and strides (``_cpu_fusable``).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shortcut: torch.Tensor, drop: torch.Tensor,  # type: ignore[override]
+                scale: float, order: tuple[int, ...], inplace: bool = False) -> torch.Tensor:
+        # in place, as the block's own ``x += shortcut``: no new tensor, so no first-touch page faults on CPU
+        # (the copy-back below reads the shortcut after the add, so never when the two share memory)
+        if inplace and x.untyped_storage().data_ptr() != shortcut.untyped_storage().data_ptr():
+            out = x
+            ctx.mark_dirty(x)
+        else:
+            out = _empty_in_order(x, order)
+        if drop.dtype == torch.int64:
+            torch.add(shortcut, x, alpha=scale, out=out)
+            flat_s = shortcut.permute(order).reshape(-1)  # a view: shortcut is dense in this order
+            # index_select: 2-3x faster than gather or indexing for sorted positions on CPU (one thread)
+            out.permute(order).view(-1).scatter_(0, drop, flat_s.index_select(0, drop))
+        else:
+            keep = _empty_in_order(x, order)
+            keep.permute(order).copy_(drop)
+            torch.addcmul(shortcut, x, keep, value=scale, out=out)  # elementwise: out may be x
+        fits = drop.dtype == torch.int64 and x.numel() - 1 <= _INT32_MAX
+        ctx.save_for_backward(drop.int() if fits else drop)
+        ctx.scale, ctx.order = scale, order
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (drop,) = ctx.saved_tensors
+        if drop.dtype == torch.int32:
+            drop = drop.long()
+        if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
+            return _ApplyDrop.apply(grad, drop, ctx.scale, ctx.order), grad, None, None, None, None
+        return _apply_drop(grad, drop, ctx.scale, ctx.order), grad, None, None, None, None
+
+
+def _cpu_drops(x: torch.Tensor, p: float, order: tuple[int, ...],
+               position_max_p: float = POSITION_KERNEL_MAX_P) -> tuple[torch.Tensor, float]:
+    """The drops for ``x`` (positions at ``p <= position_max_p``, else a uint8 keep mask) and their scale."""
+    if p <= position_max_p:
+        return drop_positions(x.numel(), p), 1.0 / (1.0 - p)
+    drop_levels = min(int(round(p * _LEVELS)), _LEVELS - 1)  # p < 1 may still round to 65536
+    return _keep_mask(x, order, drop_levels), _LEVELS / (_LEVELS - drop_levels)
+
+
 def _cpu_dropout(x: torch.Tensor, p: float, position_max_p: float = POSITION_KERNEL_MAX_P) -> torch.Tensor:
     """Eager CPU inverted dropout that keeps ``x``'s memory format and saves little for backward.
 
@@ -250,10 +308,123 @@ def _cpu_dropout(x: torch.Tensor, p: float, position_max_p: float = POSITION_KER
     ``position_max_p`` moves the threshold between the two (benchmarks/dropout_impl.py compares them).
     """
     order = _memory_order(x)
-    if p <= position_max_p:
-        return _ApplyDrop.apply(x, drop_positions(x.numel(), p), 1.0 / (1.0 - p), order)
-    drop_levels = min(int(round(p * _LEVELS)), _LEVELS - 1)  # p < 1 may still round to 65536
-    return _ApplyDrop.apply(x, _keep_mask(x, order, drop_levels), _LEVELS / (_LEVELS - drop_levels), order)
+    drop, scale = _cpu_drops(x, p, order, position_max_p)
+    return _ApplyDrop.apply(x, drop, scale, order)
+
+
+def _cpu_fusable(x: torch.Tensor, shortcut: torch.Tensor) -> bool:
+    """``_ApplyDropAdd`` takes the pair: same shape, dtype and strides, dense (a view in memory order)."""
+    return (shortcut.shape == x.shape and shortcut.dtype == x.dtype and shortcut.stride() == x.stride()
+            and x.dim() > 0 and x.permute(_memory_order(x)).is_contiguous())
+
+
+def _cpu_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float,
+                     position_max_p: float = POSITION_KERNEL_MAX_P, inplace: bool = False) -> torch.Tensor:
+    """``shortcut + _cpu_dropout(x, p)`` with the addition fused into the scaling pass (``_ApplyDropAdd``).
+
+    The same drops as ``_cpu_dropout`` draws for the same RNG state, so the two agree at equal seeds up to the
+    rounding of ``shortcut + x * scale`` (one fused rounding instead of two).
+    """
+    order = _memory_order(x)
+    drop, scale = _cpu_drops(x, p, order, position_max_p)
+    return _ApplyDropAdd.apply(x, shortcut, drop, scale, order, inplace)
+
+
+#: Values of ``set_dropout_kernel`` (and of the ``TIMM_DROPRES_DROPOUT_KERNEL`` environment variable).
+#: ``auto``: on CUDA the Triton kernels (``triton_dropout``: no mask kept, dropout fused with the residual
+#: addition and ReLU) when Triton is importable and the tensor is dense and float32/float16/bfloat16; on CPU
+#: the CPU kernel, fused with the residual addition; ``torch.native_dropout`` elsewhere. ``unfused``: the op
+#: as before issue 22 (``torch.native_dropout`` on CUDA, the unfused CPU kernel, the addition and activation
+#: as separate ops). ``triton``: the Triton kernels wherever a tensor allows it, an error if Triton cannot
+#: be imported; on CPU tensors that needs ``TRITON_INTERPRET=1`` (Triton's interpreter, for testing).
+DROPOUT_KERNELS: Final[tuple[str, ...]] = ('auto', 'unfused', 'triton')
+_ENV_KERNEL = 'TIMM_DROPRES_DROPOUT_KERNEL'
+
+
+def _check_kernel(name: object, source: str) -> str:
+    if name not in DROPOUT_KERNELS:
+        raise ValueError(f'{source} must be one of {list(DROPOUT_KERNELS)}, got {name!r}')
+    return str(name)
+
+
+_kernel = _check_kernel(os.environ.get(_ENV_KERNEL, 'auto'), _ENV_KERNEL)
+
+
+def set_dropout_kernel(name: str) -> str:
+    """Choose the residual dropout kernel process-wide (see ``DROPOUT_KERNELS``); returns the previous choice.
+
+    Args:
+        name: ``'auto'`` (default), ``'unfused'`` (force the op as before the fused kernels) or ``'triton'``.
+
+    Returns:
+        The choice that was in effect.
+
+    Raises:
+        ValueError: ``name`` is not one of ``DROPOUT_KERNELS``.
+    """
+    global _kernel
+    previous, _kernel = _kernel, _check_kernel(name, 'dropout kernel')
+    return previous
+
+
+def get_dropout_kernel() -> str:
+    """The current choice of ``set_dropout_kernel``."""
+    return _kernel
+
+
+@contextlib.contextmanager
+def dropout_kernel(name: str) -> Iterator[None]:
+    """``set_dropout_kernel(name)`` for the duration of a ``with`` block (restored on exit, also on error)."""
+    previous = set_dropout_kernel(name)
+    try:
+        yield
+    finally:
+        set_dropout_kernel(previous)
+
+
+@functools.cache
+def _triton_device_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Triton importable and able to run on ``device`` (CUDA: compute capability 7.0+, 8.0+ for bfloat16)."""
+    if importlib.util.find_spec('triton') is None:
+        return False
+    try:
+        from . import triton_dropout  # noqa: F401  (a broken Triton install: the other kernels)
+    except Exception:  # noqa: BLE001 - any import failure means "not usable", never a failed training step
+        return False
+    if device.type == 'cuda':
+        major, _ = torch.cuda.get_device_capability(device)
+        return major >= (8 if dtype == torch.bfloat16 else 7)
+    return device.type == 'cpu' and os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+
+def _use_triton(x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> bool:
+    """The automatic choice (or the forced ``triton``) of the Triton kernels for this call."""
+    if _kernel == 'unfused' or (_kernel == 'auto' and not x.is_cuda):
+        return False
+    if not _triton_device_ok(x.device, x.dtype):
+        if _kernel == 'triton':
+            raise RuntimeError(f'dropout kernel "triton" was forced but cannot run on {x.device} ({x.dtype}): '
+                               'needs Triton importable and a CUDA device (compute capability 7.0+, 8.0+ for '
+                               'bfloat16), or CPU tensors under TRITON_INTERPRET=1')
+        return False
+    from . import triton_dropout
+    return triton_dropout.usable(x, shortcut)
+
+
+def _triton_dropout_add(x: torch.Tensor, shortcut: Optional[torch.Tensor], p: float, relu: bool,
+                        inplace: bool = False) -> torch.Tensor:
+    from . import triton_dropout
+    return triton_dropout.dropout_add(x, shortcut, p, relu, inplace)
+
+
+def fuse_with_add(module: nn.Module) -> bool:
+    """Whether a block should call ``residual_dropout_add`` instead of ``module`` then the addition.
+
+    True in a train-mode forward with autograd on, at ``p > 0``, unless the kernel is ``unfused``. Without
+    autograd (``torch.no_grad``: the placement audit, the module tests) the blocks keep their separate ops,
+    so tools that watch ``res_drop`` and the addition see them as before; eval never changes.
+    """
+    return bool(module.training and module.p > 0.0 and torch.is_grad_enabled() and _kernel != 'unfused')
 
 
 @torch.fx.wrap
@@ -267,10 +438,11 @@ def residual_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.
     ``DropPath``, the mode is fixed when a graph is traced: trace in the mode the graph will run in
     (timm's and torchvision's feature extractors trace both).
 
-    When not training or ``p == 0`` it returns ``x`` itself, without running any op. Otherwise, on CPU
-    in eager mode (not scripting, not compiling) it runs ``_cpu_dropout``, and everywhere else
-    ``torch.native_dropout``, which TorchScript runs, ``torch.compile`` fuses with its neighbours and
-    ``torch.export`` records.
+    When not training or ``p == 0`` it returns ``x`` itself, without running any op. Otherwise, in eager
+    mode (not scripting, tracing or compiling): on CUDA the Triton kernel that keeps no mask (``triton_dropout``,
+    see ``DROPOUT_KERNELS`` for the automatic choice and how to force the previous op), on CPU
+    ``_cpu_dropout``; everywhere else ``torch.native_dropout``, which TorchScript runs, ``torch.compile``
+    fuses with its neighbours and ``torch.export`` records.
 
     Args:
         x: activations.
@@ -283,9 +455,62 @@ def residual_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.
     """
     if not training or p == 0.0:
         return x
-    if x.device.type == 'cpu' and not torch.jit.is_scripting() and not torch.compiler.is_compiling():
-        return _cpu_dropout(x, p)
+    if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
+        if not torch.jit.is_tracing():  # torch.jit.trace would record a custom kernel's drops as constants
+            if _use_triton(x, None):
+                return _triton_dropout_add(x, None, p, False)
+            if x.device.type == 'cpu':
+                return _cpu_dropout(x, p)
     return torch.native_dropout(x, p, True)[0]
+
+
+def _eager_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, relu: bool,
+                       inplace: bool) -> Optional[torch.Tensor]:
+    """The fused kernels in eager mode, or ``None`` where none takes the pair (the caller runs separate ops)."""
+    if _use_triton(x, shortcut):
+        return _triton_dropout_add(x, shortcut, p, relu, inplace)
+    if _kernel != 'unfused' and x.device.type == 'cpu' and _cpu_fusable(x, shortcut):
+        out = _cpu_dropout_add(x, shortcut, p, inplace=inplace)
+        return torch.relu_(out) if relu else out
+    return None
+
+
+@torch.fx.wrap
+@register_notrace_function
+def residual_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, training: bool = True,
+                         relu: bool = False, inplace: bool = False) -> torch.Tensor:
+    """``shortcut + residual_dropout(x, p, training)``, then ReLU when ``relu``: one op where a kernel allows.
+
+    What the post-activation blocks call at ``after_last_bn`` when ``fuse_with_add`` says so (and no
+    stochastic depth sits between the dropout and the addition). In eager mode, on CUDA, one Triton kernel
+    each way that keeps no mask (``triton_dropout``); on CPU the CPU kernel with the addition in its scaling
+    pass (``_cpu_dropout_add``; the ReLU runs in place after it, as the block's activation would). Under
+    ``torch.compile``, ``torch.export``, TorchScript and ``torch.jit.trace``, and for any pair a kernel
+    cannot take (other dtypes, layouts or devices, a shortcut with other strides), the separate ops, which
+    inductor fuses itself.
+    Wrapped for ``torch.fx`` like ``residual_dropout``.
+
+    Args:
+        x: the residual branch.
+        shortcut: added to the dropped branch (``x``'s shape).
+        p: drop probability in [0, 1).
+        training: drop only when true.
+        relu: apply ReLU to the sum (the block's final activation, when it is ``nn.ReLU``).
+        inplace: the fused kernels may write the result into ``x`` (as the blocks' own ``x += shortcut``
+            does; autograd raises if something saved ``x``). The separate ops never do.
+
+    Returns:
+        A new tensor: ``relu(shortcut + dropout(x))`` or ``shortcut + dropout(x)``.
+    """
+    if training and p != 0.0 and not torch.jit.is_scripting():
+        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            fused = _eager_dropout_add(x, shortcut, p, relu, inplace)
+            if fused is not None:
+                return fused
+    out = residual_dropout(x, p, training)
+    # the dropout's output is a new tensor: add in place, as the blocks' separate ops do (never into x itself)
+    out = out.add_(shortcut) if training and p != 0.0 else out + shortcut
+    return torch.relu_(out) if relu else out
 
 
 class ResidualDropout(nn.Dropout):
@@ -296,11 +521,15 @@ class ResidualDropout(nn.Dropout):
     (eval mode or p == 0): the output is then the input tensor itself, so eval-mode outputs are
     bit-identical to the base model and no RNG state is consumed.
 
-    Training runs ``residual_dropout``: in eager CPU training ``_cpu_dropout`` (the position kernel at
-    rates up to 0.125: random numbers for the drops only, one pass each way, 0.4 bytes per element
-    saved at p = 0.1), elsewhere ``torch.native_dropout`` (the fused op ``F.dropout`` uses on CUDA,
-    with a 1-byte mask). See docs/benchmarks.md, "Issue 14". Traceable by ``torch.fx``, timm's
-    FX feature extraction, TorchScript, ``torch.compile`` (no graph break) and ``torch.export``.
+    Training runs ``residual_dropout``: in eager CUDA training a Triton kernel that keeps no mask (the
+    Philox seed is saved and the mask regenerated in backward; ``triton_dropout``), in eager CPU training
+    ``_cpu_dropout`` (the position kernel at rates up to 0.125: random numbers for the drops only, one pass
+    each way, 0.4 bytes per element saved at p = 0.1), elsewhere ``torch.native_dropout`` (with a 1-byte
+    mask). Post-activation blocks at ``after_last_bn`` call ``residual_dropout_add`` with this module's
+    ``p`` instead of calling the module, in train mode with autograd on (``fuse_with_add``), so the
+    dropout shares one pass with the residual addition (and ReLU). ``set_dropout_kernel('unfused')`` forces
+    the previous behaviour. See docs/benchmarks.md, "Issue 14" and "Issue 22". Traceable by ``torch.fx``,
+    timm's FX feature extraction, TorchScript, ``torch.compile`` (no graph break) and ``torch.export``.
 
     Args:
         p: drop probability in [0, 1).
