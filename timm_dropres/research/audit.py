@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
+from ..models.placement import BRANCH, GUIDELINE_LOCATIONS, HAZARD, HEAD_1X1, HEAD_BEFORE, OFF, OK
+from ..models.placement import verdict as _verdict
+
 __all__ = [
     'AuditError', 'AuditEntry', 'AuditReport', 'audit', 'load_model', 'format_report', 'describe_rules', 'format_p',
     'VERDICTS', 'LOCATIONS', 'TERMS', 'GUIDELINE_LOCATIONS', 'TABLE_COLUMNS', 'OK', 'OFF', 'HAZARD',
@@ -40,9 +43,9 @@ __all__ = [
 # the vocabulary: one definition, used by the library, the CLI (--help) and docs/placement.md
 # ----------------------------------------------------------------------------------------------------------
 
-OK, OFF, HAZARD = 'ok', 'off-guideline', 'hazard'
-STEM, BRANCH, SHORTCUT, MAIN, BODY, UNUSED = 'stem', 'residual branch', 'shortcut', 'main path', 'body', 'unused'
-HEAD_BEFORE, HEAD_AFTER, HEAD_1X1, HEAD = 'head, before pooling', 'head, after pooling', 'head, 1x1 map', 'head'
+# OK/OFF/HAZARD, the guideline locations and the verdict rule come from models/placement.py, which convert() reads too
+STEM, SHORTCUT, MAIN, BODY, UNUSED = 'stem', 'shortcut', 'main path', 'body', 'unused'
+HEAD_AFTER, HEAD = 'head, after pooling', 'head'
 
 #: Verdict -> its rule. Every active dropout gets exactly one.
 VERDICTS: Dict[str, str] = {
@@ -74,9 +77,6 @@ LOCATIONS: Dict[str, str] = {
           '(dropout on a feature-map output)',
 }
 
-#: Locations where an op without a hazard is ``ok``.
-GUIDELINE_LOCATIONS = (BRANCH, HEAD_BEFORE, HEAD_1X1)
-
 #: Terms the rules use, defined once.
 TERMS: Dict[str, str] = {
     'residual merge': "an addition of a branch and its skip path. The fork is the two operands' latest common "
@@ -100,12 +100,6 @@ TABLE_COLUMNS: Tuple[Tuple[str, str], ...] = (
 
 class AuditError(RuntimeError):
     """The model could not be built or traced; the message says why and what to try."""
-
-
-def _verdict(location: str, hazard: bool) -> str:
-    if hazard:
-        return HAZARD
-    return OK if location in GUIDELINE_LOCATIONS else OFF
 
 
 @dataclass(frozen=True)
