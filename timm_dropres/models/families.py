@@ -56,7 +56,8 @@ from .layers import AFTER_LAST_BN, AUTO, HEAD_BEFORE_POOL, ResidualDropout
 
 __all__ = [
     'DropResMerge', 'DropResSelectAdaptivePool2d', 'Slot', 'MERGE_SLOTS', 'MODEL_CLASSES', 'REFUSED',
-    'family_sites', 'is_family_model', 'convert_family', 'refusal',
+    'family_sites', 'is_family_model', 'convert_family', 'refusal', 'check_family_position', 'head_dropout',
+    'residual_dropouts',
 ]
 
 
@@ -251,11 +252,21 @@ def _norms(block: nn.Module) -> List[nn.Module]:
             or type(m).__name__.startswith(('EvoNorm', 'FilterResponseNorm'))]
 
 
+def _non_bn_norms(block: nn.Module) -> List[str]:
+    """Norm layers that take BatchNorm's place (GroupNorm, EvoNorm, FRN, BN without running statistics).
+
+    A LayerNorm inside an attention or gating module (global context on a pooled vector) does not: the
+    branch's convolutions are still normalised by BatchNorm.
+    """
+    return sorted({type(m).__name__ for m in _norms(block)
+                   if not isinstance(m, nn.LayerNorm)
+                   and not (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats)})
+
+
 def _is_batchnorm_block(block: nn.Module) -> bool:
-    """Every norm in the block is a BatchNorm with running statistics (the guideline's premise), and there is one."""
-    norms = _norms(block)
-    return bool(norms) and all(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                               for m in norms)
+    """The block's convolutions are normalised by BatchNorm with running statistics (the guideline's premise)."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in block.modules())
+    return has_bn and not _non_bn_norms(block)
 
 
 def family_sites(model: nn.Module) -> Iterator[Tuple[str, nn.Module, Slot]]:
@@ -308,9 +319,9 @@ def refusal(model: nn.Module) -> str | None:
         return f'{name} has no residual block with a skip path: residual dropout has no guideline position'
     for bname, block, _ in sites:
         if not _is_batchnorm_block(block):
-            norms = sorted({type(m).__name__ for m in _norms(block)})
-            return (f'block {bname!r} ({type(block).__name__}) normalises with {", ".join(norms) or "no norm"}, '
-                    'not BatchNorm with running statistics: the guideline is about BatchNorm, so it does not apply')
+            norms = _non_bn_norms(block) or ['no BatchNorm']
+            return (f'block {bname!r} ({type(block).__name__}) normalises with {", ".join(norms)}, not BatchNorm '
+                    'with running statistics: the guideline is about BatchNorm, so it does not apply')
     for mname, module in model.named_modules():
         if _slot(module) is None and any(hasattr(module, a) for a in ('drop_path', 'drop_path1', 'stochastic_depth')) \
                 and not isinstance(module, (DropResMerge,)):
@@ -404,13 +415,10 @@ def convert_family(model: nn.Module, *, res_drop_rate: float, drop_rate: float, 
         TypeError: the model is refused (:func:`refusal` gives the reason).
         ValueError: ``res_drop_pos`` is ``'before_last_conv'``, which only ResNet-family blocks offer.
     """
+    check_family_position(res_drop_pos, type(model).__name__)
     reason = refusal(model)
     if reason is not None:
         raise TypeError(f'convert() cannot place dropout: {reason}')
-    if res_drop_pos not in (AUTO, AFTER_LAST_BN):
-        raise ValueError(f"res_drop_pos must be one of ['auto', 'after_last_bn'] for {type(model).__name__} "
-                         f"(its blocks end in BatchNorm; 'before_last_conv' exists for ResNet blocks only), "
-                         f'got {res_drop_pos!r}')
     for _, block, slot in list(family_sites(model)):
         _place_residual(block, slot, res_drop_rate)
     _place_head(model, drop_rate)
@@ -418,6 +426,18 @@ def convert_family(model: nn.Module, *, res_drop_rate: float, drop_rate: float, 
         if isinstance(m, ResidualDropout):
             m.train(model.training)
     return model
+
+
+def check_family_position(res_drop_pos: str, label: str) -> None:
+    """Refuse ``res_drop_pos='before_last_conv'`` for a family model (``label`` names it in the message).
+
+    Raises:
+        ValueError: naming the value and the valid choices.
+    """
+    if res_drop_pos not in (AUTO, AFTER_LAST_BN):
+        raise ValueError(f"res_drop_pos must be one of ['auto', 'after_last_bn'] for {label} (its residual "
+                         f"dropout sits after the branch's last BatchNorm; 'before_last_conv' exists for ResNet "
+                         f'blocks only), got {res_drop_pos!r}')
 
 
 def _place_residual(block: nn.Module, slot: Slot, p: float) -> None:

@@ -163,12 +163,15 @@ class AuditReport:
         input_shape: the traced input's shape.
         entries: one :class:`AuditEntry` per dropout-like op.
         has_bn: whether any BatchNorm with running statistics ran.
+        bn_merges: how many residual merges have a running-statistics BatchNorm in their branch (between the fork
+            and the merge): the model is a BatchNorm residual network when it is above 0.
     """
 
     model: str
     input_shape: Tuple[int, ...]
     entries: List[AuditEntry] = field(default_factory=list)
     has_bn: bool = True
+    bn_merges: int = 0
 
     @property
     def hazards(self) -> List[AuditEntry]:
@@ -822,7 +825,19 @@ def audit(
     drops = [n for n in tracer.nodes if n.kind == 'dropout']
     entries = [_classify(n, graph, i) for i, n in enumerate(drops)]
     has_bn = any(n.kind == 'bn' for n in tracer.nodes)
-    return AuditReport(model=label, input_shape=tuple(shape), entries=entries, has_bn=has_bn)
+    return AuditReport(model=label, input_shape=tuple(shape), entries=entries, has_bn=has_bn,
+                       bn_merges=_bn_merges(graph))
+
+
+def _bn_merges(g: _Graph) -> int:
+    """Residual merges whose branch operand is computed from a BN that is itself computed from the fork."""
+    bns = [n.idx for n in g.nodes if n.kind == 'bn']
+    count = 0
+    for branch, skip in g.merges.values():
+        common = (g.anc[branch] | (1 << branch)) & (g.anc[skip] | (1 << skip))
+        fork = common.bit_length() - 1
+        count += any(b > fork and g.is_ancestor(fork, b) and g.is_ancestor(b, branch) for b in bns)
+    return count
 
 
 def format_p(p: float | None) -> str:
