@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections import deque
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import timm
 import torch.nn as nn
@@ -34,7 +34,7 @@ from .layers import AUTO, DEFAULT_HEAD_DROP_RATE, DEFAULT_RES_DROP_RATE, check_d
 from .published import load_published, with_published_tags
 
 __all__ = ['SUFFIX', 'SKIPPED', 'FAMILY_MODULES', 'FAMILY_SKIPPED', 'supported_base_models', 'mirrored_models',
-           'registered_models', 'skip_reason']
+           'registered_models', 'skip_reason', 'family_variants']
 
 SUFFIX = '_dropres'
 _BASE_MODULES = ('resnet', 'resnetv2')
@@ -86,12 +86,21 @@ def skip_reason(name: str) -> str | None:
 _skip_reason = skip_reason
 
 
-def supported_base_models() -> List[str]:
-    """Names of the timm architectures that get a ``_dropres`` twin (deprecated aliases excluded)."""
+def supported_base_models(modules: Tuple[str, ...] | None = None) -> List[str]:
+    """Names of the timm architectures that get a ``_dropres`` twin (deprecated aliases excluded).
+
+    Args:
+        modules: only these timm modules (default: ``resnet``, ``resnetv2`` and ``FAMILY_MODULES``).
+    """
     names = []
-    for module in _BASE_MODULES + FAMILY_MODULES:  # list_models(module=...) already leaves out deprecated aliases
+    for module in modules or _BASE_MODULES + FAMILY_MODULES:  # list_models(module=...) leaves out deprecated aliases
         names += [n for n in sorted(timm.list_models(module=module)) if not n.endswith(SUFFIX) and not _skip_reason(n)]
     return names
+
+
+def family_variants() -> List[str]:
+    """The twins of ``FAMILY_MODULES`` architectures (placed by ``families.py``, not by ``blocks.py``)."""
+    return [n + SUFFIX for n in supported_base_models(FAMILY_MODULES)]
 
 
 def mirrored_models() -> List[str]:

@@ -164,6 +164,12 @@ MERGE_SLOTS: Dict[Type[nn.Module], Slot] = {
     vovnet.OsaBlock: _compose(lambda b: b.residual),
     # blocks re-stated in family_blocks.py
     **{cls: Slot(RETYPE, '', _always) for cls in FAMILY_BLOCK_TYPES},
+    # GhostNet / RepGhost: `x += self.shortcut(shortcut)`. A downsampling block's shortcut is dw conv + BN + conv + BN:
+    # two weight layers, so by the audit's rule (docs/placement.md, "residual merge") the sum adds two parallel
+    # branches, and its output feeds the next block's BN. Only identity shortcuts are residual merges.
+    ghostnet.GhostBottleneck: Slot(RETYPE, '', lambda b: len(list(b.shortcut.children())) == 0),
+    ghostnet.GhostBottleneckV3: Slot(RETYPE, '', lambda b: len(list(b.shortcut.children())) == 0),
+    repghost.RepGhostBottleneck: Slot(RETYPE, '', lambda b: len(list(b.shortcut.children())) == 0),
     dla.DlaRoot: Slot(RETYPE, '', lambda b: bool(b.shortcut)),
     rexnet.LinearBottleneck: Slot(RETYPE, '', lambda b: bool(b.use_shortcut)),
     # torchvision: MBConv/FusedMBConv `result = self.stochastic_depth(result); result += input`

@@ -42,6 +42,7 @@ class CoverageRow:
         twin: ``<name>_dropres`` is registered.
         tags: how many pretrained tags the base has.
         error: why it could not be built or traced, if it could not.
+        twin_check: for a twin, what :func:`check_twin` found wrong ('' when nothing).
     """
 
     name: str
@@ -51,6 +52,7 @@ class CoverageRow:
     twin: bool
     tags: int
     error: str = ''
+    twin_check: str = ''
 
     @property
     def bn_residual(self) -> bool:
@@ -87,7 +89,55 @@ def classify(name: str) -> CoverageRow:
         report = audit(model)
     except Exception as e:  # noqa: BLE001
         return CoverageRow(name, module, True, 0, twin, tags, f'trace: {type(e).__name__}: {e}'[:200])
-    return CoverageRow(name, module, True, report.bn_merges, twin, tags)
+    checked = check_twin(name, model) if twin else ''
+    return CoverageRow(name, module, True, report.bn_merges, twin, tags, twin_check=checked)
+
+
+def check_twin(name: str, base: nn.Module | None = None, res_drop_rate: float = 0.1) -> str:
+    """The twin's invariants, on the meta device: what is wrong with ``<name>_dropres``, or ``''``.
+
+    Built with ``res_drop_rate`` (and the default head dropout), the twin must have the base's state-dict keys
+    and shapes and load the base's state dict strictly (and the base the twin's); the placement audit of one
+    train-mode forward pass must find every active dropout ``ok`` (no hazard), each ``ResidualDropout`` at a
+    location that ``placement.SITE_LOCATIONS`` allows for its ``where``, and one residual dropout per block
+    with a skip path (``residual_blocks``) plus the head's.
+
+    Args:
+        name: the base architecture.
+        base: the base already built on the meta device (built here if not given).
+        res_drop_rate: the residual rate the twin is built with.
+
+    Returns:
+        ``''``, or the first problem found.
+    """
+    import timm_dropres
+    from ..models.placement import SITE_LOCATIONS
+
+    try:
+        twin = timm.create_model(name + SUFFIX, pretrained=False, device='meta', res_drop_rate=res_drop_rate)
+        base = base if base is not None else timm.create_model(name, pretrained=False, device='meta')
+        sd_twin, sd_base = twin.state_dict(), base.state_dict()
+        if list(sd_twin) != list(sd_base) or any(sd_twin[k].shape != sd_base[k].shape for k in sd_base):
+            return 'state dict keys or shapes differ from the base'
+        twin.load_state_dict(sd_base, strict=True, assign=True)
+        base.load_state_dict(sd_twin, strict=True, assign=True)
+        sites = timm_dropres.dropout_sites(twin)
+        blocks = list(timm_dropres.residual_blocks(twin))
+        if len(sites) != len(blocks) + 1:
+            return f'{len(sites)} dropout modules for {len(blocks)} residual blocks and the head'
+        report = audit(twin)
+    except Exception as e:  # noqa: BLE001 - recorded in the row
+        return f'{type(e).__name__}: {e}'[:200]
+    entries = {e.name: e for e in report.entries}
+    for site in sites:
+        entry = entries.get(site.name)
+        if entry is None:
+            return f'{site.name} did not run in the traced forward pass'
+        if entry.location not in SITE_LOCATIONS[site.where] or entry.hazard:
+            return f'{site.name} ({site.where}) audited as {entry.location} / {entry.verdict}: {entry.why}'[:200]
+    if report.hazards:
+        return f'hazard: {report.hazards[0].name}: {report.hazards[0].note}'[:200]
+    return ''
 
 
 def coverage(names: Iterable[str] | None = None,
@@ -121,6 +171,7 @@ def summarize(rows: Sequence[CoverageRow]) -> Dict[str, float]:
                 fraction=len(covered) / len(pop) if pop else 0.0, tags=tags, covered_tags=covered_tags,
                 tag_fraction=covered_tags / tags if tags else 0.0,
                 twins_not_bn_residual=sum(r.twin and not r.bn_residual for r in rows),
+                twin_problems=sum(bool(r.twin_check) for r in rows),
                 errors=sum(bool(r.error) for r in rows))
 
 
@@ -136,6 +187,9 @@ def format_coverage(rows: Sequence[CoverageRow], command: str = '') -> str:
         f'found by the audit\'s trace): **{s["bn_residual"]}**',
         f'- with a `*_dropres` twin: **{s["covered"]} ({100 * s["fraction"]:.1f} %)**; their pretrained tags: '
         f'**{s["covered_tags"]} of {s["tags"]} ({100 * s["tag_fraction"]:.1f} %)**',
+        f'- every twin checked on the meta device (state dict, strict loading both ways, the audit of a train-mode '
+        f'pass at `res_drop_rate=0.1` finds every dropout `ok` where `placement.SITE_LOCATIONS` puts it): '
+        f'{s["twin_problems"]} with a problem',
         f'- twins of architectures not counted as BatchNorm residual: {s["twins_not_bn_residual"]}; '
         f'architectures that could not be built or traced on the meta device: {s["errors"]}',
         '', '| timm module | BN residual | with a twin | without |', '| --- | --- | --- | --- |',
@@ -150,6 +204,9 @@ def format_coverage(rows: Sequence[CoverageRow], command: str = '') -> str:
         missing = [r.name for r in rs if not r.twin]
         shown = ', '.join(f'`{n}`' for n in missing[:6]) + (f', ... ({len(missing)})' if len(missing) > 6 else '')
         lines.append(f'| {m} | {len(rs)} | {sum(r.twin for r in rs)} | {shown} |')
+    problems = [r for r in rows if r.twin_check]
+    if problems:
+        lines += ['', 'Twins with a problem: ' + '; '.join(f'`{r.name}` ({r.twin_check[:100]})' for r in problems)]
     errors = [r for r in rows if r.error]
     if errors:
         lines += ['', 'Not built or traced: ' + '; '.join(f'`{r.name}` ({r.error[:80]})' for r in errors)]
