@@ -59,7 +59,7 @@ FAMILY_MODULES = (
 _NO_MERGE = 'no residual merge: every block feeds the next one directly, so no position avoids the next BatchNorm'
 _NO_BN = 'GroupNorm/EvoNorm instead of BatchNorm: no running statistics, the guideline does not apply'
 FAMILY_SKIPPED: Dict[str, str] = {
-    '*_gn': _NO_BN, '*_sgn': _NO_BN, '*_evos': _NO_BN,
+    '*_gn': _NO_BN, '*_sgn': _NO_BN, 'regnetz_*_evos': _NO_BN, 'ese_vovnet*_evos': _NO_BN,
     'resnet*_clip': 'attention-pool head: there is no global average pool to put the head dropout before',
     'mobilenetv1_*': _NO_MERGE, 'lcnet_*': _NO_MERGE, 'test_efficientnet*': _NO_MERGE,
     'vovnet39a': _NO_MERGE, 'vovnet57a': _NO_MERGE, 'ese_vovnet19b_*': _NO_MERGE,
@@ -174,7 +174,8 @@ def _make_family_entrypoint(base: str) -> Callable[..., nn.Module]:
         # this variant's pretrained cfg (the base's weights, mirrored, or a local-dir/hub config), resolved here
         # so the model reports this architecture; the base's own builder loads the weights strictly and builds
         # its feature wrappers for features_only
-        cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None))
+        cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None),
+                                     kwargs.pop('pretrained_cfg_overlay', None))
         model = base_fn(pretrained=pretrained, pretrained_cfg=cfg.to_dict(), drop_rate=0.0, **kwargs)
         convert(model, res_drop_rate=res_drop_rate, drop_rate=drop_rate, res_drop_pos=res_drop_pos)
         model._model_args = dict(drop_rate=drop_rate, res_drop_rate=res_drop_rate, res_drop_pos=res_drop_pos)

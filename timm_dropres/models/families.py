@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, List, Tuple, Type
 import torch
 import torch.nn as nn
 import torchvision.models as tvm
-from timm.layers import ClassifierHead, SelectAdaptivePool2d
+from timm.layers import SelectAdaptivePool2d
 from timm.models import (
     FeatureDictNet,
     FeatureHooks,
@@ -367,8 +367,11 @@ def _place_head(model: nn.Module, drop_rate: float) -> None:
     # the after-pool dropouts: forward_head's F.dropout(self.drop_rate), a ClassifierHead's drop, a head_drop
     if isinstance(getattr(model, 'drop_rate', None), float):
         model.drop_rate = 0.0
-    if isinstance(getattr(model, 'head', None), ClassifierHead) and isinstance(model.head.drop, nn.Dropout):
-        model.head.drop = nn.Identity()
+    head_module = getattr(model, 'head', None)
+    if isinstance(head_module, nn.Module):  # timm's ClassifierHead (drop), hgnet's head (dropout)
+        for attr in ('drop', 'dropout'):
+            if isinstance(getattr(head_module, attr, None), nn.Dropout):
+                setattr(head_module, attr, nn.Identity())
     if isinstance(getattr(model, 'head_drop', None), nn.Dropout):
         model.head_drop = nn.Identity()
     model.__class__ = _dropres_model_class(type(model))

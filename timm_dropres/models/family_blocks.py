@@ -65,7 +65,7 @@ class DropResDlaBottle2neck(dla.DlaBottle2neck):
         spx = torch.split(out, self.width, 1)
         spo = []
         sp = spx[0]  # for TorchScript, as in timm
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):  # noqa: B905 (TorchScript has no strict=)
             if i == 0 or self.is_first:
                 sp = spx[i]
             else:

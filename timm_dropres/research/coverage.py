@@ -24,7 +24,10 @@ import torch
 import torch.nn as nn
 from timm.models import get_arch_pretrained_cfgs, model_entrypoint
 
+from ..models.convert import residual_blocks
 from ..models.dropres import SUFFIX
+from ..models.placement import SITE_LOCATIONS
+from ..models.summary import dropout_sites
 from .audit import audit
 
 __all__ = ['CoverageRow', 'timm_architectures', 'classify', 'coverage', 'summarize', 'format_coverage', 'main']
@@ -110,9 +113,6 @@ def check_twin(name: str, base: nn.Module | None = None, res_drop_rate: float = 
     Returns:
         ``''``, or the first problem found.
     """
-    import timm_dropres
-    from ..models.placement import SITE_LOCATIONS
-
     try:
         twin = timm.create_model(name + SUFFIX, pretrained=False, device='meta', res_drop_rate=res_drop_rate)
         base = base if base is not None else timm.create_model(name, pretrained=False, device='meta')
@@ -121,8 +121,8 @@ def check_twin(name: str, base: nn.Module | None = None, res_drop_rate: float = 
             return 'state dict keys or shapes differ from the base'
         twin.load_state_dict(sd_base, strict=True, assign=True)
         base.load_state_dict(sd_twin, strict=True, assign=True)
-        sites = timm_dropres.dropout_sites(twin)
-        blocks = list(timm_dropres.residual_blocks(twin))
+        sites = dropout_sites(twin)
+        blocks = list(residual_blocks(twin))
         if len(sites) != len(blocks) + 1:
             return f'{len(sites)} dropout modules for {len(blocks)} residual blocks and the head'
         report = audit(twin)
