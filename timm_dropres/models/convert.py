@@ -79,9 +79,11 @@ def _is_resnet_family(model: nn.Module) -> bool:
         return False
     if _model_kind(model) is not ResNet:
         return True
-    # timm's ResNet class also builds Res2Net, SKNet and ResNeSt, whose blocks live in families.py
-    known = set(BLOCK_TYPES) | set(BLOCK_TYPES.values())
-    return all(type(b) in known for n in ('layer1', 'layer2', 'layer3', 'layer4') for b in getattr(model, n))
+    # timm's ResNet class also builds Res2Net, SKNet and ResNeSt, whose blocks families.py places; any other
+    # block (an unknown one included) stays here, where it is refused
+    ours = set(BLOCK_TYPES) | set(BLOCK_TYPES.values())
+    blocks = [b for n in ('layer1', 'layer2', 'layer3', 'layer4') for b in getattr(model, n)]
+    return not all(families.is_family_block(b) and type(b) not in ours for b in blocks)
 
 
 def residual_blocks(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:

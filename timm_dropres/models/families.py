@@ -56,7 +56,7 @@ from .layers import AFTER_LAST_BN, AUTO, HEAD_BEFORE_POOL, ResidualDropout
 
 __all__ = [
     'DropResMerge', 'DropResSelectAdaptivePool2d', 'Slot', 'MERGE_SLOTS', 'MODEL_CLASSES', 'REFUSED',
-    'family_sites', 'is_family_model', 'convert_family', 'refusal', 'check_family_position', 'head_dropout',
+    'family_sites', 'is_family_block', 'is_family_model', 'convert_family', 'refusal', 'check_family_position', 'head_dropout',
     'residual_dropouts',
 ]
 
@@ -273,6 +273,11 @@ def _is_batchnorm_block(block: nn.Module) -> bool:
     """The block's convolutions are normalised by BatchNorm with running statistics (the guideline's premise)."""
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in block.modules())
     return has_bn and not _non_bn_norms(block)
+
+
+def is_family_block(module: nn.Module) -> bool:
+    """Whether ``module`` is a block of :data:`MERGE_SLOTS` (converted or not)."""
+    return _slot(module) is not None
 
 
 def family_sites(model: nn.Module) -> Iterator[Tuple[str, nn.Module, Slot]]:
