@@ -56,8 +56,8 @@ from .layers import AFTER_LAST_BN, AUTO, HEAD_BEFORE_POOL, ResidualDropout
 
 __all__ = [
     'DropResMerge', 'DropResSelectAdaptivePool2d', 'Slot', 'MERGE_SLOTS', 'MODEL_CLASSES', 'REFUSED',
-    'family_sites', 'is_family_block', 'is_family_model', 'convert_family', 'refusal', 'check_family_position', 'head_dropout',
-    'residual_dropouts',
+    'family_sites', 'is_family_block', 'is_family_model', 'convert_family', 'refusal', 'check_family_position',
+    'head_dropout', 'residual_dropouts',
 ]
 
 
