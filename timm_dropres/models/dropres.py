@@ -52,17 +52,20 @@ _SKIP_BIT = 'BiT: GroupNorm + weight-standardized convs, the guideline does not 
 FAMILY_MODULES = (
     'efficientnet', 'mobilenetv3', 'hardcorenas', 'regnet', 'byobnet', 'byoanet', 'cspnet', 'cspnext', 'dla',
     'hrnet', 'rexnet', 'ghostnet', 'repghost', 'res2net', 'sknet', 'resnest', 'tresnet', 'hgnet', 'vovnet',
+    'maxxvit',
 )
 
 #: Architectures of ``FAMILY_MODULES`` left out (fnmatch patterns), with the reason that ``convert()`` gives too.
 #: ``test_dropres.py`` builds each and checks that ``convert()`` refuses it.
 _NO_MERGE = 'no residual merge: every block feeds the next one directly, so no position avoids the next BatchNorm'
 _NO_BN = 'GroupNorm/EvoNorm instead of BatchNorm: no running statistics, the guideline does not apply'
+_LN_ONLY = 'its residual blocks (ConvNeXt, transformer) normalise with LayerNorm: the guideline is about BatchNorm'
 FAMILY_SKIPPED: Dict[str, str] = {
     '*_gn': _NO_BN, '*_sgn': _NO_BN, 'regnetz_*_evos': _NO_BN, 'ese_vovnet*_evos': _NO_BN,
     'resnet*_clip': 'attention-pool head: there is no global average pool to put the head dropout before',
     'mobilenetv1_*': _NO_MERGE, 'lcnet_*': _NO_MERGE, 'test_efficientnet*': _NO_MERGE,
     'vovnet39a': _NO_MERGE, 'vovnet57a': _NO_MERGE, 'ese_vovnet19b_*': _NO_MERGE,
+    'coatnext_*': _LN_ONLY, 'maxxvit_*': _LN_ONLY, 'maxxvitv2_*': _LN_ONLY,
 }
 
 # pretrained-cfg fields that register_model() fills in for the new name

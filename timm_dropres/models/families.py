@@ -34,6 +34,7 @@ from timm.models import (
     ghostnet,
     hgnet,
     hrnet,
+    maxxvit,
     mobilenetv3,
     regnet,
     repghost,
@@ -162,6 +163,8 @@ MERGE_SLOTS: Dict[Type[nn.Module], Slot] = {
     # vovnet.py: `x = self.drop_path(x)` after the concat conv+BN (and ESE), then `if self.residual: x = x + identity`:
     # without a residual the drop path feeds the next stage's BN, so those blocks get no dropout
     vovnet.OsaBlock: _compose(lambda b: b.residual),
+    # maxxvit.py (CoAtNet, MaxViT): MbConvBlock, pre-norm BN: `x = self.drop_path(x) + shortcut` after conv3_1x1
+    maxxvit.MbConvBlock: _compose(),
     # blocks re-stated in family_blocks.py
     **{cls: Slot(RETYPE, '', _always) for cls in FAMILY_BLOCK_TYPES},
     # GhostNet / RepGhost: `x += self.shortcut(shortcut)`. A downsampling block's shortcut is dw conv + BN + conv + BN:
@@ -209,12 +212,19 @@ MODEL_CLASSES: Dict[Type[nn.Module], Head] = {
     tresnet.TResNet: Head(pool='head.global_pool'),
     hgnet.HighPerfGpuNet: Head(pool='head.global_pool'),
     vovnet.VovNet: Head(pool='head.global_pool'),
+    maxxvit.MaxxVit: Head(pool='head.global_pool'),
     resnet.ResNet: Head(pool='global_pool'),  # res2net, sknet, resnest: blocks from other modules
     tvm.EfficientNet: Head(trunk='features'),
     tvm.MobileNetV2: Head(trunk='features'),
     tvm.MobileNetV3: Head(trunk='features'),
     tvm.RegNet: Head(trunk='trunk_output'),
 }
+
+#: residual blocks normalised by LayerNorm only (the transformer and ConvNeXt blocks of hybrid families): the
+#: guideline is about BatchNorm, so they get no dropout, and they do not make convert() refuse the model.
+LAYERNORM_BLOCKS: Tuple[Type[nn.Module], ...] = (
+    maxxvit.TransformerBlock2d, maxxvit.PartitionAttentionCl, maxxvit.PartitionAttention2d,
+    maxxvit.ParallelPartitionAttention, maxxvit.ConvNeXtBlock)
 
 #: feature-extraction wrappers and backbones without a classifier: blocks are converted, there is no head.
 FEATURE_CLASSES: Tuple[Type[nn.Module], ...] = (
@@ -335,7 +345,7 @@ def refusal(model: nn.Module) -> str | None:
                     'with running statistics: the guideline is about BatchNorm, so it does not apply')
     for mname, module in model.named_modules():
         if _slot(module) is None and any(hasattr(module, a) for a in ('drop_path', 'drop_path1', 'stochastic_depth')) \
-                and not isinstance(module, (DropResMerge,)):
+                and not isinstance(module, (DropResMerge, *LAYERNORM_BLOCKS)):
             return (f'block {mname!r} of type {type(module).__module__}.{type(module).__name__} is not in the '
                     'placement table: its merge point is unknown')
     return None
