@@ -37,12 +37,13 @@ def test_classify(name, bn_residual):
 
 
 def test_check_twin_finds_a_misplaced_dropout(monkeypatch):
-    """The meta-device check fails when a twin's residual dropout sits where a BatchNorm reads it."""
+    """The meta-device check fails when a twin's residual dropout sits where a BatchNorm reads it: MobileOne
+    calls its drop path in blocks without an identity too, where the output goes on to the next block's BN."""
     from timm_dropres.models import families
-    assert check_twin('regnetx_002') == ''
-    monkeypatch.setitem(families.MERGE_SLOTS, timm.models.regnet.Bottleneck,
-                        families.Slot('append', 'conv2', lambda b: True))  # after conv2's BN, before conv3's BN
-    assert 'hazard' in check_twin('regnetx_002')
+    assert check_twin('mobileone_s0') == '' and check_twin('coatnet_nano_rw_224') == ''
+    monkeypatch.setitem(families.MERGE_SLOTS, timm.models.byobnet.MobileOneBlock,
+                        families.Slot('compose', 'drop_path', lambda b: b.reparam_conv is None))
+    assert 'audited as stem / hazard' in check_twin('mobileone_s0')  # the stem is a MobileOne block
 
 
 def test_committed_result_is_current_and_the_readme_quotes_it():
