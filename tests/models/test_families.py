@@ -194,3 +194,22 @@ def test_torchvision(ctor):
     report = audit(ours.train(), input_size=X[1:])
     assert report.compliant and not report.hazards
     assert sum(e.op == "ResidualDropout" for e in report.entries) == len(list(timm_dropres.residual_blocks(ours))) + 1
+
+
+def test_pretrained_loads_the_base_weights_strictly(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    base = timm.create_model('mobilenetv3_small_050')
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    ref = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file(ref, str(tmp_path / 'w.safetensors'))
+    overlay = dict(file=str(tmp_path / 'w.safetensors'))
+    m = timm.create_model('mobilenetv3_small_050_dropres.lamb_in1k', pretrained=True, pretrained_cfg_overlay=overlay)
+    assert all(torch.equal(m.state_dict()[k], ref[k]) for k in ref) and m.state_dict().keys() == ref.keys()
+    assert m.pretrained_cfg['architecture'] == 'mobilenetv3_small_050_dropres'
+    assert m.pretrained_cfg['hf_hub_id'] == 'timm/mobilenetv3_small_050.lamb_in1k'
+    m10 = timm.create_model('mobilenetv3_small_050_dropres.lamb_in1k', pretrained=True, num_classes=10,
+                            pretrained_cfg_overlay=overlay)
+    assert m10.classifier.out_features == 10 and torch.equal(m10.conv_stem.weight, ref['conv_stem.weight'])
