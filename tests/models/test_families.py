@@ -172,10 +172,11 @@ def test_skipped_architectures_are_refused_with_their_reason(module):
     assert all(any(fnmatch.fnmatchcase(n, p) for n in timm.list_models()) for p in FAMILY_SKIPPED)
 
 
-@pytest.mark.parametrize('bad', ['dpn68', 'densenet121', 'selecsls42b', 'vit_tiny_patch16_224'])
-def test_unsupported_families_are_refused(bad):
+@pytest.mark.parametrize('bad, why', [('dpn68', 'dual-path blocks'), ('densenet121', 'concatenate'),
+                                      ('selecsls42b', 'concatenate'), ('vit_tiny_patch16_224', 'supported: ')])
+def test_unsupported_families_are_refused_with_the_reason(bad, why):
     model = timm.create_model(bad, device='meta')
-    with pytest.raises(TypeError, match='does not support model type'):
+    with pytest.raises(TypeError, match=f'does not support model type .*{why}'):
         timm_dropres.convert(model)
 
 

@@ -68,9 +68,9 @@ def _model_kind(model: nn.Module) -> type[nn.Module]:
         if type(model) in (base, dropres):
             return base
     supported = ', '.join(f'{c.__module__}.{c.__name__}' for c in [*MODEL_TYPES, *families.MODEL_CLASSES])
-    raise TypeError(
-        f'convert() does not support model type {type(model).__module__}.{type(model).__name__}; '
-        f'supported: {supported}')
+    name = f'{type(model).__module__}.{type(model).__name__}'
+    why = f' ({families.REFUSED[name]})' if name in families.REFUSED else ''
+    raise TypeError(f'convert() does not support model type {name}{why}; supported: {supported}')
 
 
 def _is_resnet_family(model: nn.Module) -> bool:

@@ -231,18 +231,13 @@ FEATURE_CLASSES: Tuple[Type[nn.Module], ...] = (
     FeatureListNet, FeatureDictNet, FeatureHooks, efficientnet.EfficientNetFeatures, mobilenetv3.MobileNetV3Features,
     hrnet.HighResolutionNetFeatures)
 
-#: timm model classes (and architectures) that convert() refuses, with the reason (also in the README).
+#: model classes convert() refuses for a reason of their own (class path -> reason, in its error message).
 REFUSED: Dict[str, str] = {
-    'byobnet.ByobNet with an attention-pool head (resnet*_clip*)':
-        'the head pools by attention, not by a global average: there is no "before pooling" point',
-    'dpn.DPN': 'dual-path blocks add a residual and concatenate a dense path from the same conv+BN output: '
-               'no point drops the residual branch alone',
-    'VovNet without residual OSA blocks (vovnet39a, vovnet57a, ese_vovnet19b_*, ...)':
-        'no residual merge (ese_vovnet19b_dw applies drop path with no residual at all)',
-    'selecsls.SelecSls': 'blocks concatenate their branches: no residual merge',
-    'densenet.DenseNet': 'dense blocks concatenate: no residual merge',
-    'GroupNorm / EvoNorm / FilterResponseNorm variants (*_gn, *_evos, *_frn, *_bit)':
-        'no BatchNorm running statistics: the guideline does not apply',
+    'timm.models.dpn.DPN': 'dual-path blocks add a residual and concatenate a dense path from the same conv+BN '
+                           'output: no point drops the residual branch alone',
+    'timm.models.selecsls.SelecSls': 'its blocks concatenate their branches: no residual merge',
+    'timm.models.densenet.DenseNet': 'dense blocks concatenate: no residual merge',
+    'timm.models.vgg.VGG': 'no residual merge',
 }
 
 
@@ -329,7 +324,7 @@ def refusal(model: nn.Module) -> str | None:
     base = _model_base(model)
     name = f'{type(model).__module__}.{type(model).__name__}'
     if base is None:
-        return f'model type {name} is not supported'
+        return f'model type {name} is not supported' + (f': {REFUSED[name]}' if name in REFUSED else '')
     if base in MODEL_CLASSES and MODEL_CLASSES[base].pool:
         pool = _get(model, MODEL_CLASSES[base].pool)
         if not isinstance(pool, SelectAdaptivePool2d):
