@@ -1,4 +1,4 @@
-"""timm-dropres: timm's ResNet family with dropout where Kim et al. (UAI 2023) say it belongs.
+"""timm-dropres: timm's BatchNorm residual CNNs with dropout where Kim et al. (UAI 2023) say it belongs.
 
 ``import timm_dropres`` registers ``<arch>_dropres`` models with timm; ``convert`` retrofits an
 existing model in place.

@@ -1,8 +1,10 @@
-"""Retrofit dropout into an existing ResNet-family model, in place, keeping its weights.
+"""Retrofit dropout into an existing timm or torchvision BatchNorm residual CNN, in place, keeping its weights.
 
 ``convert`` is the single code path for placing dropout: the registered ``*_dropres`` models are
 built as their base architecture and then converted, so ``create_model('resnet50_dropres')`` and
-``convert(create_model('resnet50'))`` are the same network by construction.
+``convert(create_model('resnet50'))`` are the same network by construction. The ResNet family (timm
+``ResNet``/``ResNetV2`` with resnet.py/resnetv2.py blocks, torchvision ``ResNet``) is handled here; every other
+family (EfficientNet, MobileNet, RegNet, ByobNet, CSPNet, DLA, HRNet, Res2Net, ResNeSt, ...) by ``families.py``.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import torch.nn as nn
 from timm.models.resnet import ResNet
 from timm.models.resnetv2 import ResNetV2
 
+from . import families
 from .blocks import BLOCK_TYPES, PRE_ACT_BLOCKS, block_norms, is_supported_norm
 from .heads import MODEL_TYPES
 from .layers import (
+    AFTER_LAST_BN,
     AUTO,
     BEFORE_LAST_CONV,
     DEFAULT_HEAD_DROP_RATE,
@@ -63,10 +67,23 @@ def _model_kind(model: nn.Module) -> type[nn.Module]:
     for base, dropres in MODEL_TYPES.items():
         if type(model) in (base, dropres):
             return base
-    supported = ', '.join(f'{c.__module__}.{c.__name__}' for c in MODEL_TYPES)
-    raise TypeError(
-        f'convert() does not support model type {type(model).__module__}.{type(model).__name__}; '
-        f'supported: {supported}')
+    supported = ', '.join(f'{c.__module__}.{c.__name__}' for c in [*MODEL_TYPES, *families.MODEL_CLASSES])
+    name = f'{type(model).__module__}.{type(model).__name__}'
+    why = f' ({families.REFUSED[name]})' if name in families.REFUSED else ''
+    raise TypeError(f'convert() does not support model type {name}{why}; supported: {supported}')
+
+
+def _is_resnet_family(model: nn.Module) -> bool:
+    """A ResNet-family model whose blocks this module places (else ``families.py`` does, or nobody)."""
+    if not any(type(model) in (base, dropres) for base, dropres in MODEL_TYPES.items()):
+        return False
+    if _model_kind(model) is not ResNet:
+        return True
+    # timm's ResNet class also builds Res2Net, SKNet and ResNeSt, whose blocks families.py places; any other
+    # block (an unknown one included) stays here, where it is refused
+    ours = set(BLOCK_TYPES) | set(BLOCK_TYPES.values())
+    blocks = [b for n in ('layer1', 'layer2', 'layer3', 'layer4') for b in getattr(model, n)]
+    return not all(families.is_family_block(b) and type(b) not in ours for b in blocks)
 
 
 def residual_blocks(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -76,7 +93,8 @@ def residual_blocks(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
         model: a timm ``ResNet``/``ResNetV2`` or torchvision ``ResNet``, converted or not.
 
     Yields:
-        ``(qualified_name, block)``, e.g. ``('layer1.0', block)`` or ``('stages.0.blocks.0', block)``.
+        ``(qualified_name, block)``, e.g. ``('layer1.0', block)`` or ``('stages.0.blocks.0', block)``. For the
+        other families (``families.py``): the blocks that have a skip path, the ones that take a dropout.
 
     Raises:
         TypeError: if the model type is not supported (raised at the first ``next()``).
@@ -86,6 +104,10 @@ def residual_blocks(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
         >>> [name for name, _ in residual_blocks(timm.create_model('resnet18'))][:3]
         ['layer1.0', 'layer1.1', 'layer2.0']
     """
+    if not _is_resnet_family(model) and families.is_family_model(model):
+        for name, block, _ in families.family_sites(model):
+            yield name, block
+        return
     kind = _model_kind(model)
     if kind is ResNetV2:
         containers = [(f'stages.{i}.blocks', stage.blocks) for i, stage in enumerate(model.stages)]
@@ -119,7 +141,13 @@ def convert(
         drop_rate: float = DEFAULT_HEAD_DROP_RATE,
         res_drop_pos: str = AUTO,
 ) -> nn.Module:
-    """Place dropout in a timm ``ResNet``/``ResNetV2`` or torchvision ``ResNet``, in place, and return it.
+    """Place dropout in a timm or torchvision BatchNorm residual CNN, in place, and return it.
+
+    Supported: timm ``ResNet``/``ResNetV2`` and torchvision ``ResNet`` (below), and the families of
+    ``families.MODEL_CLASSES`` (timm EfficientNet/MobileNetV3/RegNet/ByobNet/CspNet/DLA/HRNet/RexNet/GhostNet/...,
+    Res2Net/SKNet/ResNeSt, torchvision EfficientNet/MobileNetV2/V3/RegNet), whose blocks all end their branch
+    in BatchNorm: there the residual dropout goes after the last BN (and SE), before the merge, and
+    ``res_drop_pos`` may be ``'auto'`` or ``'after_last_bn'``; blocks without a skip path get none.
 
     One ``ResidualDropout`` per residual block at ``res_drop_pos`` (see ``resolve_position``) and one
     on the final feature map before global pooling; any after-pool dropout is removed. Weights, state
@@ -138,8 +166,9 @@ def convert(
         ``model`` itself, converted.
 
     Raises:
-        TypeError: the model or one of its blocks is not a supported ResNet-family type, or a block's
-            norm is not BatchNorm (GroupNorm/FRN/EvoNorm models). Nothing is modified in that case.
+        TypeError: the model or one of its blocks is not a supported type, a block's norm is not BatchNorm
+            (GroupNorm/FRN/EvoNorm models), the model has no residual merge or no global average pool; the
+            message gives the reason. Nothing is modified in that case.
         ValueError: a rate outside [0, 1) or an unknown position.
 
     Example:
@@ -150,6 +179,9 @@ def convert(
         ('DropResNet', 0.1, 0.2)
     """
     drop_rate, res_drop_rate, res_drop_pos = check_dropout_args(drop_rate, res_drop_rate, res_drop_pos)
+    if not _is_resnet_family(model) and families.is_family_model(model):
+        return families.convert_family(model, res_drop_rate=res_drop_rate, drop_rate=drop_rate,
+                                       res_drop_pos=res_drop_pos)
     kind = _model_kind(model)
     # validate every block before touching anything, so a refusal leaves the model as it was
     plan = [(block, _check_block(model, name, block)) for name, block in residual_blocks(model)]
@@ -195,6 +227,16 @@ def dropout_args(model: nn.Module) -> dict:
         >>> dropout_args(convert(timm.create_model('resnet18'), res_drop_rate=0.1))
         {'drop_rate': 0.1, 'res_drop_rate': 0.1, 'res_drop_pos': 'after_last_bn'}
     """
+    if not _is_resnet_family(model) and families.is_family_model(model):
+        head = families.head_dropout(model)
+        drops = families.residual_dropouts(model)
+        if head is None and not drops:
+            raise ValueError(f'{type(model).__name__} carries no dropres dropout; call convert() first')
+        rates = {d.p for _, d in drops}
+        if len(rates) > 1:
+            raise ValueError(f'model has mixed residual dropout settings (rates {rates})')
+        return dict(drop_rate=head.p if head is not None else 0.0,
+                    res_drop_rate=rates.pop() if rates else 0.0, res_drop_pos=AFTER_LAST_BN)
     _model_kind(model)
     if not hasattr(model, 'head_drop'):
         raise ValueError(f'{type(model).__name__} carries no dropres dropout; call convert() first')

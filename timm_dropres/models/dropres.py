@@ -1,16 +1,20 @@
 """Registration of the ``<arch>_dropres`` models with timm.
 
-Every supported architecture of timm's ``resnet`` and ``resnetv2`` modules gets a ``_dropres``
-twin whose pretrained tags mirror the base's (same ``hf_hub_id``/url, mean/std, sizes, license),
-so ``pretrained=True`` loads the base weights strictly. The entrypoint builds the base architecture
-through timm's own entrypoint, converts it, and lets ``build_model_with_cfg`` do the rest
-(pretrained loading, classifier reset, ``features_only``), exactly as for a native timm model.
+Every supported architecture of timm's ``resnet`` and ``resnetv2`` modules, and of the BatchNorm residual
+families in ``FAMILY_MODULES`` (EfficientNet, MobileNetV3/V4, RegNet, ByobNet, CSPNet, DLA, HRNet, ...), gets a
+``_dropres`` twin whose pretrained tags mirror the base's (same ``hf_hub_id``/url, mean/std, sizes, license),
+so ``pretrained=True`` loads the base weights strictly. A ResNet-family entrypoint builds the base architecture
+through timm's own entrypoint, converts it, and lets ``build_model_with_cfg`` do the rest (pretrained loading,
+classifier reset, ``features_only``), exactly as for a native timm model. A family entrypoint calls the base's
+timm entrypoint with this variant's pretrained cfg, so the family's own builder does all of that (including its
+feature wrappers), and converts the result.
 """
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from collections import deque
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import timm
 import torch.nn as nn
@@ -21,13 +25,16 @@ from timm.models import (
     is_model_pretrained,
     model_entrypoint,
     register_model,
+    resolve_pretrained_cfg,
 )
 
 from .convert import convert
+from .families import check_family_position
 from .layers import AUTO, DEFAULT_HEAD_DROP_RATE, DEFAULT_RES_DROP_RATE, check_dropout_args
 from .published import load_published, with_published_tags
 
-__all__ = ['SUFFIX', 'SKIPPED', 'supported_base_models', 'mirrored_models', 'registered_models']
+__all__ = ['SUFFIX', 'SKIPPED', 'FAMILY_MODULES', 'FAMILY_SKIPPED', 'supported_base_models', 'mirrored_models',
+           'registered_models', 'skip_reason', 'family_variants']
 
 SUFFIX = '_dropres'
 _BASE_MODULES = ('resnet', 'resnetv2')
@@ -41,26 +48,62 @@ SKIPPED: Dict[str, str] = {
 }
 _SKIP_BIT = 'BiT: GroupNorm + weight-standardized convs, the guideline does not apply'
 
+#: timm modules whose architectures get a twin through ``families.py`` (one generic placement per block class).
+FAMILY_MODULES = (
+    'efficientnet', 'mobilenetv3', 'hardcorenas', 'regnet', 'byobnet', 'byoanet', 'cspnet', 'cspnext', 'dla',
+    'hrnet', 'rexnet', 'ghostnet', 'repghost', 'res2net', 'sknet', 'resnest', 'tresnet', 'hgnet', 'vovnet',
+    'maxxvit',
+)
+
+#: Architectures of ``FAMILY_MODULES`` left out (fnmatch patterns), with the reason that ``convert()`` gives too.
+#: ``test_dropres.py`` builds each and checks that ``convert()`` refuses it.
+_NO_MERGE = 'no residual merge: every block feeds the next one directly, so no position avoids the next BatchNorm'
+_NO_BN = 'GroupNorm/EvoNorm instead of BatchNorm: no running statistics, the guideline does not apply'
+_LN_ONLY = 'its residual blocks (ConvNeXt, transformer) normalise with LayerNorm: the guideline is about BatchNorm'
+FAMILY_SKIPPED: Dict[str, str] = {
+    '*_gn': _NO_BN, '*_sgn': _NO_BN, 'regnetz_*_evos': _NO_BN, 'ese_vovnet*_evos': _NO_BN,
+    'resnet*_clip': 'attention-pool head: there is no global average pool to put the head dropout before',
+    'mobilenetv1_*': _NO_MERGE, 'lcnet_*': _NO_MERGE, 'test_efficientnet*': _NO_MERGE,
+    'vovnet39a': _NO_MERGE, 'vovnet57a': _NO_MERGE, 'ese_vovnet19b_*': _NO_MERGE,
+    'coatnext_*': _LN_ONLY, 'maxxvit_*': _LN_ONLY, 'maxxvitv2_*': _LN_ONLY,
+}
+
 # pretrained-cfg fields that register_model() fills in for the new name
 _RENAMED_FIELDS = ('architecture', 'tag')
 
 default_cfgs: Dict[str, DefaultCfg] = {}
 
 
-def _skip_reason(name: str) -> str | None:
+def skip_reason(name: str) -> str | None:
+    """Why timm architecture ``name`` of a supported module has no ``_dropres`` twin, or ``None`` if it has one."""
     if name in SKIPPED:
         return SKIPPED[name]
     if '_bit' in name:
         return _SKIP_BIT
+    for pattern, reason in FAMILY_SKIPPED.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return reason
     return None
 
 
-def supported_base_models() -> List[str]:
-    """Names of the timm architectures that get a ``_dropres`` twin (deprecated aliases excluded)."""
+_skip_reason = skip_reason
+
+
+def supported_base_models(modules: Tuple[str, ...] | None = None) -> List[str]:
+    """Names of the timm architectures that get a ``_dropres`` twin (deprecated aliases excluded).
+
+    Args:
+        modules: only these timm modules (default: ``resnet``, ``resnetv2`` and ``FAMILY_MODULES``).
+    """
     names = []
-    for module in _BASE_MODULES:  # list_models(module=...) already leaves out deprecated aliases
+    for module in modules or _BASE_MODULES + FAMILY_MODULES:  # list_models(module=...) leaves out deprecated aliases
         names += [n for n in sorted(timm.list_models(module=module)) if not n.endswith(SUFFIX) and not _skip_reason(n)]
     return names
+
+
+def family_variants() -> List[str]:
+    """The twins of ``FAMILY_MODULES`` architectures (placed by ``families.py``, not by ``blocks.py``)."""
+    return [n + SUFFIX for n in supported_base_models(FAMILY_MODULES)]
 
 
 def mirrored_models() -> List[str]:
@@ -117,6 +160,38 @@ def _make_entrypoint(base: str) -> Callable[..., nn.Module]:
     return entrypoint
 
 
+def _make_family_entrypoint(base: str) -> Callable[..., nn.Module]:
+    base_fn = model_entrypoint(base)
+    variant = base + SUFFIX
+
+    def entrypoint(
+            pretrained: bool = False,
+            drop_rate: float = DEFAULT_HEAD_DROP_RATE,
+            res_drop_rate: float = DEFAULT_RES_DROP_RATE,
+            res_drop_pos: str = AUTO,
+            **kwargs: Any,
+    ) -> nn.Module:
+        # validate first so bad input fails before any weights are built or downloaded
+        drop_rate, res_drop_rate, res_drop_pos = check_dropout_args(drop_rate, res_drop_rate, res_drop_pos)
+        check_family_position(res_drop_pos, base)
+        # this variant's pretrained cfg (the base's weights, mirrored, or a local-dir/hub config), resolved here
+        # so the model reports this architecture; the base's own builder loads the weights strictly and builds
+        # its feature wrappers for features_only
+        cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None),
+                                     kwargs.pop('pretrained_cfg_overlay', None))
+        model = base_fn(pretrained=pretrained, pretrained_cfg=cfg.to_dict(), drop_rate=0.0, **kwargs)
+        convert(model, res_drop_rate=res_drop_rate, drop_rate=drop_rate, res_drop_pos=res_drop_pos)
+        model._model_args = dict(drop_rate=drop_rate, res_drop_rate=res_drop_rate, res_drop_pos=res_drop_pos)
+        return model
+
+    entrypoint.__name__ = entrypoint.__qualname__ = variant
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = (
+        f'timm ``{base}`` with dropout placed by Kim et al. (UAI 2023): one per residual block after its last '
+        f'BatchNorm (``res_drop_rate``) and one before global pooling (``drop_rate``).')
+    return entrypoint
+
+
 def _register_all() -> None:
     published = load_published(known=mirrored_models())  # weights this project published, see published.py
     for base in supported_base_models():
@@ -124,7 +199,8 @@ def _register_all() -> None:
         mirrored = with_published_tags(variant, _mirror_cfgs(base), published)
         if mirrored is not None:
             default_cfgs[variant] = mirrored
-        fn = _make_entrypoint(base)
+        family = model_entrypoint(base).__module__.rpartition('.')[2] in FAMILY_MODULES
+        fn = _make_family_entrypoint(base) if family else _make_entrypoint(base)
         globals()[variant] = fn
         register_model(fn)
 

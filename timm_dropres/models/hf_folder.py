@@ -29,6 +29,7 @@ from timm.models import save_for_hf
 from ..checks import check_folder_config
 from ..files import files_like_folder, replaced_name, temp_dir_beside
 from .convert import dropout_args
+from .summary import dropout_sites
 
 __all__ = ['save_pretrained_folder', 'read_folder_config', 'trained_pretrained_cfg', 'WEIGHTS_NAME', 'CONFIG_NAME',
            'ARCH_CFG_KEYS', 'DATA_CFG_KEYS']
@@ -140,7 +141,7 @@ def save_pretrained_folder(
     model_config: Dict[str, Any] = dict(extra_config or {})
     if label_names is not None:
         model_config['label_names'] = list(label_names)
-    args = dropout_args(model) if hasattr(model, 'head_drop') else None
+    args = dropout_args(model) if dropout_sites(model) else None  # a dropres model, of any family
     if not all(t.is_contiguous() for t in model.state_dict().values()):
         # safetensors refuses strided tensors (a channels_last model's conv weights, a transposed weight):
         # save a copy whose tensors are contiguous; the caller's model keeps its layout

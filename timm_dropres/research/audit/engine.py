@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-from .rules import _classify, _Graph
+from .rules import _bn_merges, _classify, _Graph
 from .tracer import _Tracer
 from .vocabulary import AuditError, AuditReport
 
@@ -175,6 +175,7 @@ def audit(
     drops = [n for n in tracer.nodes if n.kind == 'dropout']
     entries = [_classify(n, graph, i) for i, n in enumerate(drops)]
     has_bn = any(n.kind == 'bn' for n in tracer.nodes)
-    return AuditReport(model=label, input_shape=tuple(shape), entries=entries, has_bn=has_bn)
+    return AuditReport(model=label, input_shape=tuple(shape), entries=entries, has_bn=has_bn,
+                       bn_merges=_bn_merges(graph))
 
 

@@ -196,3 +196,12 @@ def _bns_behind_pools(d: _Node, g: _Graph, hits: List[int]) -> Tuple[str, _Node]
     return None
 
 
+def _bn_merges(g: _Graph) -> int:
+    """Residual merges whose branch operand is computed from a BN that is itself computed from the fork."""
+    bns = [n.idx for n in g.nodes if n.kind == 'bn']
+    count = 0
+    for branch, skip in g.merges.values():
+        common = (g.anc[branch] | (1 << branch)) & (g.anc[skip] | (1 << skip))
+        fork = common.bit_length() - 1
+        count += any(b > fork and g.is_ancestor(fork, b) and g.is_ancestor(b, branch) for b in bns)
+    return count

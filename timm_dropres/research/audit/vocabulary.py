@@ -4,13 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
+from ...models.placement import BRANCH, GUIDELINE_LOCATIONS, HAZARD, HEAD_1X1, HEAD_BEFORE, OFF, OK  # noqa: F401 (re-exported)
+from ...models.placement import verdict as _verdict
+
 # ----------------------------------------------------------------------------------------------------------
 # the vocabulary: one definition, used by the library, the CLI (--help) and docs/placement.md
 # ----------------------------------------------------------------------------------------------------------
 
-OK, OFF, HAZARD = 'ok', 'off-guideline', 'hazard'
-STEM, BRANCH, SHORTCUT, MAIN, BODY, UNUSED = 'stem', 'residual branch', 'shortcut', 'main path', 'body', 'unused'
-HEAD_BEFORE, HEAD_AFTER, HEAD_1X1, HEAD = 'head, before pooling', 'head, after pooling', 'head, 1x1 map', 'head'
+# OK/OFF/HAZARD, the guideline locations and the verdict rule come from models/placement.py, which convert() reads too
+STEM, SHORTCUT, MAIN, BODY, UNUSED = 'stem', 'shortcut', 'main path', 'body', 'unused'
+HEAD_AFTER, HEAD = 'head, after pooling', 'head'
 
 #: Verdict -> its rule. Every active dropout gets exactly one.
 VERDICTS: Dict[str, str] = {
@@ -42,9 +45,6 @@ LOCATIONS: Dict[str, str] = {
           '(dropout on a feature-map output)',
 }
 
-#: Locations where an op without a hazard is ``ok``.
-GUIDELINE_LOCATIONS = (BRANCH, HEAD_BEFORE, HEAD_1X1)
-
 #: Terms the rules use, defined once.
 TERMS: Dict[str, str] = {
     'residual merge': "an addition of a branch and its skip path. The fork is the two operands' latest common "
@@ -68,12 +68,6 @@ TABLE_COLUMNS: Tuple[Tuple[str, str], ...] = (
 
 class AuditError(RuntimeError):
     """The model could not be built or traced; the message says why and what to try."""
-
-
-def _verdict(location: str, hazard: bool) -> str:
-    if hazard:
-        return HAZARD
-    return OK if location in GUIDELINE_LOCATIONS else OFF
 
 
 @dataclass(frozen=True)
@@ -137,12 +131,15 @@ class AuditReport:
         input_shape: the traced input's shape.
         entries: one :class:`AuditEntry` per dropout-like op.
         has_bn: whether any BatchNorm with running statistics ran.
+        bn_merges: how many residual merges have a running-statistics BatchNorm in their branch (between the fork
+            and the merge): the model is a BatchNorm residual network when it is above 0.
     """
 
     model: str
     input_shape: Tuple[int, ...]
     entries: List[AuditEntry] = field(default_factory=list)
     has_bn: bool = True
+    bn_merges: int = 0
 
     @property
     def hazards(self) -> List[AuditEntry]:
