@@ -29,8 +29,9 @@ def test_list_configs_says_which_command_takes_each_recipe(capsys):
     assert e.value.code == 0 and set(rows) == set(list_recipes())
     assert rows['accelerate/multi_gpu'] == ['accelerate', 'launch']
     assert rows['fashion_mnist_resnet18'] == rows['paper/preresnet110_cifar10'] == ['dropres-finetune', '--config']
-    assert recipe_command('ablation_fmnist') == 'dropres-ablate --config'
-    assert recipe_command('study_transfer') == 'dropres-transfer --config'
+    assert recipe_command('ablation_fmnist') == 'dropres-ablate --report-only --config'
+    assert recipe_command('study_overfit') == 'dropres-ablate --report-only --config'
+    assert recipe_command('studies/transfer') == rows['studies/overfit'][0] == 'dropres-study'
     for name in list_recipes():  # every recipe listed for dropres-finetune really parses as one
         if recipe_command(name) == 'dropres-finetune --config':
             assert load_yaml(find_recipe(name), FinetuneConfig)
@@ -41,7 +42,7 @@ def test_a_recipe_of_another_command_says_which_command_takes_it(capsys):
         finetune_main(['--config', 'ablation_fmnist'])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "unknown option 'seeds'" in err, err
-    assert '(ablation_fmnist is a recipe for dropres-ablate --config)' in err, err
+    assert '(ablation_fmnist is a recipe for dropres-ablate --report-only --config)' in err, err
 
 
 def test_audit_kwarg_yaml_errors_are_one_line(capsys):

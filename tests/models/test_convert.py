@@ -240,3 +240,12 @@ def test_block_forwards_use_the_position_vocabulary():
     src = inspect.getsource(blocks)
     assert f"== '{AFTER_LAST_BN}'" in src and f"== '{BEFORE_LAST_CONV}'" in src
     assert set(__import__('re').findall(r"res_drop_pos == '(\w+)'", src)) == {AFTER_LAST_BN, BEFORE_LAST_CONV}
+
+
+def test_block_norms_of_a_block_outside_the_resnet_family_is_a_type_error():
+    """The hazard hooks ask a block for its norms: another family's block gets a TypeError naming the valid types."""
+    from timm_dropres.models.blocks import block_norms
+
+    block = timm.create_model('efficientnet_b0').blocks[1][0]
+    with pytest.raises(TypeError, match=r"InvertedResidual is not a ResNet-family block; valid: \['BasicBlock'"):
+        block_norms(block)

@@ -168,3 +168,16 @@ def test_a_run_killed_mid_training_continues_from_its_checkpoint(folder, tmp_pat
     fresh = parse_study_spec(study_dict(folder, tmp_path / 'b', seeds=1))
     again = run_one(fresh, plan_runs(fresh)[1], log=lambda m: None)
     assert again['resumed_at_steps'] == [] and again['top1'] == rec['top1'] and again['nll'] == rec['nll']
+
+
+def test_the_residual_position_of_resnet_and_family_twins_is_recorded():
+    """A family twin (models/families.py) has one residual position, after the last BN; asking it must not fail
+    after the run has trained (the record is written last)."""
+    from timm_dropres.study.runner import _resolved_position
+    from timm_dropres.study.spec import ConfigSpec
+
+    residual = ConfigSpec(name='residual', res_drop_rate=0.1)
+    for arch in ('test_byobnet_dropres', 'test_resnet_dropres'):
+        model = timm.create_model(arch, res_drop_rate=0.1)
+        assert _resolved_position(model, residual) == 'after_last_bn', arch
+    assert _resolved_position(timm.create_model('test_resnet'), ConfigSpec(name='none')) is None

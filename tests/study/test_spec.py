@@ -70,7 +70,8 @@ def test_shipped_study_specs_load_and_follow_the_seed_calculation(path):
     spec = load_study_spec(path)
     runs = plan_runs(spec)
     assert runs and spec.comparisons
-    assert spec.resolved_out_dir() == Path('docs/results') / spec.name  # records are committed there
+    assert spec.resolved_out_dir() == Path('docs/results') / path.stem  # records are committed there
+    assert spec.name == f'{path.stem}_engine'  # its report sits beside the first run's <stem>.md, never over it
     main = [c for c in spec.configs if c.seeds is None]
     wrong = [c for c in spec.configs if c.seeds is not None]
     assert 12 <= len(spec.seeds) <= 20, 'main comparisons: 12-20 seeds from the power calculation'

@@ -150,3 +150,21 @@ def test_a_file_system_without_locks_is_refused_in_one_line(tmp_path, monkeypatc
     with pytest.raises(OutputDirError, match='No locks available.*does not support file locks'):
         RunLock(tmp_path / 'run').acquire()
     assert not (tmp_path / 'run').exists()
+
+
+def test_a_parent_made_by_a_parallel_run_meanwhile_is_used_and_kept(tmp_path, monkeypatch):
+    """Study workers start runs side by side under one missing parent: the one that loses the race to create it
+    takes the lock all the same, and does not remove the folder on release (it is not its own)."""
+    parent, real_mkdir = tmp_path / 'work' / 'arch', Path.mkdir
+
+    def racing_mkdir(self, *args, **kwargs):
+        if self == parent:  # another worker creates it between our exists() check and our mkdir()
+            real_mkdir(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, 'mkdir', racing_mkdir)
+    lock = RunLock(parent / 'run').acquire()
+    monkeypatch.setattr(Path, 'mkdir', real_mkdir)
+    assert lock.held and (parent / 'run').is_dir()
+    lock.release()
+    assert parent.is_dir() and not (parent / 'run').exists()

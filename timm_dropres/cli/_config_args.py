@@ -390,8 +390,9 @@ def recipe_command(name: str) -> str:
     """The command a shipped recipe is for, as ``--list-configs`` shows it.
 
     ``accelerate/*`` are ``accelerate launch --config_file`` configs; a recipe whose every key is a
-    ``dropres-finetune`` option is a ``dropres-finetune --config`` recipe; the study specifications are for
-    ``dropres-transfer`` (they name ``source_classes``) or ``dropres-ablate``.
+    ``dropres-finetune`` option is a ``dropres-finetune --config`` recipe; ``studies/*`` are ``dropres-study``
+    specifications; the first ablation's specifications (``ablation_fmnist``, ``study_overfit``) are re-analysed by
+    ``dropres-ablate --report-only --config``.
 
     Args:
         name: a name from :func:`list_recipes`.
@@ -403,9 +404,11 @@ def recipe_command(name: str) -> str:
 
     if name.startswith('accelerate/'):
         return 'accelerate launch --config_file'
+    if name.startswith('studies/'):
+        return 'dropres-study'
     data = yaml.safe_load(find_recipe(name).read_text(encoding='utf-8')) or {}
     keys = {str(k).replace('-', '_') for k in data} if isinstance(data, dict) else set()
     options = {f.name for f in dataclasses.fields(FinetuneConfig)} | set(yaml_aliases(FinetuneConfig))
     if keys <= options:
         return 'dropres-finetune --config'
-    return 'dropres-transfer --config' if 'source_classes' in keys else 'dropres-ablate --config'
+    return 'dropres-ablate --report-only --config'

@@ -227,7 +227,10 @@ _NORM_ATTRS = {
 
 def block_norms(block: nn.Module) -> Dict[str, nn.Module]:
     """The branch's norm layers by attribute name, for checking that they are BatchNorm."""
-    base = next(b for b, d in BLOCK_TYPES.items() if type(block) in (b, d))
+    base = next((b for b, d in BLOCK_TYPES.items() if type(block) in (b, d)), None)
+    if base is None:
+        raise TypeError(f'{type(block).__name__} is not a ResNet-family block; valid: '
+                        f'{sorted({b.__name__ for b in BLOCK_TYPES})}')
     return {name: getattr(block, name) for name in _NORM_ATTRS[base]}
 
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from ..files import read_json, write_json_atomic
+from ..models.layers import AFTER_LAST_BN
 from ..training.build import build_model, resolve_model
 from ..training.checkpoints import list_checkpoints
 from ..training.config import FinetuneConfig
@@ -168,6 +169,8 @@ def _resolved_position(model: nn.Module, config: ConfigSpec) -> Optional[str]:
         return resolved_position(model)
     except TypeError:  # not a ResNet-family model: no blocks to ask
         return None
+    except AttributeError:  # a family twin's block (models/families.py): its one position is after the last BN
+        return AFTER_LAST_BN
 
 
 # -- data, cached per process ----------------------------------------------------------------------------------
@@ -297,9 +300,7 @@ def run_one(spec: StudySpec, run: Run, *, pretrained_file: Optional[Path] = None
         machine=platform.machine(), wall_s=round(time.perf_counter() - t0, 2),
         cpu_s=round(time.process_time() - c0, 2))
     write_json_atomic(record_path(spec, run), rec, indent=1, sort_keys=True)
-    shutil.rmtree(out, ignore_errors=True)
-    if out.parent.is_dir() and not any(out.parent.iterdir()):
-        out.parent.rmdir()
+    shutil.rmtree(out, ignore_errors=True)  # its parent stays: parallel workers create runs beside it
     log(f'{run.key:>40}: top-1 {rec["top1"]:6.2f}  NLL {rec["nll"]:.4f}  ECE {rec["ece"]:.4f}  '
         f'({rec["wall_s"]:.0f} s, CPU {rec["cpu_s"]:.0f} s)')
     return rec

@@ -84,7 +84,12 @@ class RunLock:
             raise OutputDirError('{0} {out}: {p} is a file, not a folder', 'output_dir', out=out, p=p)
         try:
             for d in reversed(missing):
-                d.mkdir()
+                try:
+                    d.mkdir()
+                except FileExistsError:  # another process made it meanwhile (parallel runs): not ours to remove
+                    if not d.is_dir():
+                        raise
+                    continue
                 self._created.append(d)
         except OSError as e:
             self._remove_created()

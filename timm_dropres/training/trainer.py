@@ -383,6 +383,8 @@ class _Trainer:
             if not acc.is_main_process:
                 return
             model = timm.create_model(self.ref.create_name(pretrained=False), pretrained=False, **self.model_kwargs)
+            if self.model_hook is not None:  # the trained network, as setup() built it
+                model = self.model_hook(model)
             model.load_state_dict(state)
         elif model is self.model:
             model = acc.unwrap_model(model)
