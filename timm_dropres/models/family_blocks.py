@@ -132,19 +132,10 @@ class DropResGhostBottleneckV3(ghostnet.GhostBottleneckV3):
 
 
 class DropResRepGhostBottleneck(repghost.RepGhostBottleneck):
-    """RepGhostNet bottleneck with residual dropout after ``ghost2``."""
+    """RepGhostNet bottleneck with residual dropout after ``ghost2``: the same branch layout (``ghost1``, optional
+    ``conv_dw``/``bn_dw`` and ``se``, ``ghost2``, ``shortcut``) as GhostNet's, so it shares that forward."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.ghost1(x)
-        if self.conv_dw is not None:
-            x = self.conv_dw(x)
-            x = self.bn_dw(x)
-        if self.se is not None:
-            x = self.se(x)
-        x = self.res_drop(self.ghost2(x))
-        x += self.shortcut(shortcut)
-        return x
+    forward = DropResGhostBottleneck.forward
 
 
 class DropResResNestBottleneck(resnest.ResNestBottleneck):
