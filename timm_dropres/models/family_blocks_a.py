@@ -1,0 +1,159 @@
+"""Issue 21, batch A: timm's hybrid BatchNorm families (XCiT, LeViT, EfficientViT-MSRA, TinyViT, ...).
+
+These networks mix LayerNorm transformer blocks with BatchNorm residual branches. As for CoAtNet/MaxViT, only
+the branches normalised by BatchNorm get a residual dropout, after their last BatchNorm (and layer scale), before
+the merge; LayerNorm-only blocks get none. This module holds the re-stated blocks and heads, and the table rows
+that ``families.py`` merges into its tables (kept here so ``families.py`` stays short). Plain data only: the slot
+kinds are the strings ``families.Slot`` takes, so this module does not import ``families`` (which imports it).
+
+* XCiT (``XCABlock``): three residual branches; only the local patch interaction (``LPI``: conv, GELU, BN, conv,
+  then the layer scale ``gamma3``) holds a BatchNorm. Its own drop path ``drop_path3`` is the slot. The class
+  attention blocks are LayerNorm only. The head pools in ``forward_head`` (the class token, or the mean of the
+  patch tokens): ``DropResXcit`` drops the final token sequence before it pools.
+* LeViT (``LevitBlock``): attention and MLP branches both end in ``LinearNorm``/``ConvNorm`` (a BatchNorm): one
+  ``res_drop`` module, called on each branch (one mask per call). ``LevitDownsample``: its MLP branch, slot
+  ``drop_path``. The head (``NormLinear``: BatchNorm1d, dropout, linear) comes after the mean pool:
+  ``DropResLevit`` drops the map before the mean; the BatchNorm then reads the pooled vector, which the rule
+  allows (noise averaged over the pooled positions), and ``NormLinear``'s own after-pool dropout is switched off.
+* EfficientViT-MSRA (``ResidualDrop``: ``x + m(x)``, with its own sample-wise drop): every branch ends in a
+  ``ConvNorm`` BatchNorm (depthwise conv, ``ConvMlp``, the attention's projection).
+* TinyViT (``MBConv``): slot ``drop_path``; the ``TinyVitBlock`` branches are LayerNorm only.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Tuple, Type
+
+import torch
+import torch.nn as nn
+from timm.models import efficientvit_msra, levit, tiny_vit, xcit
+
+__all__ = [
+    'DropResLevitBlock', 'DropResEfficientVitResidual', 'DropResXcit', 'DropResLevit', 'DropResLevitDistilled',
+    'BLOCK_TYPES', 'MERGE_SLOTS', 'HEAD_POOLS', 'FORWARD_HEAD_MODELS', 'LAYERNORM_BLOCKS', 'place_forward_head',
+]
+
+
+class DropResLevitBlock(levit.LevitBlock):
+    """LeViT block: the residual dropout (one module, a fresh mask per call) ends the attention branch and the MLP
+    branch, each after its last BatchNorm (``proj``'s / ``ln2``'s), before the drop path and the merge."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.res_drop(self.attn(x)))
+        x = x + self.drop_path2(self.res_drop(self.mlp(x)))
+        return x
+
+
+class DropResEfficientVitResidual(efficientvit_msra.ResidualDrop):
+    """EfficientViT-MSRA residual unit ``x + m(x)``: the residual dropout after ``m``'s last BatchNorm, then the
+    unit's own sample-wise drop (stochastic depth), then the merge."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.res_drop(self.m(x))
+        if self.training and self.drop > 0:
+            return x + out * torch.rand(x.size(0), 1, 1, 1, device=x.device).ge_(self.drop).div(1 - self.drop).detach()
+        return x + out
+
+
+def _switch_off_after_pool(model: nn.Module) -> None:
+    """Remove a model's after-pool dropouts (``NormLinear.drop`` of LeViT's heads); ``drop_rate`` 0 so that
+    ``reset_classifier`` builds heads without one."""
+    if isinstance(getattr(model, 'drop_rate', None), float):
+        model.drop_rate = 0.0
+    for attr in ('head', 'head_dist'):
+        head = getattr(model, attr, None)
+        if isinstance(getattr(head, 'drop', None), nn.Dropout):
+            head.drop = nn.Identity()
+
+
+class DropResXcit(xcit.Xcit):
+    """XCiT with the head dropout (``head_drop``, a ``ResidualDropout``) on the final token sequence, before it is
+    pooled (the class token selected, or the patch tokens averaged), instead of on the pooled vector."""
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(x)
+        if self.global_pool:
+            x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == 'avg' else x[:, 0]
+        return x if pre_logits else self.head(x)
+
+
+class DropResLevit(levit.Levit):
+    """LeViT with the head dropout (``head_drop``) on the final map, before the mean pool."""
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(x)
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(-2, -1)) if self.use_conv else x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's ``reset_classifier``; the new head has no after-pool dropout (the head dropout stays)."""
+        super().reset_classifier(num_classes, global_pool)
+        _switch_off_after_pool(self)
+
+
+class DropResLevitDistilled(levit.LevitDistilled):
+    """Distilled LeViT (two heads) with the head dropout (``head_drop``) on the final map, before the mean pool."""
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> Any:
+        x = self.head_drop(x)
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(-2, -1)) if self.use_conv else x.mean(dim=1)
+        if pre_logits:
+            return x
+        x, x_dist = self.head(x), self.head_dist(x)
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            return x, x_dist
+        return (x + x_dist) / 2
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's ``reset_classifier``; the new heads have no after-pool dropout (the head dropout stays)."""
+        super().reset_classifier(num_classes, global_pool)
+        _switch_off_after_pool(self)
+
+
+def _always(block: nn.Module) -> bool:
+    return True
+
+
+#: timm block class -> its dropres subclass (``families.FAMILY_BLOCK_TYPES`` takes these rows).
+BLOCK_TYPES: Dict[Type[nn.Module], Type[nn.Module]] = {
+    levit.LevitBlock: DropResLevitBlock,
+    efficientvit_msra.ResidualDrop: DropResEfficientVitResidual,
+}
+
+#: block class -> ``(slot kind, attribute, has_skip)``, the fields of ``families.Slot``; read off each forward
+#: (timm 1.0.31). ``retype`` rows are the classes of ``BLOCK_TYPES``.
+MERGE_SLOTS: Dict[Type[nn.Module], Tuple[str, str, Callable[[nn.Module], bool]]] = {
+    # xcit.py: `x = x + self.drop_path3(self.gamma3 * self.local_mp(self.norm3(x), H, W))`, LPI's BN before conv2
+    xcit.XCABlock: ('compose', 'drop_path3', _always),
+    # levit.py: `x = x + self.drop_path(self.mlp(x))`, the MLP ending in ln2 (linear + BN)
+    levit.LevitDownsample: ('compose', 'drop_path', _always),
+    levit.LevitBlock: ('retype', '', _always),
+    efficientvit_msra.ResidualDrop: ('retype', '', _always),
+    # tiny_vit.py: `x = self.drop_path(x); x += shortcut` after conv3 (conv + BN)
+    tiny_vit.MBConv: ('compose', 'drop_path', _always),
+}
+
+#: model class -> attribute path of its ``SelectAdaptivePool2d`` (``families.Head(pool=...)``).
+HEAD_POOLS: Dict[Type[nn.Module], str] = {
+    efficientvit_msra.EfficientVitMsra: 'global_pool',  # then NormLinear (BN1d, drop, linear): drop switched off
+    tiny_vit.TinyVit: 'head.global_pool',  # NormMlpClassifierHead: pool, LayerNorm2d, pre-logits, drop, fc
+}
+
+#: model classes that pool in ``forward_head`` -> the subclass that drops the map before pooling there.
+FORWARD_HEAD_MODELS: Dict[Type[nn.Module], Type[nn.Module]] = {
+    xcit.Xcit: DropResXcit,
+    levit.Levit: DropResLevit,
+    levit.LevitDistilled: DropResLevitDistilled,
+}
+
+#: residual blocks normalised by LayerNorm only: no dropout, and they do not make ``convert()`` refuse the model.
+LAYERNORM_BLOCKS: Tuple[Type[nn.Module], ...] = (xcit.ClassAttentionBlock, tiny_vit.TinyVitBlock)
+
+
+def place_forward_head(model: nn.Module, base: Type[nn.Module], head_drop: nn.Module) -> None:
+    """Give a model of :data:`FORWARD_HEAD_MODELS` its head dropout (``head_drop``, before pooling) and switch off
+    its after-pool dropouts (XCiT's ``head_drop``, which this one replaces; LeViT's ``NormLinear.drop``)."""
+    model.head_drop = head_drop
+    _switch_off_after_pool(model)
+    model.__class__ = FORWARD_HEAD_MODELS[base]
