@@ -25,10 +25,24 @@ from typing import Any, Callable, Dict, Tuple, Type
 
 import torch
 import torch.nn as nn
-from timm.models import efficientvit_msra, levit, tiny_vit, xcit
+from timm.models import (
+    efficientformer,
+    efficientformer_v2,
+    efficientvit_msra,
+    levit,
+    nextvit,
+    shvit,
+    swiftformer,
+    tiny_vit,
+    visformer,
+    xcit,
+)
 
 __all__ = [
-    'DropResLevitBlock', 'DropResEfficientVitResidual', 'DropResXcit', 'DropResLevit', 'DropResLevitDistilled',
+    'DropResLevitBlock', 'DropResEfficientVitResidual', 'DropResEfficientFormerV2Block', 'DropResSwiftFormerBlock',
+    'DropResShvitResidual', 'DropResNextConvBlock', 'DropResNextTransformerBlock', 'DropResVisformerBlock',
+    'DropResXcit', 'DropResLevit', 'DropResLevitDistilled', 'DropResEfficientFormer', 'DropResEfficientFormerV2',
+    'DropResSwiftFormer',
     'BLOCK_TYPES', 'MERGE_SLOTS', 'HEAD_POOLS', 'FORWARD_HEAD_MODELS', 'LAYERNORM_BLOCKS', 'place_forward_head',
 ]
 
@@ -52,6 +66,78 @@ class DropResEfficientVitResidual(efficientvit_msra.ResidualDrop):
         if self.training and self.drop > 0:
             return x + out * torch.rand(x.size(0), 1, 1, 1, device=x.device).ge_(self.drop).div(1 - self.drop).detach()
         return x + out
+
+
+class DropResEfficientFormerV2Block(efficientformer_v2.EfficientFormerV2Block):
+    """EfficientFormerV2 block: the residual dropout (one module, a fresh mask per call) after the attention's
+    ``proj`` (conv + BN) and after the MLP's ``fc2`` (conv + BN), before layer scale, drop path and merge."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_mixer is not None:
+            x = x + self.drop_path1(self.ls1(self.res_drop(self.token_mixer(x))))
+        x = x + self.drop_path2(self.ls2(self.res_drop(self.mlp(x))))
+        return x
+
+
+class DropResSwiftFormerBlock(swiftformer.Block):
+    """SwiftFormer block: the residual dropout ends the MLP branch (BN, conv, act, conv, layer scale), before the
+    shared drop path; the additive-attention branch has no BatchNorm and gets none. The block's
+    ``local_representation`` is a residual unit of its own (its ``drop_path`` slot)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.local_representation(x)
+        x = x + self.drop_path(self.layer_scale_1(self.attn(x)))
+        x = x + self.drop_path(self.res_drop(self.layer_scale_2(self.linear(x))))
+        return x
+
+
+class DropResShvitResidual(shvit.Residual):
+    """SHViT residual unit ``x + m(x)``: the residual dropout after ``m``'s last BatchNorm, before the merge."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.res_drop(self.m(x))
+
+
+class DropResNextConvBlock(nextvit.NextConvBlock):
+    """Next-ViT convolution block: the residual dropout (one module, a fresh mask per call) ends the convolutional
+    attention branch (conv, BN, act, conv) and the MLP branch (BN, conv, act, conv), before each drop path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = x + self.attn_drop_path(self.res_drop(self.mhca(x)))
+        out = self.norm(x)
+        x = x + self.mlp_drop_path(self.res_drop(self.mlp(out)))
+        return x
+
+
+class DropResNextTransformerBlock(nextvit.NextTransformerBlock):
+    """Next-ViT transformer block: the residual dropout (one module, a fresh mask per call) ends each of its three
+    BatchNorm branches (BN-normed efficient attention, convolutional attention, BN-normed MLP)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        B, C, H, W = x.shape
+        out = self.norm1(x)
+        out = out.reshape(B, C, -1).transpose(-1, -2)
+        out = self.mhsa_drop_path(self.res_drop(self.e_mhsa(out)))
+        x = x + out.transpose(-1, -2).reshape(B, C, H, W)
+        out = self.projection(x)
+        out = out + self.mhca_drop_path(self.res_drop(self.mhca(out)))
+        x = torch.cat([x, out], dim=1)
+        out = self.norm2(x)
+        x = x + self.mlp_drop_path(self.res_drop(self.mlp(out)))
+        return x
+
+
+class DropResVisformerBlock(visformer.Block):
+    """Visformer block with BatchNorm pre-norms: the residual dropout (one module, a fresh mask per call) ends the
+    attention branch and the MLP branch (after their last BatchNorm, the pre-norm), before the shared drop path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attn is not None:
+            x = x + self.drop_path(self.res_drop(self.attn(self.norm1(x))))
+        x = x + self.drop_path(self.res_drop(self.mlp(self.norm2(x))))
+        return x
 
 
 def _switch_off_after_pool(model: nn.Module) -> None:
@@ -111,6 +197,40 @@ class DropResLevitDistilled(levit.LevitDistilled):
         _switch_off_after_pool(self)
 
 
+def _distilled_forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> Any:
+    """``forward_head`` of EfficientFormer (V1/V2) and SwiftFormer with ``head_drop`` before the mean pool (tokens
+    (B, N, C) or a map (B, C, H, W)), not after it; the rest is timm's (one or two classifier heads)."""
+    x = self.head_drop(x)
+    if self.global_pool == 'avg':
+        x = x.mean(dim=1) if x.dim() == 3 else x.mean(dim=(2, 3))
+    if pre_logits:
+        return x
+    if self.head_dist is None:
+        return self.head(x)
+    x, x_dist = self.head(x), self.head_dist(x)
+    if self.distilled_training and self.training and not torch.jit.is_scripting():
+        return x, x_dist
+    return (x + x_dist) / 2
+
+
+class DropResEfficientFormer(efficientformer.EfficientFormer):
+    """EfficientFormer with the head dropout on the final (LayerNorm-ed) tokens, before the mean pool."""
+
+    forward_head = _distilled_forward_head
+
+
+class DropResEfficientFormerV2(efficientformer_v2.EfficientFormerV2):
+    """EfficientFormerV2 with the head dropout on the final map (after its BatchNorm), before the mean pool."""
+
+    forward_head = _distilled_forward_head
+
+
+class DropResSwiftFormer(swiftformer.SwiftFormer):
+    """SwiftFormer with the head dropout on the final map (after its BatchNorm), before the mean pool."""
+
+    forward_head = _distilled_forward_head
+
+
 def _always(block: nn.Module) -> bool:
     return True
 
@@ -119,6 +239,12 @@ def _always(block: nn.Module) -> bool:
 BLOCK_TYPES: Dict[Type[nn.Module], Type[nn.Module]] = {
     levit.LevitBlock: DropResLevitBlock,
     efficientvit_msra.ResidualDrop: DropResEfficientVitResidual,
+    efficientformer_v2.EfficientFormerV2Block: DropResEfficientFormerV2Block,
+    swiftformer.Block: DropResSwiftFormerBlock,
+    shvit.Residual: DropResShvitResidual,
+    nextvit.NextConvBlock: DropResNextConvBlock,
+    nextvit.NextTransformerBlock: DropResNextTransformerBlock,
+    visformer.Block: DropResVisformerBlock,
 }
 
 #: block class -> ``(slot kind, attribute, has_skip)``, the fields of ``families.Slot``; read off each forward
@@ -132,12 +258,29 @@ MERGE_SLOTS: Dict[Type[nn.Module], Tuple[str, str, Callable[[nn.Module], bool]]]
     efficientvit_msra.ResidualDrop: ('retype', '', _always),
     # tiny_vit.py: `x = self.drop_path(x); x += shortcut` after conv3 (conv + BN)
     tiny_vit.MBConv: ('compose', 'drop_path', _always),
+    # efficientformer.py: `x = x + self.drop_path2(self.ls2(self.mlp(x)))`, the MLP ending in norm2 (BN); the
+    # pooling mixer branch (`pool(x) - x`) has no weight layer and no BatchNorm
+    efficientformer.MetaBlock2d: ('compose', 'drop_path2', _always),
+    efficientformer_v2.EfficientFormerV2Block: ('retype', '', _always),
+    # swiftformer.py: `x = input + self.drop_path(x)` after dwconv, BN, pwconv1, act, pwconv2, layer scale
+    swiftformer.ConvEncoder: ('compose', 'drop_path', _always),
+    swiftformer.LocalRepresentation: ('compose', 'drop_path', _always),
+    swiftformer.Block: ('retype', '', _always),
+    # shvit.py: `x + self.m(x)`; the single-head attention unit pre-normalises with GroupNorm, so it gets none
+    shvit.Residual: ('retype', '', lambda b: not isinstance(b.m, shvit.SHSA)),
+    nextvit.NextConvBlock: ('retype', '', _always),
+    nextvit.NextTransformerBlock: ('retype', '', _always),
+    # visformer.py: BatchNorm pre-norms in visformer_tiny/small (LayerNorm2d elsewhere: refused, not BatchNorm)
+    visformer.Block: ('retype', '', _always),
 }
 
 #: model class -> attribute path of its ``SelectAdaptivePool2d`` (``families.Head(pool=...)``).
 HEAD_POOLS: Dict[Type[nn.Module], str] = {
     efficientvit_msra.EfficientVitMsra: 'global_pool',  # then NormLinear (BN1d, drop, linear): drop switched off
     tiny_vit.TinyVit: 'head.global_pool',  # NormMlpClassifierHead: pool, LayerNorm2d, pre-logits, drop, fc
+    shvit.SHViT: 'global_pool',  # then flatten, forward_head's F.dropout(drop_rate) (set to 0), NormLinear (BN1d)
+    nextvit.NextViT: 'head.global_pool',  # ClassifierHead: pool, drop, fc
+    visformer.Visformer: 'global_pool',  # then head_drop (switched off), head
 }
 
 #: model classes that pool in ``forward_head`` -> the subclass that drops the map before pooling there.
@@ -145,10 +288,14 @@ FORWARD_HEAD_MODELS: Dict[Type[nn.Module], Type[nn.Module]] = {
     xcit.Xcit: DropResXcit,
     levit.Levit: DropResLevit,
     levit.LevitDistilled: DropResLevitDistilled,
+    efficientformer.EfficientFormer: DropResEfficientFormer,
+    efficientformer_v2.EfficientFormerV2: DropResEfficientFormerV2,
+    swiftformer.SwiftFormer: DropResSwiftFormer,
 }
 
 #: residual blocks normalised by LayerNorm only: no dropout, and they do not make ``convert()`` refuse the model.
-LAYERNORM_BLOCKS: Tuple[Type[nn.Module], ...] = (xcit.ClassAttentionBlock, tiny_vit.TinyVitBlock)
+LAYERNORM_BLOCKS: Tuple[Type[nn.Module], ...] = (
+    xcit.ClassAttentionBlock, tiny_vit.TinyVitBlock, efficientformer.MetaBlock1d)
 
 
 def place_forward_head(model: nn.Module, base: Type[nn.Module], head_drop: nn.Module) -> None:
