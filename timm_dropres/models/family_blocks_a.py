@@ -197,39 +197,44 @@ class DropResLevitDistilled(levit.LevitDistilled):
         _switch_off_after_pool(self)
 
 
-def _distilled_forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> Any:
-    """``forward_head`` of EfficientFormer (V1/V2) and SwiftFormer with ``head_drop`` before the mean pool (tokens
-    (B, N, C) or a map (B, C, H, W)), not after it; the rest is timm's (one or two classifier heads)."""
-    x = self.head_drop(x)
-    if self.global_pool == 'avg':
-        x = x.mean(dim=1) if x.dim() == 3 else x.mean(dim=(2, 3))
-    if pre_logits:
-        return x
-    if self.head_dist is None:
-        return self.head(x)
-    x, x_dist = self.head(x), self.head_dist(x)
-    if self.distilled_training and self.training and not torch.jit.is_scripting():
-        return x, x_dist
-    return (x + x_dist) / 2
-
 
 class DropResEfficientFormer(efficientformer.EfficientFormer):
     """EfficientFormer with the head dropout on the final (LayerNorm-ed) tokens, before the mean pool."""
 
-    forward_head = _distilled_forward_head
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> Any:
+        x = self.head_drop(x)
+        if self.global_pool == 'avg':
+            x = x.mean(dim=1)
+        if pre_logits:
+            return x
+        x, x_dist = self.head(x), self.head_dist(x)
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            return x, x_dist
+        return (x + x_dist) / 2
 
 
 class DropResEfficientFormerV2(efficientformer_v2.EfficientFormerV2):
     """EfficientFormerV2 with the head dropout on the final map (after its BatchNorm), before the mean pool."""
 
-    forward_head = _distilled_forward_head
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> Any:
+        x = self.head_drop(x)
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(2, 3))
+        if pre_logits:
+            return x
+        if self.head_dist is None:
+            return self.head(x)
+        x, x_dist = self.head(x), self.head_dist(x)
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            return x, x_dist
+        return (x + x_dist) / 2
 
 
 class DropResSwiftFormer(swiftformer.SwiftFormer):
-    """SwiftFormer with the head dropout on the final map (after its BatchNorm), before the mean pool."""
+    """SwiftFormer with the head dropout on the final map (after its BatchNorm), before the mean pool (the same
+    head as EfficientFormerV2's with distillation)."""
 
-    forward_head = _distilled_forward_head
-
+    forward_head = DropResEfficientFormerV2.forward_head
 
 def _always(block: nn.Module) -> bool:
     return True
