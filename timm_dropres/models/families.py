@@ -419,12 +419,14 @@ def _dropres_model_class(cls: Type[nn.Module]) -> Type[nn.Module]:
     return _MODEL_SUBCLASSES[cls]
 
 
-# issue 21 batch A: the rows of family_blocks_a.py (XCiT, LeViT, EfficientViT-MSRA, TinyViT)
+# issue 21 batch A: the rows of family_blocks_a.py (XCiT, LeViT, EfficientViT-MSRA, TinyViT, EfficientFormer,
+# SwiftFormer, SHViT, Next-ViT, Visformer; EfficientViM refused)
 FAMILY_BLOCK_TYPES.update(family_blocks_a.BLOCK_TYPES)
 MERGE_SLOTS.update({cls: Slot(*row) for cls, row in family_blocks_a.MERGE_SLOTS.items()})
 MODEL_CLASSES.update({cls: Head(pool=pool) for cls, pool in family_blocks_a.HEAD_POOLS.items()})
 MODEL_CLASSES.update({cls: Head() for cls in family_blocks_a.FORWARD_HEAD_MODELS})
 LAYERNORM_BLOCKS += family_blocks_a.LAYERNORM_BLOCKS
+REFUSED.update(family_blocks_a.REFUSED)
 
 for _cls in MODEL_CLASSES:
     if _cls.__module__.startswith('timm.') and _cls is not resnet.ResNet \

@@ -43,7 +43,8 @@ __all__ = [
     'DropResShvitResidual', 'DropResNextConvBlock', 'DropResNextTransformerBlock', 'DropResVisformerBlock',
     'DropResXcit', 'DropResLevit', 'DropResLevitDistilled', 'DropResEfficientFormer', 'DropResEfficientFormerV2',
     'DropResSwiftFormer',
-    'BLOCK_TYPES', 'MERGE_SLOTS', 'HEAD_POOLS', 'FORWARD_HEAD_MODELS', 'LAYERNORM_BLOCKS', 'place_forward_head',
+    'BLOCK_TYPES', 'MERGE_SLOTS', 'HEAD_POOLS', 'FORWARD_HEAD_MODELS', 'LAYERNORM_BLOCKS', 'REFUSED',
+    'place_forward_head',
 ]
 
 
@@ -302,6 +303,16 @@ FORWARD_HEAD_MODELS: Dict[Type[nn.Module], Type[nn.Module]] = {
 LAYERNORM_BLOCKS: Tuple[Type[nn.Module], ...] = (
     xcit.ClassAttentionBlock, tiny_vit.TinyVitBlock, efficientformer.MetaBlock1d)
 
+
+_VIM_HEAD = ("its classifier reads every stage's state-space hidden state (B, C, state) and the final map "
+             '(B, C, H*W), each averaged along its last axis: no head position is a global pool over spatial '
+             'positions that the audit recognises, so no head dropout position is audited ok')
+
+#: model classes ``convert()`` refuses, with the reason (class path -> reason; ``families.REFUSED`` takes these rows).
+REFUSED: Dict[str, str] = {
+    'timm.models.efficientvim.EfficientViM': _VIM_HEAD,
+    'timm.models.efficientvim.EfficientViMDistilled': _VIM_HEAD,
+}
 
 def place_forward_head(model: nn.Module, base: Type[nn.Module], head_drop: nn.Module) -> None:
     """Give a model of :data:`FORWARD_HEAD_MODELS` its head dropout (``head_drop``, before pooling) and switch off
