@@ -176,3 +176,19 @@ def test_levit_transformers_loads_a_saved_folder(tmp_path):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('name, kwargs', [('xcit_nano_12_p16_224', {}), ('levit_128s', dict(img_size=64))])
+def test_features_only_through_timms_getter_wrapper(name, kwargs):
+    """``features_only`` builds timm's FeatureGetterNet for these: its blocks get the residual dropout, no head
+    dropout, and its eval features equal the base's."""
+    f = _twin(name, features_only=True, res_drop_rate=0.1, **kwargs)
+    base = timm.create_model(name, features_only=True, **kwargs)
+    assert type(f).__name__ == 'FeatureGetterNet'
+    sites = timm_dropres.dropout_sites(f)
+    assert sites and all(s.where != HEAD_BEFORE_POOL for s in sites)
+    assert len(sites) == len(list(timm_dropres.residual_blocks(f)))
+    base.load_state_dict(f.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(f.eval()(x), base.eval()(x), strict=True))

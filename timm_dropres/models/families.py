@@ -427,6 +427,7 @@ MODEL_CLASSES.update({cls: Head(pool=pool) for cls, pool in family_blocks_a.HEAD
 MODEL_CLASSES.update({cls: Head() for cls in family_blocks_a.FORWARD_HEAD_MODELS})
 LAYERNORM_BLOCKS += family_blocks_a.LAYERNORM_BLOCKS
 REFUSED.update(family_blocks_a.REFUSED)
+FEATURE_CLASSES += family_blocks_a.FEATURE_CLASSES
 
 for _cls in MODEL_CLASSES:
     if _cls.__module__.startswith('timm.') and _cls is not resnet.ResNet \

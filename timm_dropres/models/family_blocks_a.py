@@ -38,12 +38,16 @@ from timm.models import (
     xcit,
 )
 
+# FeatureGetterNet is in timm.models._features.__all__ but timm.models does not re-export it (timm 1.0.31)
+from timm.models._features import FeatureGetterNet
+
 __all__ = [
     'DropResLevitBlock', 'DropResEfficientVitResidual', 'DropResEfficientFormerV2Block', 'DropResSwiftFormerBlock',
     'DropResShvitResidual', 'DropResNextConvBlock', 'DropResNextTransformerBlock', 'DropResVisformerBlock',
     'DropResXcit', 'DropResLevit', 'DropResLevitDistilled', 'DropResEfficientFormer', 'DropResEfficientFormerV2',
     'DropResSwiftFormer',
     'BLOCK_TYPES', 'MERGE_SLOTS', 'HEAD_POOLS', 'FORWARD_HEAD_MODELS', 'LAYERNORM_BLOCKS', 'REFUSED',
+    'FEATURE_CLASSES',
     'place_forward_head',
 ]
 
@@ -303,6 +307,10 @@ FORWARD_HEAD_MODELS: Dict[Type[nn.Module], Type[nn.Module]] = {
 LAYERNORM_BLOCKS: Tuple[Type[nn.Module], ...] = (
     xcit.ClassAttentionBlock, tiny_vit.TinyVitBlock, efficientformer.MetaBlock1d)
 
+
+#: the feature wrapper ``features_only`` builds for XCiT, LeViT, EfficientFormer and Visformer
+#: (``feature_cls='getter'``): its blocks are converted, it has no head.
+FEATURE_CLASSES: Tuple[Type[nn.Module], ...] = (FeatureGetterNet,)
 
 _VIM_HEAD = ("its classifier reads every stage's state-space hidden state (B, C, state) and the final map "
              '(B, C, H*W), each averaged along its last axis: no head position is a global pool over spatial '
