@@ -18,6 +18,21 @@ kinds are the strings ``families.Slot`` takes, so this module does not import ``
 * EfficientViT-MSRA (``ResidualDrop``: ``x + m(x)``, with its own sample-wise drop): every branch ends in a
   ``ConvNorm`` BatchNorm (depthwise conv, ``ConvMlp``, the attention's projection).
 * TinyViT (``MBConv``): slot ``drop_path``; the ``TinyVitBlock`` branches are LayerNorm only.
+* EfficientFormer (``MetaBlock2d``): the MLP branch (conv, BN, act, conv, BN, layer scale), slot ``drop_path2``;
+  its pooling mixer (``pool(x) - x``) has no weight layer or BatchNorm. ``MetaBlock1d`` is LayerNorm only.
+  EfficientFormerV2 (``EfficientFormerV2Block``): attention and MLP branches, each ending in conv + BN.
+* SwiftFormer: ``ConvEncoder`` and ``LocalRepresentation`` (dw conv, BN, conv, act, conv, layer scale), slot
+  ``drop_path``; ``Block``'s MLP branch (BN pre-norm), not its additive attention (no norm).
+* SHViT (``Residual``: ``x + m(x)``): depthwise conv and FFN units; not the attention unit, whose input is
+  normalised by GroupNorm.
+* Next-ViT (``NextConvBlock``, ``NextTransformerBlock``): two / three BatchNorm branches, one module.
+* Visformer (``Block``, BatchNorm pre-norms in ``visformer_tiny``/``visformer_small``): attention and MLP branches.
+* EfficientViM is refused (:data:`REFUSED`): no head position the audit calls ``ok``.
+
+Blocks with several BatchNorm branches hold one ``res_drop`` and call it once per branch (a fresh mask each call),
+so a model has one residual dropout module per residual block, as everywhere else. Models that pool in
+``forward_head`` (:data:`FORWARD_HEAD_MODELS`) are re-typed to a subclass whose ``forward_head`` drops the final
+map or tokens before pooling.
 """
 from __future__ import annotations
 
