@@ -48,6 +48,11 @@ REPRESENTATIVES = [
     'repghostnet_050',            # RepGhostBottleneck
     'hgnetv2_b0',                 # HighPerfGpuBlock
     'ese_vovnet39b',              # OsaBlock with residual
+    # issue 21 batch A (the ones that need another input size: test_family_blocks_a.py)
+    'xcit_nano_12_p16_224',       # XCABlock (LPI branch slot), LayerNorm ClassAttentionBlock, Xcit head
+    'tiny_vit_5m_224',            # tiny_vit MBConv, LayerNorm TinyVitBlock
+    'swiftformer_xs',             # SwiftFormer ConvEncoder, LocalRepresentation, Block (re-stated), head
+    'nextvit_small',              # NextConvBlock, NextTransformerBlock (re-stated, one module, 2-3 branches)
 ]
 X = (2, 3, 64, 64)
 

@@ -19,6 +19,9 @@ import timm_dropres
 from timm_dropres.models.hf_folder import save_pretrained_folder
 
 ARCHS = ['mobilenetv3_small_050', 'regnetx_002', 'dla46_c', 'rexnet_100']
+# issue 21 batch A: a re-stated block and a re-stated forward_head (compile, export, transformers for LeViT's
+# are in test_family_blocks_a.py)
+ARCHS += ['swiftformer_xs']
 X = (2, 3, 64, 64)
 
 

@@ -53,6 +53,9 @@ FAMILY_MODULES = (
     'efficientnet', 'mobilenetv3', 'hardcorenas', 'regnet', 'byobnet', 'byoanet', 'cspnet', 'cspnext', 'dla',
     'hrnet', 'rexnet', 'ghostnet', 'repghost', 'res2net', 'sknet', 'resnest', 'tresnet', 'hgnet', 'vovnet',
     'maxxvit',
+    # issue 21 batch A (placement rows in family_blocks_a.py)
+    'xcit', 'levit', 'efficientvit_msra', 'tiny_vit', 'efficientformer', 'efficientformer_v2', 'swiftformer',
+    'shvit', 'nextvit', 'visformer',
 )
 
 #: Architectures of ``FAMILY_MODULES`` left out (fnmatch patterns), with the reason that ``convert()`` gives too.

@@ -51,6 +51,7 @@ from torchvision.models import mobilenetv2 as tv_mobilenetv2
 from torchvision.models import mobilenetv3 as tv_mobilenetv3
 from torchvision.models import regnet as tv_regnet
 
+from . import family_blocks_a  # issue 21 batch A
 from .family_blocks import FAMILY_BLOCK_TYPES
 from .heads import DropResNet
 from .layers import AFTER_LAST_BN, AUTO, HEAD_BEFORE_POOL, ResidualDropout
@@ -368,6 +369,12 @@ def _place_head(model: nn.Module, drop_rate: float) -> None:
         model.head_drop = ResidualDropout(drop_rate, where=HEAD_BEFORE_POOL)
         model.drop_rate = drop_rate  # informational: DropResNet.forward_head never drops after the pool
         return
+    if base in family_blocks_a.FORWARD_HEAD_MODELS:  # issue 21 batch A: pools in forward_head (XCiT, LeViT)
+        if isinstance(getattr(model, 'head_drop', None), ResidualDropout):
+            model.head_drop.p = drop_rate
+        else:
+            family_blocks_a.place_forward_head(model, base, ResidualDropout(drop_rate, where=HEAD_BEFORE_POOL))
+        return
     pool = _get(model, head.pool)
     if isinstance(pool, DropResSelectAdaptivePool2d):
         pool.head_drop.p = drop_rate
@@ -412,8 +419,19 @@ def _dropres_model_class(cls: Type[nn.Module]) -> Type[nn.Module]:
     return _MODEL_SUBCLASSES[cls]
 
 
+# issue 21 batch A: the rows of family_blocks_a.py (XCiT, LeViT, EfficientViT-MSRA, TinyViT, EfficientFormer,
+# SwiftFormer, SHViT, Next-ViT, Visformer; EfficientViM refused)
+FAMILY_BLOCK_TYPES.update(family_blocks_a.BLOCK_TYPES)
+MERGE_SLOTS.update({cls: Slot(*row) for cls, row in family_blocks_a.MERGE_SLOTS.items()})
+MODEL_CLASSES.update({cls: Head(pool=pool) for cls, pool in family_blocks_a.HEAD_POOLS.items()})
+MODEL_CLASSES.update({cls: Head() for cls in family_blocks_a.FORWARD_HEAD_MODELS})
+LAYERNORM_BLOCKS += family_blocks_a.LAYERNORM_BLOCKS
+REFUSED.update(family_blocks_a.REFUSED)
+FEATURE_CLASSES += family_blocks_a.FEATURE_CLASSES
+
 for _cls in MODEL_CLASSES:
-    if _cls.__module__.startswith('timm.') and _cls is not resnet.ResNet:
+    if _cls.__module__.startswith('timm.') and _cls is not resnet.ResNet \
+            and _cls not in family_blocks_a.FORWARD_HEAD_MODELS:  # issue 21 batch A: own subclasses
         _dropres_model_class(_cls)
 
 
