@@ -53,6 +53,8 @@ FAMILY_MODULES = (
     'efficientnet', 'mobilenetv3', 'hardcorenas', 'regnet', 'byobnet', 'byoanet', 'cspnet', 'cspnext', 'dla',
     'hrnet', 'rexnet', 'ghostnet', 'repghost', 'res2net', 'sknet', 'resnest', 'tresnet', 'hgnet', 'vovnet',
     'maxxvit',
+    # issue 21 batch B
+    'senet', 'cpubone', 'repvit', 'dpn', 'starnet', 'fasternet', 'xception_aligned', 'xception', 'inception_resnet_v2',
 )
 
 #: Architectures of ``FAMILY_MODULES`` left out (fnmatch patterns), with the reason that ``convert()`` gives too.

@@ -52,6 +52,13 @@ from torchvision.models import mobilenetv3 as tv_mobilenetv3
 from torchvision.models import regnet as tv_regnet
 
 from .family_blocks import FAMILY_BLOCK_TYPES
+from .family_blocks_b import (  # issue 21 batch B
+    FAMILY_BLOCK_TYPES_B,
+    HEAD_PLACERS_B,
+    HEAD_REFUSALS_B,
+    MERGE_SLOTS_B,
+    MODEL_CLASSES_B,
+)
 from .heads import DropResNet
 from .layers import AFTER_LAST_BN, AUTO, HEAD_BEFORE_POOL, ResidualDropout
 
@@ -184,6 +191,9 @@ MERGE_SLOTS: Dict[Type[nn.Module], Slot] = {
     tv_mobilenetv3.InvertedResidual: Slot(APPEND, 'block', _use_res_connect),
     tv_regnet.ResBottleneckBlock: Slot(APPEND, 'f', _always),
 }
+# issue 21 batch B: SENet, CPUBone, RepViT, DPN, StarNet, FasterNet, Xception, Inception-ResNet-v2 (family_blocks_b)
+FAMILY_BLOCK_TYPES.update(FAMILY_BLOCK_TYPES_B)
+MERGE_SLOTS.update({cls: Slot(*spec) for cls, spec in MERGE_SLOTS_B.items()})
 
 
 @dataclass(frozen=True)
@@ -219,6 +229,8 @@ MODEL_CLASSES: Dict[Type[nn.Module], Head] = {
     tvm.MobileNetV3: Head(trunk='features'),
     tvm.RegNet: Head(trunk='trunk_output'),
 }
+# issue 21 batch B (a pool path of '': the family's placer in HEAD_PLACERS_B places the head dropout)
+MODEL_CLASSES.update({cls: Head(pool=pool) for cls, pool in MODEL_CLASSES_B.items()})
 
 #: residual blocks normalised by LayerNorm only (the transformer and ConvNeXt blocks of hybrid families): the
 #: guideline is about BatchNorm, so they get no dropout, and they do not make convert() refuse the model.
@@ -233,8 +245,6 @@ FEATURE_CLASSES: Tuple[Type[nn.Module], ...] = (
 
 #: model classes convert() refuses for a reason of their own (class path -> reason, in its error message).
 REFUSED: Dict[str, str] = {
-    'timm.models.dpn.DPN': 'dual-path blocks add a residual and concatenate a dense path from the same conv+BN '
-                           'output: no point drops the residual branch alone',
     'timm.models.selecsls.SelecSls': 'its blocks concatenate their branches: no residual merge',
     'timm.models.densenet.DenseNet': 'dense blocks concatenate: no residual merge',
     'timm.models.vgg.VGG': 'no residual merge',
@@ -325,6 +335,10 @@ def refusal(model: nn.Module) -> str | None:
     name = f'{type(model).__module__}.{type(model).__name__}'
     if base is None:
         return f'model type {name} is not supported' + (f': {REFUSED[name]}' if name in REFUSED else '')
+    if base in HEAD_REFUSALS_B:  # issue 21 batch B
+        why = HEAD_REFUSALS_B[base](model)
+        if why is not None:
+            return why
     if base in MODEL_CLASSES and MODEL_CLASSES[base].pool:
         pool = _get(model, MODEL_CLASSES[base].pool)
         if not isinstance(pool, SelectAdaptivePool2d):
@@ -351,6 +365,9 @@ def _place_head(model: nn.Module, drop_rate: float) -> None:
     if base is None or base not in MODEL_CLASSES:
         return
     head = MODEL_CLASSES[base]
+    if base in HEAD_PLACERS_B:  # issue 21 batch B: heads without a SelectAdaptivePool2d
+        HEAD_PLACERS_B[base](model, drop_rate)
+        return
     if head.trunk:  # torchvision: the head dropout ends the feature trunk, its classifier Dropout goes
         trunk = _get(model, head.trunk)
         if isinstance(getattr(trunk, 'head_drop', None), ResidualDropout):
@@ -413,7 +430,7 @@ def _dropres_model_class(cls: Type[nn.Module]) -> Type[nn.Module]:
 
 
 for _cls in MODEL_CLASSES:
-    if _cls.__module__.startswith('timm.') and _cls is not resnet.ResNet:
+    if _cls.__module__.startswith('timm.') and _cls is not resnet.ResNet and _cls not in HEAD_PLACERS_B:
         _dropres_model_class(_cls)
 
 
