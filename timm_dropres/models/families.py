@@ -24,6 +24,7 @@ import torchvision.models as tvm
 from timm.layers import SelectAdaptivePool2d
 from timm.models import (
     FeatureDictNet,
+    FeatureHookNet,  # issue 21 batch B
     FeatureHooks,
     FeatureListNet,
     byobnet,
@@ -242,6 +243,7 @@ LAYERNORM_BLOCKS: Tuple[Type[nn.Module], ...] = (
 FEATURE_CLASSES: Tuple[Type[nn.Module], ...] = (
     FeatureListNet, FeatureDictNet, FeatureHooks, efficientnet.EfficientNetFeatures, mobilenetv3.MobileNetV3Features,
     hrnet.HighResolutionNetFeatures)
+FEATURE_CLASSES += (FeatureHookNet,)  # issue 21 batch B: features_only of the Xceptions
 
 #: model classes convert() refuses for a reason of their own (class path -> reason, in its error message).
 REFUSED: Dict[str, str] = {

@@ -43,6 +43,7 @@ from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models import cpubone, dpn, fasternet, repvit, senet, starnet
 from timm.models import xception_aligned as xa
 from timm.models.inception_resnet_v2 import Block8, Block17, Block35, InceptionResnetV2
@@ -183,8 +184,8 @@ class DropResFasterNetMLPBlock(fasternet.MLPBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.spatial_mixing(x)
-        conv1, norm, act, conv2 = self.mlp[0], self.mlp[1], self.mlp[2], self.mlp[3]
-        x = conv2(self.res_drop(act(norm(conv1(x)))))
+        x = self.mlp[2](self.mlp[1](self.mlp[0](x)))  # conv, BN, act
+        x = self.mlp[3](self.res_drop(x))  # the last conv
         if self.layer_scale is not None:
             x = self.layer_scale.unsqueeze(-1).unsqueeze(-1) * x
         return shortcut + self.drop_path(x)
@@ -247,7 +248,7 @@ class DropResAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     """``nn.AdaptiveAvgPool2d`` with the head dropout on the feature map before it pools (``head_drop``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.head_drop(x))
+        return F.adaptive_avg_pool2d(self.head_drop(x), self.output_size)  # TorchScript has no super()
 
 
 def _place_head_drop(holder: nn.Module, attr: str, pool_cls: Type[nn.Module], drop_rate: float) -> None:
