@@ -12,8 +12,9 @@ Where the residual dropout goes, read off each block's forward (timm 1.0.31):
   which follows the last BN, before ``+ shortcut``. The blocks have no drop path.
 * RepViT (``RepViTBlock``, ``RepVitDownsample``): the channel mixer's last ``ConvNorm`` (BN) ends the branch of
   ``identity + channel_mixer(x)``: the dropout goes after it. The legacy token mixer (``RepVggDw(legacy=True)``)
-  adds two conv+BN branches to its input: the dropout goes on their sum, before ``+ x``. The non-legacy one
-  normalises the sum itself (a BN after the merge): no position avoids it, so it gets none.
+  adds two conv+BN branches to its input: the dropout goes on their sum, before ``+ x``. The other one applies
+  its own BN to the merged sum, with no weight layer between (the "BN after the merge" that issue 21 lists as
+  not placeable), so it gets none.
 * DPN (``DualPathBlock``): pre-activation. The last conv's output is split: the first ``num_1x1_c`` channels are
   added to the residual path, the rest are concatenated as the dense path and read by the next block's BN. A
   dropout before the last conv would reach the dense path too; so the dropout acts on the residual part
