@@ -230,3 +230,28 @@ def test_pretrained_loads_the_base_weights_strictly(tmp_path):
     m10 = timm.create_model('mobilenetv3_small_050_dropres.lamb_in1k', pretrained=True, num_classes=10,
                             pretrained_cfg_overlay=overlay)
     assert m10.classifier.out_features == 10 and torch.equal(m10.conv_stem.weight, ref['conv_stem.weight'])
+
+
+def test_clip_resnets_take_residual_dropout_only():
+    """issue 21 batch B: the CLIP ResNets' attention-pool head has no guideline position (a dropout before it is
+    followed by its q/k/v projections: 'body'), so their twins carry residual dropout only and refuse drop_rate > 0."""
+    base = timm.create_model('resnet50_clip', num_classes=7)
+    ours = timm.create_model('resnet50_clip_dropres', num_classes=7, res_drop_rate=0.0)
+    ours.load_state_dict(base.state_dict(), strict=True)
+    x = torch.randn(X)
+    base.eval(), ours.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(x), base(x))
+    assert families.head_dropout(ours) is None and timm_dropres.dropout_args(ours)['drop_rate'] == 0.0
+    timm_dropres.convert(ours, res_drop_rate=0.1, drop_rate=0.0)
+    sites = timm_dropres.dropout_sites(ours)
+    assert len(sites) == len(list(timm_dropres.residual_blocks(ours))) > 1
+    report = audit(ours, input_size=X[1:])
+    assert all(e.verdict == 'ok' and e.location in SITE_LOCATIONS['after_last_bn']
+               for e in report.entries if e.active)
+    with pytest.raises(ValueError, match=r'drop_rate must be 0 for ByobNet \(its head is an attention pool.*got 0\.1'):
+        timm.create_model('resnet50_clip_dropres', drop_rate=0.1, device='meta')
+    other = timm.create_model('resnet50_clip', device='meta')
+    with pytest.raises(ValueError, match='drop_rate must be 0'):
+        timm_dropres.convert(other)  # convert()'s default head rate is 0.1
+    assert timm_dropres.dropout_sites(other) == [] and type(other).__name__ == 'ByobNet'

@@ -59,6 +59,7 @@ from .family_blocks_b import (  # issue 21 batch B
     HEAD_REFUSALS_B,
     MERGE_SLOTS_B,
     MODEL_CLASSES_B,
+    NO_HEAD_POSITION_B,
 )
 from .heads import DropResNet
 from .layers import AFTER_LAST_BN, AUTO, HEAD_BEFORE_POOL, ResidualDropout
@@ -66,7 +67,7 @@ from .layers import AFTER_LAST_BN, AUTO, HEAD_BEFORE_POOL, ResidualDropout
 __all__ = [
     'DropResMerge', 'DropResSelectAdaptivePool2d', 'Slot', 'MERGE_SLOTS', 'MODEL_CLASSES', 'REFUSED',
     'family_sites', 'is_family_block', 'is_family_model', 'convert_family', 'refusal', 'check_family_position',
-    'head_dropout', 'residual_dropouts',
+    'head_dropout', 'residual_dropouts', 'no_head_position',
 ]
 
 
@@ -341,7 +342,7 @@ def refusal(model: nn.Module) -> str | None:
         why = HEAD_REFUSALS_B[base](model)
         if why is not None:
             return why
-    if base in MODEL_CLASSES and MODEL_CLASSES[base].pool:
+    if base in MODEL_CLASSES and MODEL_CLASSES[base].pool and no_head_position(model) is None:
         pool = _get(model, MODEL_CLASSES[base].pool)
         if not isinstance(pool, SelectAdaptivePool2d):
             return (f'{name} has no global average pool at {MODEL_CLASSES[base].pool!r} (its head is '
@@ -362,9 +363,20 @@ def refusal(model: nn.Module) -> str | None:
     return None
 
 
+def no_head_position(model: nn.Module) -> str | None:
+    """Why ``model``'s head has no guideline position for the head dropout (issue 21 batch B: the CLIP ResNets'
+    attention pool), or ``None``. Such a model takes the residual dropout only, with ``drop_rate=0``."""
+    check = NO_HEAD_POSITION_B.get(_model_base(model))
+    return check(model) if check is not None else None
+
+
 def _place_head(model: nn.Module, drop_rate: float) -> None:
     base = _model_base(model)
     if base is None or base not in MODEL_CLASSES:
+        return
+    if no_head_position(model) is not None:  # issue 21 batch B: no head dropout; timm's own one in the head off
+        if isinstance(getattr(model.head, 'drop', None), nn.Dropout):
+            model.head.drop = nn.Identity()
         return
     head = MODEL_CLASSES[base]
     if base in HEAD_PLACERS_B:  # issue 21 batch B: heads without a SelectAdaptivePool2d
@@ -457,6 +469,9 @@ def convert_family(model: nn.Module, *, res_drop_rate: float, drop_rate: float, 
     reason = refusal(model)
     if reason is not None:
         raise TypeError(f'convert() cannot place dropout: {reason}')
+    headless = no_head_position(model)  # issue 21 batch B
+    if headless is not None and drop_rate > 0:
+        raise ValueError(f'drop_rate must be 0 for {type(model).__name__} ({headless}), got {drop_rate!r}')
     for _, block, slot in list(family_sites(model)):
         _place_residual(block, slot, res_drop_rate)
     _place_head(model, drop_rate)

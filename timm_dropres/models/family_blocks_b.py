@@ -37,6 +37,12 @@ dropout goes before that pool (:class:`DropResAdaptiveAvgPool2d`). RepViT pools 
 ``forward_head`` and then runs ``NormLinear`` (BatchNorm1d + Linear): :class:`DropResRepVit` drops the feature
 map before that mean. The BatchNorm1d then reads pooled values whose dropout noise the pool has averaged over all
 positions (the audit's "head, before pooling"); dropout after pooling, timm's place, would feed it undiluted.
+
+The CLIP ResNets (``resnet*_clip``, ByobNet with an ``AttentionPool2d`` head) have no head position: their pool is
+a query-weighted average computed behind the q/k/v projections, and the audit calls a dropout before that head,
+or timm's own inside it, off-guideline ("body", weight layers follow). Their blocks are ByobNet bottlenecks, which
+take the residual dropout as usual; :data:`NO_HEAD_POSITION_B` says so, and ``convert`` then places no head dropout
+and refuses ``drop_rate > 0`` (the twins default to 0).
 """
 from __future__ import annotations
 
@@ -45,7 +51,8 @@ from typing import Callable, Dict, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import cpubone, dpn, fasternet, repvit, senet, starnet
+from timm.layers import AttentionPool2d, RotAttentionPool2d
+from timm.models import byobnet, cpubone, dpn, fasternet, repvit, senet, starnet
 from timm.models import xception_aligned as xa
 from timm.models.inception_resnet_v2 import Block8, Block17, Block35, InceptionResnetV2
 from timm.models.xception import Block as XceptionBlock
@@ -59,6 +66,7 @@ __all__ = [
     'DropResFasterNetMLPBlock', 'DropResPreXceptionModule', 'DropResBlock35', 'DropResBlock17', 'DropResBlock8',
     'DropResAdaptiveAvgPool2d', 'DropResCPUBone', 'DropResRepVit',
     'FAMILY_BLOCK_TYPES_B', 'MERGE_SLOTS_B', 'MODEL_CLASSES_B', 'HEAD_PLACERS_B', 'HEAD_REFUSALS_B',
+    'NO_HEAD_POSITION_B',
 ]
 
 
@@ -312,6 +320,17 @@ def _repvit_head_refusal(model: nn.Module) -> Optional[str]:
     return None
 
 
+_ATTENTION_POOL = ('its head is an attention pool (a query-weighted average behind q/k/v projections): a dropout '
+                   'before or inside it is followed by weight layers, which the audit calls off-guideline, so there '
+                   'is no head position; only the residual dropout is placed')
+
+
+def _byobnet_attention_pool(model: nn.Module) -> Optional[str]:
+    if isinstance(getattr(model, 'head', None), (AttentionPool2d, RotAttentionPool2d)):
+        return _ATTENTION_POOL
+    return None
+
+
 # --- tables merged into families.py ----------------------------------------------------------------------------
 
 def _always(block: nn.Module) -> bool:
@@ -382,4 +401,10 @@ HEAD_PLACERS_B: Dict[Type[nn.Module], Callable[[nn.Module, float], None]] = {
 HEAD_REFUSALS_B: Dict[Type[nn.Module], Callable[[nn.Module], Optional[str]]] = {
     cpubone.CPUBone: _cpubone_head_refusal,
     repvit.RepVit: _repvit_head_refusal,
+}
+
+#: model class -> why this model's head has no guideline position (``None``: it has one). Such a model gets the
+#: residual dropout only; ``convert`` refuses ``drop_rate > 0`` for it.
+NO_HEAD_POSITION_B: Dict[Type[nn.Module], Callable[[nn.Module], Optional[str]]] = {
+    byobnet.ByobNet: _byobnet_attention_pool,
 }
