@@ -255,3 +255,25 @@ def test_clip_resnets_take_residual_dropout_only():
     with pytest.raises(ValueError, match='drop_rate must be 0'):
         timm_dropres.convert(other)  # convert()'s default head rate is 0.1
     assert timm_dropres.dropout_sites(other) == [] and type(other).__name__ == 'ByobNet'
+
+
+def test_cpubone_and_repvit_heads_keep_their_dropout_and_build_without_a_pool():
+    """issue 21 batch B: CPUBone's head dropout lives in its re-typed head (timm's reset rebuilds the pool, not the
+    head), RepViT's in the model (its pool is a mean in forward_head); without a pool neither is applied."""
+    from timm_dropres.models.family_blocks_b import DropResCpuBoneHead
+
+    m = timm.create_model('cpubone_s0_dropres', num_classes=5, drop_rate=0.2, drop_path_rate=0.1)
+    m.reset_classifier(3)
+    assert isinstance(m.head, DropResCpuBoneHead) and families.head_dropout(m).p == 0.2
+    assert m.head.classifier.dropout is None and m.head.dropout == 0.0  # no after-pool dropout, now or on reset
+    m = timm.create_model('repvit_m0_9_dropres', num_classes=5, drop_rate=0.2)
+    m.reset_classifier(3)
+    assert families.head_dropout(m) is m.head_drop and m.head_drop.p == 0.2
+    assert isinstance(m.head.head_drop, torch.nn.Identity) or m.head.head_drop.p == 0.0
+    calls = []
+    for pool, want in (('avg', 2), ('', 4)):
+        f = timm.create_model('cpubone_s0_dropres', num_classes=0, global_pool=pool, drop_rate=0.5).train()
+        f.head.head_drop.register_forward_hook(lambda *_, p=pool: calls.append(p))
+        assert f(torch.randn(X)).dim() == want
+    assert calls == ['avg']  # applied before the pool, not at all without one
+    assert timm.create_model('repvit_m0_9_dropres', num_classes=0, global_pool='').global_pool == ''

@@ -56,7 +56,6 @@ from .family_blocks import FAMILY_BLOCK_TYPES
 from .family_blocks_b import (  # issue 21 batch B
     FAMILY_BLOCK_TYPES_B,
     HEAD_PLACERS_B,
-    HEAD_REFUSALS_B,
     MERGE_SLOTS_B,
     MODEL_CLASSES_B,
     NO_HEAD_POSITION_B,
@@ -338,10 +337,6 @@ def refusal(model: nn.Module) -> str | None:
     name = f'{type(model).__module__}.{type(model).__name__}'
     if base is None:
         return f'model type {name} is not supported' + (f': {REFUSED[name]}' if name in REFUSED else '')
-    if base in HEAD_REFUSALS_B:  # issue 21 batch B
-        why = HEAD_REFUSALS_B[base](model)
-        if why is not None:
-            return why
     if base in MODEL_CLASSES and MODEL_CLASSES[base].pool and no_head_position(model) is None:
         pool = _get(model, MODEL_CLASSES[base].pool)
         if not isinstance(pool, SelectAdaptivePool2d):

@@ -33,7 +33,7 @@ Where the residual dropout goes, read off each block's forward (timm 1.0.31):
 
 Heads: most of these models pool with timm's ``SelectAdaptivePool2d`` and ``families.py`` places the head dropout
 there. CPUBone pools with ``nn.AdaptiveAvgPool2d`` inside its head, after the head's conv + BN + act: the
-dropout goes before that pool (:class:`DropResAdaptiveAvgPool2d`). RepViT pools by ``x.mean((2, 3))`` in
+dropout goes before that pool (:class:`DropResCpuBoneHead`). RepViT pools by ``x.mean((2, 3))`` in
 ``forward_head`` and then runs ``NormLinear`` (BatchNorm1d + Linear): :class:`DropResRepVit` drops the feature
 map before that mean. The BatchNorm1d then reads pooled values whose dropout noise the pool has averaged over all
 positions (the audit's "head, before pooling"); dropout after pooling, timm's place, would feed it undiluted.
@@ -50,7 +50,6 @@ from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import AttentionPool2d, RotAttentionPool2d
 from timm.models import byobnet, cpubone, dpn, fasternet, repvit, senet, starnet
 from timm.models import xception_aligned as xa
@@ -64,8 +63,8 @@ __all__ = [
     'DropResSEResNetBlock', 'DropResSEBottleneck', 'DropResSEResNetBottleneck', 'DropResSEResNeXtBottleneck',
     'DropResRepViTBlock', 'DropResRepVitDownsample', 'DropResRepVggDw', 'DropResDualPathBlock',
     'DropResFasterNetMLPBlock', 'DropResPreXceptionModule', 'DropResBlock35', 'DropResBlock17', 'DropResBlock8',
-    'DropResAdaptiveAvgPool2d', 'DropResCPUBone', 'DropResRepVit',
-    'FAMILY_BLOCK_TYPES_B', 'MERGE_SLOTS_B', 'MODEL_CLASSES_B', 'HEAD_PLACERS_B', 'HEAD_REFUSALS_B',
+    'DropResCpuBoneHead', 'DropResRepVit',
+    'FAMILY_BLOCK_TYPES_B', 'MERGE_SLOTS_B', 'MODEL_CLASSES_B', 'HEAD_PLACERS_B',
     'NO_HEAD_POSITION_B',
 ]
 
@@ -150,6 +149,7 @@ class DropResRepVit(repvit.RepVit):
     """timm ``RepVit`` with the head dropout (``head_drop``) on the feature map before the mean pool."""
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        # without a pool (global_pool='') there is no "before pooling" point: no head dropout, as timm's
         if self.global_pool == 'avg':
             x = self.head_drop(x)
             x = x.mean((2, 3), keepdim=False)
@@ -253,52 +253,37 @@ class DropResBlock8(Block8):
 
 # --- heads -----------------------------------------------------------------------------------------------------
 
-class DropResAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
-    """``nn.AdaptiveAvgPool2d`` with the head dropout on the feature map before it pools (``head_drop``)."""
+class DropResCpuBoneHead(cpubone.ClsHead):
+    """CPUBone's classifier head with the head dropout (``head_drop``) after its conv + BN + act, before the global
+    pool. Without a pool (``global_pool=''``) there is no "before pooling" point and the dropout is not applied;
+    the features come out unpooled. ``reset()`` rebuilds the pool and classifier, not this module, so it stays."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.head_drop(x), self.output_size)  # TorchScript has no super()
-
-
-def _place_head_drop(holder: nn.Module, attr: str, pool_cls: Type[nn.Module], drop_rate: float) -> None:
-    """Re-type ``holder.<attr>`` (the pool, or the model for RepViT) to ``pool_cls`` with a head dropout, or set the
-    rate of the one it has (converting again)."""
-    target = getattr(holder, attr) if attr else holder
-    if isinstance(getattr(target, 'head_drop', None), ResidualDropout):
-        target.head_drop.p = drop_rate
-        return
-    target.__class__ = pool_cls
-    target.head_drop = ResidualDropout(drop_rate, where=HEAD_BEFORE_POOL)
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.in_conv(x)
+        if self.pool_type:
+            x = self.head_drop(x)
+        x = self.global_pool(x)
+        x = self.flatten(x)
+        if not self.pool_type:
+            x = x.permute(0, 2, 3, 1)
+        x = self.pre_classifier(x)
+        if not pre_logits:
+            x = self.classifier(x)
+        if not self.pool_type:
+            x = x.permute(0, 3, 1, 2).contiguous()
+        return x
 
 
 def _place_cpubone_head(model: nn.Module, drop_rate: float) -> None:
-    """CPUBone: head dropout before ``head.global_pool``; the classifier's after-pool dropout off."""
-    _place_head_drop(model.head, 'global_pool', DropResAdaptiveAvgPool2d, drop_rate)
-    model.head.dropout = 0.0  # what head.reset() builds a new classifier's dropout with
-    classifier = model.head.classifier
-    if isinstance(getattr(classifier, 'dropout', None), nn.Dropout):
-        classifier.dropout = None
-    if type(model) is cpubone.CPUBone:
-        model.__class__ = DropResCPUBone
-
-
-def _cpubone_head_refusal(model: nn.Module) -> Optional[str]:
-    pool = getattr(getattr(model, 'head', None), 'global_pool', None)
-    if not isinstance(pool, nn.AdaptiveAvgPool2d) or pool.output_size not in (1, (1, 1)):
-        return (f'{type(model).__name__} has no global average pool at \'head.global_pool\' (its head pools with '
-                f'{type(pool).__name__}): there is no "before pooling" point')
-    return None
-
-
-class DropResCPUBone(cpubone.CPUBone):
-    """timm ``CPUBone`` whose ``reset_classifier`` keeps the head dropout (timm's rebuilds the pool)."""
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
-        drop = self.head.global_pool.head_drop if isinstance(self.head.global_pool, DropResAdaptiveAvgPool2d) \
-            else None
-        super().reset_classifier(num_classes, global_pool, reset_other=reset_other)
-        if drop is not None and isinstance(self.head.global_pool, nn.AdaptiveAvgPool2d):
-            _place_cpubone_head(self, drop.p)
+    """CPUBone: head dropout before ``head.global_pool`` (:class:`DropResCpuBoneHead`); the after-pool one off."""
+    head = model.head
+    if not isinstance(getattr(head, 'head_drop', None), ResidualDropout):
+        head.__class__ = DropResCpuBoneHead
+        head.head_drop = ResidualDropout(drop_rate, where=HEAD_BEFORE_POOL)
+    head.head_drop.p = drop_rate
+    head.dropout = 0.0  # the rate head.reset() builds a new classifier's (after-pool) dropout with
+    if isinstance(getattr(head.classifier, 'dropout', None), nn.Dropout):
+        head.classifier.dropout = None
 
 
 def _place_repvit_head(model: nn.Module, drop_rate: float) -> None:
@@ -311,13 +296,6 @@ def _place_repvit_head(model: nn.Module, drop_rate: float) -> None:
         model.head.head_drop = nn.Identity()
     if type(model) is repvit.RepVit:
         model.__class__ = DropResRepVit
-
-
-def _repvit_head_refusal(model: nn.Module) -> Optional[str]:
-    if model.global_pool != 'avg':
-        return (f'{type(model).__name__} has global_pool={model.global_pool!r}: no global average pool, so there '
-                'is no "before pooling" point')
-    return None
 
 
 _ATTENTION_POOL = ('its head is an attention pool (a query-weighted average behind q/k/v projections): a dropout '
@@ -395,12 +373,6 @@ MODEL_CLASSES_B: Dict[Type[nn.Module], str] = {
 HEAD_PLACERS_B: Dict[Type[nn.Module], Callable[[nn.Module, float], None]] = {
     cpubone.CPUBone: _place_cpubone_head,
     repvit.RepVit: _place_repvit_head,
-}
-
-#: model class -> why its head cannot take the dropout, or ``None``.
-HEAD_REFUSALS_B: Dict[Type[nn.Module], Callable[[nn.Module], Optional[str]]] = {
-    cpubone.CPUBone: _cpubone_head_refusal,
-    repvit.RepVit: _repvit_head_refusal,
 }
 
 #: model class -> why this model's head has no guideline position (``None``: it has one). Such a model gets the
