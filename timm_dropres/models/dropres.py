@@ -54,6 +54,9 @@ FAMILY_MODULES = (
     'hrnet', 'rexnet', 'ghostnet', 'repghost', 'res2net', 'sknet', 'resnest', 'tresnet', 'hgnet', 'vovnet',
     'maxxvit',
 )
+# issue 21 batch C
+FAMILY_MODULES += ('fastvit', 'mobilevit', 'iformer', 'lowformer', 'efficientvit_mit', 'inception_next', 'convmixer',
+                   'lcnetv2')
 
 #: Architectures of ``FAMILY_MODULES`` left out (fnmatch patterns), with the reason that ``convert()`` gives too.
 #: ``test_dropres.py`` builds each and checks that ``convert()`` refuses it.

@@ -46,11 +46,13 @@ from timm.models import (
     vovnet,
 )
 from timm.models import _efficientnet_blocks as eb
+from timm.models._features import FeatureGetterNet  # issue 21 batch C (timm.models does not export it)
 from torchvision.models import efficientnet as tv_efficientnet
 from torchvision.models import mobilenetv2 as tv_mobilenetv2
 from torchvision.models import mobilenetv3 as tv_mobilenetv3
 from torchvision.models import regnet as tv_regnet
 
+from . import family_blocks_c as _fbc  # issue 21 batch C
 from .family_blocks import FAMILY_BLOCK_TYPES
 from .heads import DropResNet
 from .layers import AFTER_LAST_BN, AUTO, HEAD_BEFORE_POOL, ResidualDropout
@@ -231,6 +233,15 @@ FEATURE_CLASSES: Tuple[Type[nn.Module], ...] = (
     FeatureListNet, FeatureDictNet, FeatureHooks, efficientnet.EfficientNetFeatures, mobilenetv3.MobileNetV3Features,
     hrnet.HighResolutionNetFeatures)
 
+# issue 21 batch C: FastViT, MobileViT, iFormer, LowFormer, EfficientViT (MIT), InceptionNeXt, ConvMixer, LCNetV2
+# (their tables and re-stated blocks are in family_blocks_c.py); FeatureGetterNet: ConvMixer's features_only wrapper
+MERGE_SLOTS.update({cls: Slot(*slot) for cls, slot in _fbc.SLOTS.items()})
+FAMILY_BLOCK_TYPES.update(_fbc.BLOCK_TYPES)
+MODEL_CLASSES.update({cls: Head(pool=pool) for cls, pool in _fbc.MODEL_POOLS.items()})
+HEAD_HOOKS: Dict[Type[nn.Module], Callable[[nn.Module, float], None]] = dict(_fbc.HEAD_HOOKS)
+LAYERNORM_BLOCKS += _fbc.LAYERNORM_BLOCKS
+FEATURE_CLASSES += (FeatureGetterNet,)
+
 #: model classes convert() refuses for a reason of their own (class path -> reason, in its error message).
 REFUSED: Dict[str, str] = {
     'timm.models.dpn.DPN': 'dual-path blocks add a residual and concatenate a dense path from the same conv+BN '
@@ -351,6 +362,10 @@ def _place_head(model: nn.Module, drop_rate: float) -> None:
     if base is None or base not in MODEL_CLASSES:
         return
     head = MODEL_CLASSES[base]
+    hook = HEAD_HOOKS.get(base)  # issue 21 batch C: a family whose head needs more than its pool (family_blocks_c)
+    if hook is not None and not head.pool and not head.trunk:
+        hook(model, drop_rate)
+        return
     if head.trunk:  # torchvision: the head dropout ends the feature trunk, its classifier Dropout goes
         trunk = _get(model, head.trunk)
         if isinstance(getattr(trunk, 'head_drop', None), ResidualDropout):
@@ -385,6 +400,8 @@ def _place_head(model: nn.Module, drop_rate: float) -> None:
     if isinstance(getattr(model, 'head_drop', None), nn.Dropout):
         model.head_drop = nn.Identity()
     model.__class__ = _dropres_model_class(type(model))
+    if hook is not None:  # issue 21 batch C
+        hook(model, drop_rate)
 
 
 def _reset_classifier(self: nn.Module, *args, **kwargs) -> None:
