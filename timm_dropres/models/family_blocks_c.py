@@ -89,7 +89,11 @@ class DropResIFormer(iformer.IFormer):
     timm's ``head_drop`` (an ``nn.Dropout`` after the mean) and the classifier's own one are replaced.
     """
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    def forward_head(
+            self,
+            x: torch.Tensor,
+            pre_logits: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         x = self.head_drop(x)
         if self.global_pool == 'avg':
             x = x.mean((2, 3), keepdim=False)
