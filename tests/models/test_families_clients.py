@@ -19,6 +19,9 @@ import timm_dropres
 from timm_dropres.models.hf_folder import save_pretrained_folder
 
 ARCHS = ['mobilenetv3_small_050', 'regnetx_002', 'dla46_c', 'rexnet_100']
+# issue 21 batch C: a re-stated block (LCNetV2) and a re-stated head (iFormer: dropout before its mean)
+BATCH_C = ['lcnetv2_small', 'iformer_t']
+ARCHS += BATCH_C
 X = (2, 3, 64, 64)
 
 
@@ -60,7 +63,7 @@ def test_torchscript(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('arch', ['mobilenetv3_small_050', 'dla46_c'])  # composed slot, re-stated block
+@pytest.mark.parametrize('arch', ['mobilenetv3_small_050', 'dla46_c', 'iformer_t'])  # compose, re-stated block, head
 def test_compile_one_graph_and_export(arch):
     """Dynamo captures one graph with no break (train mode, dropout active); torch.export drops with
     native_dropout in train mode and gives the eager output in eval mode."""
@@ -83,7 +86,7 @@ def test_torchvision_compile_one_graph():
     assert explain.graph_break_count == 0 and explain.graph_count == 1
 
 
-@pytest.mark.parametrize('arch', ['mobilenetv3_small_050', 'dla46_c'])
+@pytest.mark.parametrize('arch', ['mobilenetv3_small_050', 'dla46_c', 'iformer_t'])
 def test_transformers_loads_a_saved_folder(arch, tmp_path):
     from transformers import AutoModelForImageClassification
 

@@ -22,7 +22,7 @@ What each family needs, read off its source (timm 1.0.31):
   is normalised by BatchNorm alone (the MBConv / FusedMBConv blocks). The attention and MLP branches are pre-normed
   by ``GroupNorm1`` (a LayerNorm over C, H, W), the transformer part of the hybrid, and get none.
 * EfficientViT (MIT): ``ResidualBlock`` has no drop path: :class:`DropResEfficientVitResidual` re-states it. Its
-  ``ClassifierHead`` keeps an after-pool ``nn.Dropout`` inside ``classifier``, switched off by :func:`_efficientvit_head`.
+  ``ClassifierHead`` keeps an after-pool ``nn.Dropout`` inside ``classifier``, switched off by a head hook.
 * InceptionNeXt: ``MetaNeXtBlock`` ends ``x = self.drop_path(x) + shortcut`` after BN -> MLP -> layer scale.
 * ConvMixer: ``Residual(fn)`` with ``fn`` = depthwise conv -> GELU -> BN, an ``nn.Sequential``: the dropout ends it.
 * LCNetV2: ``RepDepthwiseSeparable`` adds its shortcut with no drop path: :class:`DropResLcNetV2Block` re-states it.
