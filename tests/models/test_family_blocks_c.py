@@ -115,3 +115,10 @@ def test_reparameterized_twin_equals_reparameterized_base(name):
     base, ours = reparameterize_model(base), reparameterize_model(ours)
     with torch.no_grad():
         assert torch.equal(ours(x), base(x))
+
+
+@pytest.mark.parametrize('name', ['nasnetalarge', 'pnasnet5large'])
+def test_nas_cells_are_refused_with_the_reason(name):
+    with pytest.raises(TypeError, match='does not support model type .*inside NAS cells'):
+        timm_dropres.convert(timm.create_model(name, device='meta'))
+    assert not timm.is_model(name + SUFFIX)

@@ -250,6 +250,7 @@ REFUSED: Dict[str, str] = {
     'timm.models.densenet.DenseNet': 'dense blocks concatenate: no residual merge',
     'timm.models.vgg.VGG': 'no residual merge',
 }
+REFUSED.update(_fbc.REFUSED)  # issue 21 batch C
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:

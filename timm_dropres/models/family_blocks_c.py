@@ -49,7 +49,7 @@ from .layers import HEAD_BEFORE_POOL, ResidualDropout
 
 __all__ = [
     'DropResLcNetV2Block', 'DropResEfficientVitResidual', 'DropResIFormer', 'SLOTS', 'BLOCK_TYPES', 'MODEL_POOLS',
-    'HEAD_HOOKS', 'LAYERNORM_BLOCKS',
+    'HEAD_HOOKS', 'LAYERNORM_BLOCKS', 'REFUSED',
 ]
 
 
@@ -174,3 +174,13 @@ HEAD_HOOKS: Dict[Type[nn.Module], Callable[[nn.Module, float], None]] = {
 
 #: residual blocks without BatchNorm in the hybrids above (MobileViT's transformers): no dropout, no refusal.
 LAYERNORM_BLOCKS: Tuple[Type[nn.Module], ...] = (vision_transformer.Block, mobilevit.LinearTransformerBlock)
+
+_NAS = ('its merges sit inside NAS cells: several per cell, each adding a separable-conv branch (ending in BN) to a '
+        'max/avg pool or to another such branch, the sums concatenated; no block has one residual merge to drop, '
+        'and a sum of two conv+BN branches feeds the next cell\'s BatchNorm')
+
+#: model classes of the batch's modules that convert() refuses (class path -> reason).
+REFUSED: Dict[str, str] = {
+    'timm.models.nasnet.NASNetALarge': _NAS,
+    'timm.models.pnasnet.PNASNet5Large': _NAS,
+}
