@@ -59,6 +59,9 @@ FAMILY_MODULES = (
     # issue 21 batch B
     'senet', 'cpubone', 'repvit', 'dpn', 'starnet', 'fasternet', 'xception_aligned', 'xception', 'inception_resnet_v2',
 )
+# issue 21 batch C
+FAMILY_MODULES += ('fastvit', 'mobilevit', 'iformer', 'lowformer', 'efficientvit_mit', 'inception_next', 'convmixer',
+                   'lcnetv2')
 
 #: Architectures of ``FAMILY_MODULES`` left out (fnmatch patterns), with the reason that ``convert()`` gives too.
 #: ``test_dropres.py`` builds each and checks that ``convert()`` refuses it.

@@ -47,12 +47,14 @@ from timm.models import (
     vovnet,
 )
 from timm.models import _efficientnet_blocks as eb
+from timm.models._features import FeatureGetterNet  # issue 21 batch C (timm.models does not export it)
 from torchvision.models import efficientnet as tv_efficientnet
 from torchvision.models import mobilenetv2 as tv_mobilenetv2
 from torchvision.models import mobilenetv3 as tv_mobilenetv3
 from torchvision.models import regnet as tv_regnet
 
 from . import family_blocks_a  # issue 21 batch A
+from . import family_blocks_c as _fbc  # issue 21 batch C
 from .family_blocks import FAMILY_BLOCK_TYPES
 from .family_blocks_b import (  # issue 21 batch B
     FAMILY_BLOCK_TYPES_B,
@@ -246,12 +248,24 @@ FEATURE_CLASSES: Tuple[Type[nn.Module], ...] = (
     hrnet.HighResolutionNetFeatures)
 FEATURE_CLASSES += (FeatureHookNet,)  # issue 21 batch B: features_only of the Xceptions
 
+# issue 21 batch C: FastViT, MobileViT, iFormer, LowFormer, EfficientViT (MIT), InceptionNeXt, ConvMixer, LCNetV2
+# (their tables and re-stated blocks are in family_blocks_c.py); FeatureGetterNet: ConvMixer's features_only wrapper
+MERGE_SLOTS.update({cls: Slot(*slot) for cls, slot in _fbc.SLOTS.items()})
+FAMILY_BLOCK_TYPES.update(_fbc.BLOCK_TYPES)
+MODEL_CLASSES.update({cls: Head(pool=pool) for cls, pool in _fbc.MODEL_POOLS.items()})
+#: model class -> places its head dropout: alone where the model has no pool path (``''``: CPUBone, RepViT,
+#: iFormer), or after the pool's (EfficientViT's classifier); converting again sets the rate.
+HEAD_HOOKS: Dict[Type[nn.Module], Callable[[nn.Module, float], None]] = {**HEAD_PLACERS_B, **_fbc.HEAD_HOOKS}
+LAYERNORM_BLOCKS += _fbc.LAYERNORM_BLOCKS
+FEATURE_CLASSES += (FeatureGetterNet,)
+
 #: model classes convert() refuses for a reason of their own (class path -> reason, in its error message).
 REFUSED: Dict[str, str] = {
     'timm.models.selecsls.SelecSls': 'its blocks concatenate their branches: no residual merge',
     'timm.models.densenet.DenseNet': 'dense blocks concatenate: no residual merge',
     'timm.models.vgg.VGG': 'no residual merge',
 }
+REFUSED.update(_fbc.REFUSED)  # issue 21 batch C
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
@@ -375,8 +389,9 @@ def _place_head(model: nn.Module, drop_rate: float) -> None:
             model.head.drop = nn.Identity()
         return
     head = MODEL_CLASSES[base]
-    if base in HEAD_PLACERS_B:  # issue 21 batch B: heads without a SelectAdaptivePool2d
-        HEAD_PLACERS_B[base](model, drop_rate)
+    hook = HEAD_HOOKS.get(base)  # a family whose head needs more than its pool (family_blocks_b, family_blocks_c)
+    if hook is not None and not head.pool and not head.trunk:
+        hook(model, drop_rate)
         return
     if head.trunk:  # torchvision: the head dropout ends the feature trunk, its classifier Dropout goes
         trunk = _get(model, head.trunk)
@@ -418,6 +433,8 @@ def _place_head(model: nn.Module, drop_rate: float) -> None:
     if isinstance(getattr(model, 'head_drop', None), nn.Dropout):
         model.head_drop = nn.Identity()
     model.__class__ = _dropres_model_class(type(model))
+    if hook is not None:  # issue 21 batch C
+        hook(model, drop_rate)
 
 
 def _reset_classifier(self: nn.Module, *args, **kwargs) -> None:
