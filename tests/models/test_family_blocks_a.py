@@ -150,6 +150,7 @@ def test_efficientvim_refused_with_the_reason(name):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings('ignore:The tensor attributes')  # timm's LeViT caches attention biases in eval mode
 def test_levit_compile_one_graph_and_export():
     """A re-stated block (one module, two branches) and a re-stated forward_head: Dynamo captures one graph with
     no break in train mode; torch.export drops with native_dropout in train mode and matches eager in eval."""
