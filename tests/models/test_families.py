@@ -48,8 +48,41 @@ REPRESENTATIVES = [
     'repghostnet_050',            # RepGhostBottleneck
     'hgnetv2_b0',                 # HighPerfGpuBlock
     'ese_vovnet39b',              # OsaBlock with residual
+    # issue 21 batch A (the ones that need another input size: test_family_blocks_a.py)
+    'xcit_nano_12_p16_224',       # XCABlock (LPI branch slot), LayerNorm ClassAttentionBlock, Xcit head
+    'tiny_vit_5m_224',            # tiny_vit MBConv, LayerNorm TinyVitBlock
+    'swiftformer_xs',             # SwiftFormer ConvEncoder, LocalRepresentation, Block (re-stated), head
+    'nextvit_small',              # NextConvBlock, NextTransformerBlock (re-stated, one module, 2-3 branches)
+    # issue 21 batch B
+    'legacy_seresnet18',          # senet SEResNetBlock (re-stated: after the SE gate)
+    'legacy_seresnext26_32x4d',   # senet SEResNeXtBottleneck (forward shared with SEBottleneck, SEResNetBottleneck)
+    'cpubone_s0',                 # cpubone ResidualBlock (BN ones only), head pool nn.AdaptiveAvgPool2d
+    'repvit_m1',                  # RepViTBlock, RepVitDownsample, legacy RepVggDw; mean-pool head (DropResRepVit)
+    'dpn48b',                     # DualPathBlock, separate residual conv (b)
+    'dpn68',                      # DualPathBlock, residual part sliced from the shared conv
+    'starnet_s050',               # starnet Block (appended to g, before dwconv2)
+    'fasternet_t0',               # fasternet MLPBlock (re-stated: before the last conv)
+    'xception41',                 # XceptionModule (drop path slot)
+    'xception41p',                # PreXceptionModule (re-stated: after the last BN + act)
+    'legacy_xception',            # xception Block (appended to rep)
+    'inception_resnet_v2',        # Block35, Block17, Block8 (re-stated: before the 1x1 conv)
+    # issue 21 batch C
+    'fastvit_sa12',               # fastvit RepMixerBlock, AttentionBlock (drop_path2)
+    'mobilevit_xxs',              # ByobNet with vision_transformer.Block (no dropout)
+    'mobilevitv2_050',            # ByobNet with LinearTransformerBlock (no dropout)
+    'iformer_t',                  # iformer Residual; DropResIFormer head (no pool module)
+    'lowformer_b0',               # lowformer ResidualBlock (GroupNorm1 branches get none)
+    'efficientvit_b0',            # EfficientViT ResidualBlock (re-stated), classifier dropout switched off
+    'efficientvit_l1',            # EfficientVitLarge
+    'inception_next_atto',        # MetaNeXtBlock
+    'convmixer_768_32',           # convmixer Residual (appended to fn)
+    'lcnetv2_small',              # RepDepthwiseSeparable (re-stated)
 ]
+# issue 21 batch C: MobileViT is a ByobNet, whose drop path runs in blocks without a shortcut too (timm's hazard)
+TIMM_DROP_PATH_HAZARDS = ['mobilevit_xxs', 'mobilevitv2_050']
 X = (2, 3, 64, 64)
+#: representatives whose unpadded convolutions and pools need a larger input (issue 21 batch B)
+X_LARGER = {'inception_resnet_v2': (2, 3, 112, 112)}  # below, a max pool collapses a 3x3 map
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +121,8 @@ def test_representative(name):
     """Strict loading, bit-identical eval output, train mode at rate 0 equal to the base (same seed, drop path
     on: it keeps its rate and RNG draws), and the audit of a train-mode pass at rate 0.1: every dropout ok and
     where placement.SITE_LOCATIONS says."""
-    x = torch.randn(X)
+    size = X_LARGER.get(name, X)
+    x = torch.randn(size)
     base, ours = _pair(name, drop_rate=0.0, res_drop_rate=0.0)
     base.eval(), ours.eval()
     with torch.no_grad():
@@ -102,13 +136,13 @@ def test_representative(name):
     timm_dropres.convert(ours, res_drop_rate=0.1, drop_rate=0.1)
     sites = timm_dropres.dropout_sites(ours)
     assert len(sites) == len(list(timm_dropres.residual_blocks(ours))) + 1 > 1
-    report = audit(ours, input_size=X[1:])
+    report = audit(ours, input_size=size[1:])
     entries = {e.name: e for e in report.entries}
     for s in sites:
         assert entries[s.name].location in SITE_LOCATIONS[s.where] and entries[s.name].verdict == 'ok', s
     # timm's own drop path runs in VoVNet's blocks without a residual too (a hazard that is timm's, not ours)
     own = [e for e in report.entries if e.op != 'ResidualDropout' and e.active and e.verdict != 'ok']
-    assert not own or (name == 'ese_vovnet39b' and {e.op for e in own} == {'DropPath'})
+    assert not own or (name in ('ese_vovnet39b', *TIMM_DROP_PATH_HAZARDS) and {e.op for e in own} == {'DropPath'})
 
 
 def test_convert_is_idempotent_keeps_weights_and_reset_classifier_keeps_head_dropout():
@@ -172,7 +206,7 @@ def test_skipped_architectures_are_refused_with_their_reason(module):
     assert all(any(fnmatch.fnmatchcase(n, p) for n in timm.list_models()) for p in FAMILY_SKIPPED)
 
 
-@pytest.mark.parametrize('bad, why', [('dpn68', 'dual-path blocks'), ('densenet121', 'concatenate'),
+@pytest.mark.parametrize('bad, why', [('densenet121', 'concatenate'),
                                       ('selecsls42b', 'concatenate'), ('vit_tiny_patch16_224', 'supported: ')])
 def test_unsupported_families_are_refused_with_the_reason(bad, why):
     model = timm.create_model(bad, device='meta')
@@ -214,3 +248,50 @@ def test_pretrained_loads_the_base_weights_strictly(tmp_path):
     m10 = timm.create_model('mobilenetv3_small_050_dropres.lamb_in1k', pretrained=True, num_classes=10,
                             pretrained_cfg_overlay=overlay)
     assert m10.classifier.out_features == 10 and torch.equal(m10.conv_stem.weight, ref['conv_stem.weight'])
+
+
+def test_clip_resnets_take_residual_dropout_only():
+    """issue 21 batch B: the CLIP ResNets' attention-pool head has no guideline position (a dropout before it is
+    followed by its q/k/v projections: 'body'), so their twins carry residual dropout only and refuse drop_rate > 0."""
+    base = timm.create_model('resnet50_clip', num_classes=7)
+    ours = timm.create_model('resnet50_clip_dropres', num_classes=7, res_drop_rate=0.0)
+    ours.load_state_dict(base.state_dict(), strict=True)
+    x = torch.randn(X)
+    base.eval(), ours.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(x), base(x))
+    assert families.head_dropout(ours) is None and timm_dropres.dropout_args(ours)['drop_rate'] == 0.0
+    timm_dropres.convert(ours, res_drop_rate=0.1, drop_rate=0.0)
+    sites = timm_dropres.dropout_sites(ours)
+    assert len(sites) == len(list(timm_dropres.residual_blocks(ours))) > 1
+    report = audit(ours, input_size=X[1:])
+    assert all(e.verdict == 'ok' and e.location in SITE_LOCATIONS['after_last_bn']
+               for e in report.entries if e.active)
+    with pytest.raises(ValueError, match=r'drop_rate must be 0 for ByobNet \(its head is an attention pool.*got 0\.1'):
+        timm.create_model('resnet50_clip_dropres', drop_rate=0.1, device='meta')
+    other = timm.create_model('resnet50_clip', device='meta')
+    with pytest.raises(ValueError, match='drop_rate must be 0'):
+        timm_dropres.convert(other)  # convert()'s default head rate is 0.1
+    assert timm_dropres.dropout_sites(other) == [] and type(other).__name__ == 'ByobNet'
+
+
+def test_cpubone_and_repvit_heads_keep_their_dropout_and_build_without_a_pool():
+    """issue 21 batch B: CPUBone's head dropout lives in its re-typed head (timm's reset rebuilds the pool, not the
+    head), RepViT's in the model (its pool is a mean in forward_head); without a pool neither is applied."""
+    from timm_dropres.models.family_blocks_b import DropResCpuBoneHead
+
+    m = timm.create_model('cpubone_s0_dropres', num_classes=5, drop_rate=0.2, drop_path_rate=0.1)
+    m.reset_classifier(3)
+    assert isinstance(m.head, DropResCpuBoneHead) and families.head_dropout(m).p == 0.2
+    assert m.head.classifier.dropout is None and m.head.dropout == 0.0  # no after-pool dropout, now or on reset
+    m = timm.create_model('repvit_m0_9_dropres', num_classes=5, drop_rate=0.2)
+    m.reset_classifier(3)
+    assert families.head_dropout(m) is m.head_drop and m.head_drop.p == 0.2
+    assert isinstance(m.head.head_drop, torch.nn.Identity) or m.head.head_drop.p == 0.0
+    calls = []
+    for pool, want in (('avg', 2), ('', 4)):
+        f = timm.create_model('cpubone_s0_dropres', num_classes=0, global_pool=pool, drop_rate=0.5).train()
+        f.head.head_drop.register_forward_hook(lambda *_, p=pool: calls.append(p))
+        assert f(torch.randn(X)).dim() == want
+    assert calls == ['avg']  # applied before the pool, not at all without one
+    assert timm.create_model('repvit_m0_9_dropres', num_classes=0, global_pool='').global_pool == ''

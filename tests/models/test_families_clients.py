@@ -18,7 +18,11 @@ from timm.models import create_feature_extractor, get_graph_node_names
 import timm_dropres
 from timm_dropres.models.hf_folder import save_pretrained_folder
 
-ARCHS = ['mobilenetv3_small_050', 'regnetx_002', 'dla46_c', 'rexnet_100']
+ARCHS = ['mobilenetv3_small_050', 'regnetx_002', 'dla46_c', 'rexnet_100',
+         # issue 21: re-stated blocks and forward_heads: SwiftFormer (A), RepViT and CPUBone's re-typed
+         # nn.AdaptiveAvgPool2d (B), LCNetV2 and iFormer's dropout before its mean (C). LeViT's compile, export
+         # and transformers checks are in test_family_blocks_a.py
+         'swiftformer_xs', 'repvit_m1', 'cpubone_s0', 'lcnetv2_small', 'iformer_t']
 X = (2, 3, 64, 64)
 
 
@@ -60,7 +64,8 @@ def test_torchscript(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('arch', ['mobilenetv3_small_050', 'dla46_c'])  # composed slot, re-stated block
+@pytest.mark.parametrize('arch', ['mobilenetv3_small_050', 'dla46_c',  # composed slot, re-stated block
+                                  'fasternet_t0', 'iformer_t'])  # issue 21: a re-stated block (B), head (C)
 def test_compile_one_graph_and_export(arch):
     """Dynamo captures one graph with no break (train mode, dropout active); torch.export drops with
     native_dropout in train mode and gives the eager output in eval mode."""
@@ -83,7 +88,7 @@ def test_torchvision_compile_one_graph():
     assert explain.graph_break_count == 0 and explain.graph_count == 1
 
 
-@pytest.mark.parametrize('arch', ['mobilenetv3_small_050', 'dla46_c'])
+@pytest.mark.parametrize('arch', ['mobilenetv3_small_050', 'dla46_c', 'repvit_m1', 'iformer_t'])  # issue 21 B, C
 def test_transformers_loads_a_saved_folder(arch, tmp_path):
     from transformers import AutoModelForImageClassification
 

@@ -169,7 +169,8 @@ def convert(
         TypeError: the model or one of its blocks is not a supported type, a block's norm is not BatchNorm
             (GroupNorm/FRN/EvoNorm models), the model has no residual merge or no global average pool; the
             message gives the reason. Nothing is modified in that case.
-        ValueError: a rate outside [0, 1) or an unknown position.
+        ValueError: a rate outside [0, 1) or an unknown position; ``drop_rate > 0`` for a model whose head has no
+            guideline position (the CLIP ResNets' attention pool: ``families.no_head_position``).
 
     Example:
         >>> import timm

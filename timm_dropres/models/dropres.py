@@ -29,7 +29,7 @@ from timm.models import (
 )
 
 from .convert import convert
-from .families import check_family_position
+from .families import check_family_position, no_head_position
 from .layers import AUTO, DEFAULT_HEAD_DROP_RATE, DEFAULT_RES_DROP_RATE, check_dropout_args
 from .published import load_published, with_published_tags
 
@@ -53,7 +53,15 @@ FAMILY_MODULES = (
     'efficientnet', 'mobilenetv3', 'hardcorenas', 'regnet', 'byobnet', 'byoanet', 'cspnet', 'cspnext', 'dla',
     'hrnet', 'rexnet', 'ghostnet', 'repghost', 'res2net', 'sknet', 'resnest', 'tresnet', 'hgnet', 'vovnet',
     'maxxvit',
+    # issue 21 batch A (placement rows in family_blocks_a.py)
+    'xcit', 'levit', 'efficientvit_msra', 'tiny_vit', 'efficientformer', 'efficientformer_v2', 'swiftformer',
+    'shvit', 'nextvit', 'visformer',
+    # issue 21 batch B
+    'senet', 'cpubone', 'repvit', 'dpn', 'starnet', 'fasternet', 'xception_aligned', 'xception', 'inception_resnet_v2',
 )
+# issue 21 batch C
+FAMILY_MODULES += ('fastvit', 'mobilevit', 'iformer', 'lowformer', 'efficientvit_mit', 'inception_next', 'convmixer',
+                   'lcnetv2')
 
 #: Architectures of ``FAMILY_MODULES`` left out (fnmatch patterns), with the reason that ``convert()`` gives too.
 #: ``test_dropres.py`` builds each and checks that ``convert()`` refuses it.
@@ -62,7 +70,6 @@ _NO_BN = 'GroupNorm/EvoNorm instead of BatchNorm: no running statistics, the gui
 _LN_ONLY = 'its residual blocks (ConvNeXt, transformer) normalise with LayerNorm: the guideline is about BatchNorm'
 FAMILY_SKIPPED: Dict[str, str] = {
     '*_gn': _NO_BN, '*_sgn': _NO_BN, 'regnetz_*_evos': _NO_BN, 'ese_vovnet*_evos': _NO_BN,
-    'resnet*_clip': 'attention-pool head: there is no global average pool to put the head dropout before',
     'mobilenetv1_*': _NO_MERGE, 'lcnet_*': _NO_MERGE, 'test_efficientnet*': _NO_MERGE,
     'vovnet39a': _NO_MERGE, 'vovnet57a': _NO_MERGE, 'ese_vovnet19b_*': _NO_MERGE,
     'coatnext_*': _LN_ONLY, 'maxxvit_*': _LN_ONLY, 'maxxvitv2_*': _LN_ONLY,
@@ -166,7 +173,7 @@ def _make_family_entrypoint(base: str) -> Callable[..., nn.Module]:
 
     def entrypoint(
             pretrained: bool = False,
-            drop_rate: float = DEFAULT_HEAD_DROP_RATE,
+            drop_rate: float | None = None,
             res_drop_rate: float = DEFAULT_RES_DROP_RATE,
             res_drop_pos: str = AUTO,
             **kwargs: Any,
@@ -180,6 +187,8 @@ def _make_family_entrypoint(base: str) -> Callable[..., nn.Module]:
         cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None),
                                      kwargs.pop('pretrained_cfg_overlay', None))
         model = base_fn(pretrained=pretrained, pretrained_cfg=cfg.to_dict(), drop_rate=0.0, **kwargs)
+        if drop_rate is None:  # the default: 0 where the head has no position (issue 21 batch B: CLIP ResNets)
+            drop_rate = 0.0 if no_head_position(model) is not None else DEFAULT_HEAD_DROP_RATE
         convert(model, res_drop_rate=res_drop_rate, drop_rate=drop_rate, res_drop_pos=res_drop_pos)
         model._model_args = dict(drop_rate=drop_rate, res_drop_rate=res_drop_rate, res_drop_pos=res_drop_pos)
         return model
@@ -188,7 +197,8 @@ def _make_family_entrypoint(base: str) -> Callable[..., nn.Module]:
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = (
         f'timm ``{base}`` with dropout placed by Kim et al. (UAI 2023): one per residual block after its last '
-        f'BatchNorm (``res_drop_rate``) and one before global pooling (``drop_rate``).')
+        f'BatchNorm (``res_drop_rate``) and one before global pooling (``drop_rate``, default '
+        f'{DEFAULT_HEAD_DROP_RATE}; 0 and no head dropout where the head has no global average pool).')
     return entrypoint
 
 

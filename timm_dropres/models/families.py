@@ -24,6 +24,7 @@ import torchvision.models as tvm
 from timm.layers import SelectAdaptivePool2d
 from timm.models import (
     FeatureDictNet,
+    FeatureHookNet,  # issue 21 batch B
     FeatureHooks,
     FeatureListNet,
     byobnet,
@@ -46,19 +47,29 @@ from timm.models import (
     vovnet,
 )
 from timm.models import _efficientnet_blocks as eb
+from timm.models._features import FeatureGetterNet  # issue 21 batch C (timm.models does not export it)
 from torchvision.models import efficientnet as tv_efficientnet
 from torchvision.models import mobilenetv2 as tv_mobilenetv2
 from torchvision.models import mobilenetv3 as tv_mobilenetv3
 from torchvision.models import regnet as tv_regnet
 
+from . import family_blocks_a  # issue 21 batch A
+from . import family_blocks_c as _fbc  # issue 21 batch C
 from .family_blocks import FAMILY_BLOCK_TYPES
+from .family_blocks_b import (  # issue 21 batch B
+    FAMILY_BLOCK_TYPES_B,
+    HEAD_PLACERS_B,
+    MERGE_SLOTS_B,
+    MODEL_CLASSES_B,
+    NO_HEAD_POSITION_B,
+)
 from .heads import DropResNet
 from .layers import AFTER_LAST_BN, AUTO, HEAD_BEFORE_POOL, ResidualDropout
 
 __all__ = [
     'DropResMerge', 'DropResSelectAdaptivePool2d', 'Slot', 'MERGE_SLOTS', 'MODEL_CLASSES', 'REFUSED',
     'family_sites', 'is_family_block', 'is_family_model', 'convert_family', 'refusal', 'check_family_position',
-    'head_dropout', 'residual_dropouts',
+    'head_dropout', 'residual_dropouts', 'no_head_position',
 ]
 
 
@@ -184,6 +195,9 @@ MERGE_SLOTS: Dict[Type[nn.Module], Slot] = {
     tv_mobilenetv3.InvertedResidual: Slot(APPEND, 'block', _use_res_connect),
     tv_regnet.ResBottleneckBlock: Slot(APPEND, 'f', _always),
 }
+# issue 21 batch B: SENet, CPUBone, RepViT, DPN, StarNet, FasterNet, Xception, Inception-ResNet-v2 (family_blocks_b)
+FAMILY_BLOCK_TYPES.update(FAMILY_BLOCK_TYPES_B)
+MERGE_SLOTS.update({cls: Slot(*spec) for cls, spec in MERGE_SLOTS_B.items()})
 
 
 @dataclass(frozen=True)
@@ -219,6 +233,8 @@ MODEL_CLASSES: Dict[Type[nn.Module], Head] = {
     tvm.MobileNetV3: Head(trunk='features'),
     tvm.RegNet: Head(trunk='trunk_output'),
 }
+# issue 21 batch B (a pool path of '': the family's placer in HEAD_PLACERS_B places the head dropout)
+MODEL_CLASSES.update({cls: Head(pool=pool) for cls, pool in MODEL_CLASSES_B.items()})
 
 #: residual blocks normalised by LayerNorm only (the transformer and ConvNeXt blocks of hybrid families): the
 #: guideline is about BatchNorm, so they get no dropout, and they do not make convert() refuse the model.
@@ -230,15 +246,26 @@ LAYERNORM_BLOCKS: Tuple[Type[nn.Module], ...] = (
 FEATURE_CLASSES: Tuple[Type[nn.Module], ...] = (
     FeatureListNet, FeatureDictNet, FeatureHooks, efficientnet.EfficientNetFeatures, mobilenetv3.MobileNetV3Features,
     hrnet.HighResolutionNetFeatures)
+FEATURE_CLASSES += (FeatureHookNet,)  # issue 21 batch B: features_only of the Xceptions
+
+# issue 21 batch C: FastViT, MobileViT, iFormer, LowFormer, EfficientViT (MIT), InceptionNeXt, ConvMixer, LCNetV2
+# (their tables and re-stated blocks are in family_blocks_c.py); FeatureGetterNet: ConvMixer's features_only wrapper
+MERGE_SLOTS.update({cls: Slot(*slot) for cls, slot in _fbc.SLOTS.items()})
+FAMILY_BLOCK_TYPES.update(_fbc.BLOCK_TYPES)
+MODEL_CLASSES.update({cls: Head(pool=pool) for cls, pool in _fbc.MODEL_POOLS.items()})
+#: model class -> places its head dropout: alone where the model has no pool path (``''``: CPUBone, RepViT,
+#: iFormer), or after the pool's (EfficientViT's classifier); converting again sets the rate.
+HEAD_HOOKS: Dict[Type[nn.Module], Callable[[nn.Module, float], None]] = {**HEAD_PLACERS_B, **_fbc.HEAD_HOOKS}
+LAYERNORM_BLOCKS += _fbc.LAYERNORM_BLOCKS
+FEATURE_CLASSES += (FeatureGetterNet,)
 
 #: model classes convert() refuses for a reason of their own (class path -> reason, in its error message).
 REFUSED: Dict[str, str] = {
-    'timm.models.dpn.DPN': 'dual-path blocks add a residual and concatenate a dense path from the same conv+BN '
-                           'output: no point drops the residual branch alone',
     'timm.models.selecsls.SelecSls': 'its blocks concatenate their branches: no residual merge',
     'timm.models.densenet.DenseNet': 'dense blocks concatenate: no residual merge',
     'timm.models.vgg.VGG': 'no residual merge',
 }
+REFUSED.update(_fbc.REFUSED)  # issue 21 batch C
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
@@ -325,7 +352,7 @@ def refusal(model: nn.Module) -> str | None:
     name = f'{type(model).__module__}.{type(model).__name__}'
     if base is None:
         return f'model type {name} is not supported' + (f': {REFUSED[name]}' if name in REFUSED else '')
-    if base in MODEL_CLASSES and MODEL_CLASSES[base].pool:
+    if base in MODEL_CLASSES and MODEL_CLASSES[base].pool and no_head_position(model) is None:
         pool = _get(model, MODEL_CLASSES[base].pool)
         if not isinstance(pool, SelectAdaptivePool2d):
             return (f'{name} has no global average pool at {MODEL_CLASSES[base].pool!r} (its head is '
@@ -346,11 +373,26 @@ def refusal(model: nn.Module) -> str | None:
     return None
 
 
+def no_head_position(model: nn.Module) -> str | None:
+    """Why ``model``'s head has no guideline position for the head dropout (issue 21 batch B: the CLIP ResNets'
+    attention pool), or ``None``. Such a model takes the residual dropout only, with ``drop_rate=0``."""
+    check = NO_HEAD_POSITION_B.get(_model_base(model))
+    return check(model) if check is not None else None
+
+
 def _place_head(model: nn.Module, drop_rate: float) -> None:
     base = _model_base(model)
     if base is None or base not in MODEL_CLASSES:
         return
+    if no_head_position(model) is not None:  # issue 21 batch B: no head dropout; timm's own one in the head off
+        if isinstance(getattr(model.head, 'drop', None), nn.Dropout):
+            model.head.drop = nn.Identity()
+        return
     head = MODEL_CLASSES[base]
+    hook = HEAD_HOOKS.get(base)  # a family whose head needs more than its pool (family_blocks_b, family_blocks_c)
+    if hook is not None and not head.pool and not head.trunk:
+        hook(model, drop_rate)
+        return
     if head.trunk:  # torchvision: the head dropout ends the feature trunk, its classifier Dropout goes
         trunk = _get(model, head.trunk)
         if isinstance(getattr(trunk, 'head_drop', None), ResidualDropout):
@@ -367,6 +409,12 @@ def _place_head(model: nn.Module, drop_rate: float) -> None:
         model.__class__ = DropResNet
         model.head_drop = ResidualDropout(drop_rate, where=HEAD_BEFORE_POOL)
         model.drop_rate = drop_rate  # informational: DropResNet.forward_head never drops after the pool
+        return
+    if base in family_blocks_a.FORWARD_HEAD_MODELS:  # issue 21 batch A: pools in forward_head (XCiT, LeViT)
+        if isinstance(getattr(model, 'head_drop', None), ResidualDropout):
+            model.head_drop.p = drop_rate
+        else:
+            family_blocks_a.place_forward_head(model, base, ResidualDropout(drop_rate, where=HEAD_BEFORE_POOL))
         return
     pool = _get(model, head.pool)
     if isinstance(pool, DropResSelectAdaptivePool2d):
@@ -385,6 +433,8 @@ def _place_head(model: nn.Module, drop_rate: float) -> None:
     if isinstance(getattr(model, 'head_drop', None), nn.Dropout):
         model.head_drop = nn.Identity()
     model.__class__ = _dropres_model_class(type(model))
+    if hook is not None:  # issue 21 batch C
+        hook(model, drop_rate)
 
 
 def _reset_classifier(self: nn.Module, *args, **kwargs) -> None:
@@ -412,8 +462,19 @@ def _dropres_model_class(cls: Type[nn.Module]) -> Type[nn.Module]:
     return _MODEL_SUBCLASSES[cls]
 
 
+# issue 21 batch A: the rows of family_blocks_a.py (XCiT, LeViT, EfficientViT-MSRA, TinyViT, EfficientFormer,
+# SwiftFormer, SHViT, Next-ViT, Visformer; EfficientViM refused)
+FAMILY_BLOCK_TYPES.update(family_blocks_a.BLOCK_TYPES)
+MERGE_SLOTS.update({cls: Slot(*row) for cls, row in family_blocks_a.MERGE_SLOTS.items()})
+MODEL_CLASSES.update({cls: Head(pool=pool) for cls, pool in family_blocks_a.HEAD_POOLS.items()})
+MODEL_CLASSES.update({cls: Head() for cls in family_blocks_a.FORWARD_HEAD_MODELS})
+LAYERNORM_BLOCKS += family_blocks_a.LAYERNORM_BLOCKS
+REFUSED.update(family_blocks_a.REFUSED)
+FEATURE_CLASSES += family_blocks_a.FEATURE_CLASSES
+
 for _cls in MODEL_CLASSES:
-    if _cls.__module__.startswith('timm.') and _cls is not resnet.ResNet:
+    if _cls.__module__.startswith('timm.') and _cls is not resnet.ResNet \
+            and _cls not in family_blocks_a.FORWARD_HEAD_MODELS and _cls not in HEAD_PLACERS_B:  # own subclasses
         _dropres_model_class(_cls)
 
 
@@ -438,6 +499,9 @@ def convert_family(model: nn.Module, *, res_drop_rate: float, drop_rate: float, 
     reason = refusal(model)
     if reason is not None:
         raise TypeError(f'convert() cannot place dropout: {reason}')
+    headless = no_head_position(model)  # issue 21 batch B
+    if headless is not None and drop_rate > 0:
+        raise ValueError(f'drop_rate must be 0 for {type(model).__name__} ({headless}), got {drop_rate!r}')
     for _, block, slot in list(family_sites(model)):
         _place_residual(block, slot, res_drop_rate)
     _place_head(model, drop_rate)

@@ -26,6 +26,7 @@ from timm.models import get_arch_pretrained_cfgs, model_entrypoint
 
 from ..models.convert import residual_blocks
 from ..models.dropres import SUFFIX
+from ..models.families import no_head_position
 from ..models.placement import SITE_LOCATIONS
 from ..models.summary import dropout_sites
 from .audit import audit
@@ -103,7 +104,8 @@ def check_twin(name: str, base: nn.Module | None = None, res_drop_rate: float = 
     and shapes and load the base's state dict strictly (and the base the twin's); the placement audit of one
     train-mode forward pass must find every active dropout ``ok`` (no hazard), each ``ResidualDropout`` at a
     location that ``placement.SITE_LOCATIONS`` allows for its ``where``, and one residual dropout per block
-    with a skip path (``residual_blocks``) plus the head's.
+    with a skip path (``residual_blocks``) plus the head's (none where ``families.no_head_position`` says the
+    head has no position).
 
     Args:
         name: the base architecture.
@@ -123,8 +125,9 @@ def check_twin(name: str, base: nn.Module | None = None, res_drop_rate: float = 
         base.load_state_dict(sd_twin, strict=True, assign=True)
         sites = dropout_sites(twin)
         blocks = list(residual_blocks(twin))
-        if len(sites) != len(blocks) + 1:
-            return f'{len(sites)} dropout modules for {len(blocks)} residual blocks and the head'
+        head = 0 if no_head_position(twin) is not None else 1  # CLIP ResNets' attention pool: no head dropout
+        if len(sites) != len(blocks) + head:
+            return f'{len(sites)} dropout modules for {len(blocks)} residual blocks' + (' and the head' if head else '')
         report = audit(twin)
     except Exception as e:  # noqa: BLE001 - recorded in the row
         return f'{type(e).__name__}: {e}'[:200]
