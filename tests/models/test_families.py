@@ -158,6 +158,21 @@ def test_convert_is_idempotent_keeps_weights_and_reset_classifier_keeps_head_dro
     model.reset_classifier(3)
     assert families.head_dropout(model).p == 0.2 and model.classifier.out_features == 3
     assert pickle.loads(pickle.dumps(model)).global_pool.head_drop.p == 0.2
+    model.eval().reset_classifier(4)  # timm rebuilds the pool: its fresh head dropout takes the model's mode
+    assert not families.head_dropout(model).training
+
+
+def test_pruned_pre_activation_xception_matches_its_base():
+    # timm's prune_to_tap swaps the last separable conv for an Identity; the re-stated block must follow it
+    torch.manual_seed(0)
+    base = timm.create_model('xception41p').eval()
+    twin = timm.create_model('xception41p_dropres', res_drop_rate=0.1).eval()
+    twin.load_state_dict(base.state_dict())
+    for m in (base, twin):
+        m.prune_intermediate_layers(indices=[1])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(base(x), twin(x))
 
 
 def test_entrypoint_refuses_bad_arguments_before_building():

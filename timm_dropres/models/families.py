@@ -443,6 +443,9 @@ def _reset_classifier(self: nn.Module, *args, **kwargs) -> None:
     p = drop.p if drop is not None else 0.0
     super(type(self), self).reset_classifier(*args, **kwargs)
     _place_head(self, p)
+    drop = head_dropout(self)
+    if drop is not None:  # a fresh module (timm rebuilt the pool) takes the model's mode
+        drop.train(self.training)
 
 
 _MODEL_SUBCLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {}

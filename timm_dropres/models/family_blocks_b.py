@@ -203,11 +203,17 @@ class DropResFasterNetMLPBlock(fasternet.MLPBlock):
 # --- Aligned Xception, pre-activation (xception_aligned.py: xception41p, xception65p) ----------------------------
 
 class DropResPreXceptionModule(xa.PreXceptionModule):
-    """Pre-activation Xception module: residual dropout after the last separable conv's BN + act."""
+    """Pre-activation Xception module: residual dropout after the last separable conv's BN + act.
+
+    After timm's ``prune_to_tap`` (``prune_intermediate_layers``) the last separable conv is an ``nn.Identity``
+    and the block has no residual: the dropout goes with it.
+    """
 
     def _last(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.stack.conv3
-        return conv.conv_pw(conv.conv_dw(self.res_drop(conv.norm(x))))
+        if hasattr(conv, 'conv_pw'):  # TorchScript evaluates this statically
+            return conv.conv_pw(conv.conv_dw(self.res_drop(conv.norm(x))))
+        return conv(x)  # pruned to the tap: an nn.Identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
