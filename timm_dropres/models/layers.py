@@ -241,9 +241,9 @@ class _ApplyDrop(torch.autograd.Function):
 class _ApplyDropAdd(torch.autograd.Function):
     """``y = shortcut + x * keep * scale`` in one pass (the residual addition fused with ``_ApplyDrop``).
 
-    Forward: ``torch.add(shortcut, x, alpha=scale)`` (one pass reading both) and, for the position kernel, the
-    shortcut's values copied back at the dropped positions; for the mask kernel ``addcmul`` with the scaled
-    mask. Saved: the drops only, as ``_ApplyDrop``. Backward: ``shortcut`` gets the gradient itself and ``x``
+    Forward: ``torch.add(shortcut, x, alpha=scale)`` (one pass reading both); for the position kernel, in
+    place the branch is zeroed at the dropped positions first, out of place the shortcut's values are copied
+    back at them after; for the mask kernel ``addcmul`` with the scaled mask. Saved: the drops only, as ``_ApplyDrop``. Backward: ``shortcut`` gets the gradient itself and ``x``
     the same map as ``_ApplyDrop``. ``shortcut`` must have ``x``'s shape, dtype and strides (``_cpu_fusable``).
     """
 
@@ -251,13 +251,20 @@ class _ApplyDropAdd(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, shortcut: torch.Tensor, drop: torch.Tensor,  # type: ignore[override]
                 scale: float, order: tuple[int, ...], inplace: bool = False) -> torch.Tensor:
         # in place, as the block's own ``x += shortcut``: no new tensor, so no first-touch page faults on CPU
-        # (the copy-back below reads the shortcut after the add, so never when the two share memory)
-        if inplace and x.untyped_storage().data_ptr() != shortcut.untyped_storage().data_ptr():
+        # (never when the two share memory: zeroing the branch would zero the shortcut too)
+        inplace = inplace and x.untyped_storage().data_ptr() != shortcut.untyped_storage().data_ptr()
+        if inplace:
             out = x
             ctx.mark_dirty(x)
         else:
             out = _empty_in_order(x, order)
-        if drop.dtype == torch.int64:
+        if drop.dtype == torch.int64 and inplace:
+            # zero the branch at the drops, then one add pass: a fill of zeros costs about a third of
+            # copying the shortcut's values back after the add (a gather plus a scatter), measured on CPU
+            flat_x = x.permute(order).view(-1)  # a view: x is dense in this order
+            flat_x.scatter_(0, drop, flat_x.new_zeros(drop.numel()))
+            torch.add(shortcut, x, alpha=scale, out=out)
+        elif drop.dtype == torch.int64:
             torch.add(shortcut, x, alpha=scale, out=out)
             flat_s = shortcut.permute(order).reshape(-1)  # a view: shortcut is dense in this order
             # index_select: 2-3x faster than gather or indexing for sorted positions on CPU (one thread)
