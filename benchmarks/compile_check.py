@@ -34,7 +34,7 @@ except ImportError:  # run as a file: benchmarks/ is on sys.path
 import timm_dropres
 
 ARCHS = ('resnet50', 'resnetv2_50')
-RES_DROP_RATE = 0.1  # residual dropout on: the package default (0.0) would trace no block dropout
+RES_DROP_RATE = 0.1  # residual and head dropout on: the package defaults (0.0) would trace no dropout
 
 
 def explain(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int, list[str]]:
@@ -81,7 +81,7 @@ def fusion(args: argparse.Namespace) -> tuple[str, list[dict]]:
     device = C.resolve_device(args.device)
     rows, records = [], []
     for arch in args.archs:
-        model = timm.create_model(arch + timm_dropres.SUFFIX, res_drop_rate=RES_DROP_RATE)
+        model = timm.create_model(arch + timm_dropres.SUFFIX, drop_rate=RES_DROP_RATE, res_drop_rate=RES_DROP_RATE)
         block = next(timm_dropres.residual_blocks(model))[1].train().to(device)
         width = next(m for m in block.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
         x = torch.randn(2, width, 16, 16, device=device, requires_grad=True)
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
     for arch in args.archs:
         for pos in args.positions:
             name = arch + timm_dropres.SUFFIX
-            model = timm.create_model(name, res_drop_pos=pos, res_drop_rate=RES_DROP_RATE)
+            model = timm.create_model(name, res_drop_pos=pos, drop_rate=RES_DROP_RATE, res_drop_rate=RES_DROP_RATE)
             resolved = timm_dropres.dropout_args(model)  # what the blocks resolved the position to
             pos = resolved['res_drop_pos']
             result: dict = dict(model=name, res_drop_pos=pos, res_drop_rate=resolved['res_drop_rate'])

@@ -76,7 +76,7 @@ def test_peak_step_memory_counts_transient_and_tracked_tensors():
 
 def test_dropres_eval_dispatches_no_extra_ops_and_train_adds_dropout():
     base = timm.create_model('test_resnet')
-    dropres = timm.create_model('test_resnet_dropres')
+    dropres = timm.create_model('test_resnet_dropres', drop_rate=0.1)
     x = torch.randn(2, 3, 32, 32)
     for m in (base, dropres):
         m.eval()
@@ -111,7 +111,7 @@ def test_graph_break_check_traces_active_residual_dropout():
 
 def test_dropout_inputs_have_the_train_steps_dtype():
     """--isolated under bf16 must time the kernels on bf16 tensors, as the autocast step feeds them."""
-    model = timm.create_model('test_resnet_dropres', res_drop_rate=0.1).train()
+    model = timm.create_model('test_resnet_dropres', res_drop_rate=0.1, drop_rate=0.1).train()
     x = torch.randn(2, 3, 32, 32)
     inputs = dropout_impl.dropout_inputs(model, x, torch.bfloat16)
     assert len(inputs) == 5 and {t.dtype for _, t in inputs} == {torch.bfloat16}  # 4 blocks + the head
@@ -272,7 +272,7 @@ def test_dropout_impl_tails_times_the_fused_and_separate_tails():
     assert [r['variant'] for r in records] == ['current', 'unfused']
     assert all(r['fused_sites'] == 4 and r['other_sites'] == 1 and r['step_s'] > 0 for r in records)
     assert 'Dropout with the residual addition, timed alone' in table
-    model = timm.create_model('test_resnet_dropres', res_drop_rate=0.1).train()
+    model = timm.create_model('test_resnet_dropres', res_drop_rate=0.1, drop_rate=0.1).train()
     fused, singles = dropout_impl.tail_inputs(model, torch.randn(2, 3, 32, 32))
     assert [(p, relu) for p, _, _, relu in fused] == [(0.1, True)] * 4 and len(singles) == 1
     with pytest.raises(SystemExit):

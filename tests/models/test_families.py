@@ -286,7 +286,7 @@ def test_clip_resnets_take_residual_dropout_only():
         timm.create_model('resnet50_clip_dropres', drop_rate=0.1, device='meta')
     other = timm.create_model('resnet50_clip', device='meta')
     with pytest.raises(ValueError, match='drop_rate must be 0'):
-        timm_dropres.convert(other)  # convert()'s default head rate is 0.1
+        timm_dropres.convert(other, drop_rate=0.1)
     assert timm_dropres.dropout_sites(other) == [] and type(other).__name__ == 'ByobNet'
 
 

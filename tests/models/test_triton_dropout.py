@@ -351,7 +351,8 @@ def test_model_train_step_through_the_kernels(arch, post_act):
     """A whole train step with the Triton kernels forced: every residual dropout keeps a seed and no mask,
     the post-activation blocks call the fused op, gradients exist, and eval is untouched."""
     kwargs = dict(channels=(8, 8, 8, 8), stem_chs=8) if arch == 'resnetv2_18' else {}
-    model = timm.create_model(f'{arch}_dropres', num_classes=5, res_drop_rate=0.2, **kwargs).to(DEVICE).train()
+    model = timm.create_model(f'{arch}_dropres', num_classes=5, res_drop_rate=0.2, drop_rate=0.2,
+                              **kwargs).to(DEVICE).train()
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     calls = []
     real = layers._triton_dropout_add

@@ -70,7 +70,7 @@ def test_post_act_before_last_conv_is_reported_as_hazard(capsys) -> None:
 
 
 def test_inactive_dropout_is_listed_but_not_a_hazard() -> None:
-    r = audit('resnet18_dropres', input_size=SMALL, res_drop_pos='before_last_conv', res_drop_rate=0.0)
+    r = audit('resnet18_dropres', input_size=SMALL, res_drop_pos='before_last_conv', res_drop_rate=0.0, drop_rate=0.1)
     assert all(e.hazard for e in r.entries[:-1]) and not r.hazards
     assert '0 (inactive)' in format_report(r)
     assert r.summary() == {OK: 1, HAZARD: 0, OFF: 0}                 # the summary counts active ops only

@@ -667,7 +667,8 @@ def test_dropres_variant(name: str) -> None:
     torch.set_num_threads(1)
     index = RESNET_FAMILY.index(name)
     first, second = POSITIONS if index % 2 == 0 else POSITIONS[::-1]
-    model = timm.create_model(name, res_drop_pos=first, res_drop_rate=0.1, **_reduced(name))  # active dropout
+    model = timm.create_model(name, res_drop_pos=first, res_drop_rate=0.1, drop_rate=0.1,
+                              **_reduced(name))  # active dropout (the defaults are 0)
     rates = timm_dropres.dropout_args(model)
     for pos in (first, second):
         if pos == second:

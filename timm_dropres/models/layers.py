@@ -32,12 +32,13 @@ HEAD_BEFORE_POOL: Final[str] = 'head_before_pool'
 #: Values accepted for ``res_drop_pos``.
 RES_DROP_POSITIONS: Final[tuple[str, ...]] = (AUTO, AFTER_LAST_BN, BEFORE_LAST_CONV)
 
-#: Defaults, set from the transfer study (docs/results/transfer/, README "Defaults"), because most users
-#: fine-tune: there no residual rate helped and every one cost top-1 (-0.2 points at 0.05, more above), while
-#: head dropout before pooling at 0.1 cost nothing measurable. Residual dropout is therefore off unless asked
-#: for (``res_drop_rate=0.1`` where a model trained from scratch over-fits: docs/results/overfit/).
+#: Defaults, set from the three engine studies (docs/results/{transfer,underfit,overfit}/*_engine.md, README
+#: "Defaults"): both rates are off, as in timm, and a user turns them on by name. Residual dropout never raised
+#: top-1 and cost 0.75-1.95 points in short training from scratch; head dropout before pooling at 0.1 had no
+#: resolved top-1 effect in any study (smallest detectable 0.17-0.55 points) and a small calibration cost when
+#: fine-tuning. Where they go when turned on is the guideline's position.
 DEFAULT_RES_DROP_RATE: Final[float] = 0.0
-DEFAULT_HEAD_DROP_RATE: Final[float] = 0.1
+DEFAULT_HEAD_DROP_RATE: Final[float] = 0.0
 #: What ``auto`` means for post-activation blocks (pre-activation blocks have a single position).
 DEFAULT_POST_ACT_POS: Final[str] = AFTER_LAST_BN
 

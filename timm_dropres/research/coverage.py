@@ -97,10 +97,11 @@ def classify(name: str) -> CoverageRow:
     return CoverageRow(name, module, True, report.bn_merges, twin, tags, twin_check=checked)
 
 
-def check_twin(name: str, base: nn.Module | None = None, res_drop_rate: float = 0.1) -> str:
+def check_twin(name: str, base: nn.Module | None = None, res_drop_rate: float = 0.1, drop_rate: float = 0.1) -> str:
     """The twin's invariants, on the meta device: what is wrong with ``<name>_dropres``, or ``''``.
 
-    Built with ``res_drop_rate`` (and the default head dropout), the twin must have the base's state-dict keys
+    Built with ``res_drop_rate`` and head dropout at ``drop_rate`` (0 where the head has no position; the
+    package defaults are 0, which would leave nothing active to audit), the twin must have the base's state-dict keys
     and shapes and load the base's state dict strictly (and the base the twin's); the placement audit of one
     train-mode forward pass must find every active dropout ``ok`` (no hazard), each ``ResidualDropout`` at a
     location that ``placement.SITE_LOCATIONS`` allows for its ``where``, and one residual dropout per block
@@ -111,13 +112,16 @@ def check_twin(name: str, base: nn.Module | None = None, res_drop_rate: float = 
         name: the base architecture.
         base: the base already built on the meta device (built here if not given).
         res_drop_rate: the residual rate the twin is built with.
+        drop_rate: the head rate the twin is built with, where its head has a position.
 
     Returns:
         ``''``, or the first problem found.
     """
     try:
-        twin = timm.create_model(name + SUFFIX, pretrained=False, device='meta', res_drop_rate=res_drop_rate)
         base = base if base is not None else timm.create_model(name, pretrained=False, device='meta')
+        head_rate = 0.0 if no_head_position(base) is not None else drop_rate  # CLIP ResNets refuse head dropout
+        twin = timm.create_model(name + SUFFIX, pretrained=False, device='meta', res_drop_rate=res_drop_rate,
+                                 drop_rate=head_rate)
         sd_twin, sd_base = twin.state_dict(), base.state_dict()
         if list(sd_twin) != list(sd_base) or any(sd_twin[k].shape != sd_base[k].shape for k in sd_base):
             return 'state dict keys or shapes differ from the base'
