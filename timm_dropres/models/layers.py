@@ -244,8 +244,9 @@ class _ApplyDropAdd(torch.autograd.Function):
 
     Forward: ``torch.add(shortcut, x, alpha=scale)`` (one pass reading both); for the position kernel, in
     place the branch is zeroed at the dropped positions first, out of place the shortcut's values are copied
-    back at them after; for the mask kernel ``addcmul`` with the scaled mask. Saved: the drops only, as ``_ApplyDrop``. Backward: ``shortcut`` gets the gradient itself and ``x``
-    the same map as ``_ApplyDrop``. ``shortcut`` must have ``x``'s shape, dtype and strides (``_cpu_fusable``).
+    back at them after; for the mask kernel ``addcmul`` with the scaled mask. Saved: the drops only, as
+    ``_ApplyDrop``. Backward: ``shortcut`` gets the gradient itself and ``x`` the same map as ``_ApplyDrop``.
+    ``shortcut`` must have ``x``'s shape, dtype and strides (``_cpu_fusable``).
     """
 
     @staticmethod
