@@ -83,7 +83,8 @@ def test_compile_one_graph_and_export(arch):
 
 
 def test_torchvision_compile_one_graph():
-    model = timm_dropres.convert(torchvision.models.mobilenet_v3_small(num_classes=5), res_drop_rate=0.2).train()
+    model = timm_dropres.convert(torchvision.models.mobilenet_v3_small(num_classes=5), res_drop_rate=0.2,
+                                 drop_rate=0.2).train()
     explain = torch._dynamo.explain(model)(torch.randn(X))
     assert explain.graph_break_count == 0 and explain.graph_count == 1
 

@@ -67,7 +67,7 @@ def test_resolve_model_data_config_matches_base():
 
 @pytest.mark.parametrize('arch', ['resnet18', 'resnetv2_18'])
 def test_torchscript(arch):
-    model = timm.create_model(f'{arch}_dropres', num_classes=10, res_drop_rate=0.2).eval()
+    model = timm.create_model(f'{arch}_dropres', num_classes=10, res_drop_rate=0.2, drop_rate=0.2).eval()
     for m in model.modules():  # timm zero-inits the last BN of a block, which leaves nothing to drop after it
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.ones_(m.weight)
@@ -84,7 +84,7 @@ def test_torch_compile_no_graph_breaks():
 
     ``aot_eager`` exercises capture and autograd without inductor's C++ build, which takes minutes on 2 cores.
     """
-    model = timm.create_model('resnet18_dropres', num_classes=10, res_drop_rate=0.2).train()
+    model = timm.create_model('resnet18_dropres', num_classes=10, res_drop_rate=0.2, drop_rate=0.2).train()
     x = torch.randn(2, 3, 32, 32)
     explain = torch._dynamo.explain(model)(x)
     assert explain.graph_break_count == 0 and explain.graph_count == 1

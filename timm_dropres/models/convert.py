@@ -225,7 +225,7 @@ def dropout_args(model: nn.Module) -> dict:
 
     Example:
         >>> import timm
-        >>> dropout_args(convert(timm.create_model('resnet18'), res_drop_rate=0.1))
+        >>> dropout_args(convert(timm.create_model('resnet18'), res_drop_rate=0.1, drop_rate=0.1))
         {'drop_rate': 0.1, 'res_drop_rate': 0.1, 'res_drop_pos': 'after_last_bn'}
     """
     if not _is_resnet_family(model) and families.is_family_model(model):

@@ -59,7 +59,8 @@ def describe(model: nn.Module) -> str:
 
     Example:
         >>> import timm, timm_dropres
-        >>> print(timm_dropres.describe(timm.create_model('resnet18_dropres', res_drop_rate=0.1)))  # doctest: +ELLIPSIS
+        >>> m = timm.create_model('resnet18_dropres', res_drop_rate=0.1, drop_rate=0.1)
+        >>> print(timm_dropres.describe(m))  # doctest: +ELLIPSIS
         DropResNet: 9 dropout modules
         module             position          p
         layer1.0.res_drop  after_last_bn     0.1

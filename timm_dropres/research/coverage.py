@@ -195,7 +195,8 @@ def format_coverage(rows: Sequence[CoverageRow], command: str = '') -> str:
         f'- with a `*_dropres` twin: **{s["covered"]} ({100 * s["fraction"]:.1f} %)**; their pretrained tags: '
         f'**{s["covered_tags"]} of {s["tags"]} ({100 * s["tag_fraction"]:.1f} %)**',
         f'- every twin checked on the meta device (state dict, strict loading both ways, the audit of a train-mode '
-        f'pass at `res_drop_rate=0.1` finds every dropout `ok` where `placement.SITE_LOCATIONS` puts it): '
+        f'pass at `res_drop_rate=0.1` and `drop_rate=0.1` finds every dropout `ok` where `placement.SITE_LOCATIONS` '
+        f'puts it): '
         f'{s["twin_problems"]} with a problem',
         f'- twins of architectures not counted as BatchNorm residual: {s["twins_not_bn_residual"]}; '
         f'architectures that could not be built or traced on the meta device: {s["errors"]}',

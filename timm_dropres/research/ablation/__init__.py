@@ -1,6 +1,7 @@
 """Dropout-placement ablation on real data: the placements, their specification, and the first study's records.
 
-Configurations (``CONFIGS``): no dropout, the dropres default, each residual position the public API offers,
+Configurations (``CONFIGS``): no dropout, ``default`` (the guideline: residual and head dropout together; the
+name predates the package defaults of 0), each residual position the public API offers,
 two hazards that exist only here (dropout before every BN of the branch; dropout on the block output, after
 the residual addition), and head dropout after vs before global pooling. The hazards are placed with hooks
 (``place_before_every_bn``, ``place_after_add``, ``place_head_after_pool``) so they never enter the public

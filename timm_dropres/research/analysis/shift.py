@@ -220,6 +220,7 @@ def variance_shift(
 
     Example:
         >>> import timm
+        >>> from timm_dropres.research.analysis.sources import gaussian_batches
         >>> records = variance_shift(timm.create_model('resnet18'), gaussian_batches(2, 8, (3, 64, 64)))
         >>> len(records), records[0].name
         (20, 'bn1')
@@ -356,6 +357,7 @@ def shift_by_position(
         ValueError: if a position is unknown, a rate is invalid, or a batch list is empty.
 
     Example:
+        >>> from timm_dropres.research.analysis.sources import gaussian_batches
         >>> batches = [gaussian_batches(2, 8, (3, 64, 64), seed=s) for s in (0, 1)]
         >>> res = shift_by_position('resnet18_dropres', ['none', 'after_last_bn'], *batches)
         >>> list(res), shift_mean(res['after_last_bn']) > shift_mean(res['none'])
