@@ -17,7 +17,7 @@ from study_helpers import make_image_folder, study_dict, write_spec
 
 from timm_dropres.cli.study import main as study_main
 from timm_dropres.study.data import resolve_splits, tensor_bundle
-from timm_dropres.study.runner import finetune_config, model_hook, run_data, run_one, run_study
+from timm_dropres.study.runner import StudyError, finetune_config, model_hook, run_data, run_one, run_study
 from timm_dropres.study.spec import parse_study_spec, plan_runs
 from timm_dropres.training.data import EpochSeededDataset, resolve_transforms
 from timm_dropres.training.trainer import finetune
@@ -182,3 +182,75 @@ def test_the_residual_position_of_resnet_and_family_twins_is_recorded():
         model = timm.create_model(arch, res_drop_rate=0.1)
         assert _resolved_position(model, residual) == 'after_last_bn', arch
     assert _resolved_position(timm.create_model('test_resnet'), ConfigSpec(name='none')) is None
+
+
+def test_a_study_that_cannot_run_says_why_for_every_pair_before_anything_runs(tmp_path, capsys):
+    """Unknown model names, a position a family refuses and an unknown optimizer are found up front (also by
+    --dry-run), every bad pair listed, and no folder is written."""
+    spec = study_dict(tmp_path / 'no-data', tmp_path, configs=dict(none={}, late=dict(
+        res_drop_rate=0.1, res_drop_pos='before_last_conv')), architectures=[
+        dict(name='typo', model='test_resnet_dropes', img_size=20),
+        dict(name='effnet', model='efficientnet_b0_dropres', img_size=32)], comparisons=dict(main=[['late', 'none']]))
+    with pytest.raises(StudyError) as e:
+        run_study(parse_study_spec(spec))
+    msg = str(e.value)
+    assert msg.startswith('3 architecture/configuration pair(s) cannot run')
+    assert "typo / none: unknown model 'test_resnet_dropes'; did you mean one of ['test_resnet_dropres'" in msg
+    assert 'typo / late' in msg and "effnet / late: res_drop_pos must be one of ['auto', 'after_last_bn']" in msg
+    assert 'effnet / none' not in msg and not (tmp_path / 'results').exists() and not (tmp_path / 'work').exists()
+    bad_opt = write_spec(tmp_path / 'opt.yaml', study_dict(tmp_path / 'no-data', tmp_path, train=dict(
+        epochs=1, batch_size=8, opt='adamx')))
+    assert study_main([str(bad_opt), '--dry-run']) == 2
+    assert 'did you mean adamax' in capsys.readouterr().err and not (tmp_path / 'results').exists()
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (Linux /proc; zombies left out)."""
+    pids = []
+    for stat in Path('/proc').glob('[0-9]*/stat'):
+        try:
+            fields = stat.read_text().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != 'Z' and int(fields[3]) == sid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _wait_gone(sid: int, seconds: float) -> list[int]:
+    deadline = time.time() + seconds
+    while _session_pids(sid) and time.time() < deadline:
+        time.sleep(0.1)
+    return _session_pids(sid)
+
+
+@pytest.mark.skipif(not Path('/proc/self/stat').exists(), reason='reads /proc to find the workers')
+def test_stopping_a_study_with_workers_stops_its_workers(folder, tmp_path):
+    """SIGTERM to the study process (not its group) ends it with a one-line message and stops both workers at
+    once, instead of letting them train the queue; after SIGKILL the workers die with it (no orphans holding
+    run folders). ``--resume`` then finishes the study."""
+    spec = study_dict(folder, tmp_path, seeds=3, train=dict(epochs=40, batch_size=12, opt='sgd', lr=0.05,
+                                                              warmup_epochs=0, smoothing=0.0))  # runs of seconds
+    path = write_spec(tmp_path / 'study.yaml', spec)
+    cmd = [PYTHON, '-m', 'timm_dropres.cli.study', str(path), '--threads', '1', '--workers', '2']
+    for sig, resume in ((signal.SIGTERM, []), (signal.SIGKILL, ['--resume'])):
+        proc = subprocess.Popen(cmd + resume, cwd=REPO, env=subprocess_env(), start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240  # until both workers are up, then a few seconds into their runs
+        while len(_session_pids(proc.pid)) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(4)
+        pids = _session_pids(proc.pid)
+        if len(pids) < 3:
+            proc.kill()
+            raise AssertionError(f'the study and its two workers should be running: {pids}, {proc.communicate()}')
+        os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=60)
+        assert _wait_gone(proc.pid, 20) == [], f'workers left running after {sig.name}'
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 130 and 'dropres-study: interrupted' in err and 'Traceback' not in err, err
+    recorded = len(_records(tmp_path))
+    assert recorded < 6, 'the queue should not have been trained after the stop'
+    done = subprocess.run(cmd + ['--resume'], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(_records(tmp_path)) == 6

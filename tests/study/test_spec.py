@@ -44,10 +44,19 @@ def test_fingerprint_ignores_seed_and_labels_but_not_dropout(tmp_path):
     (dict(seeds=0), r'seed count must be >= 1'),
     (dict(select='first'), r"select must be 'last' or 'best'"),
     (dict(data=dict(dataset='x', augment=dict(pad=2))), r'in_memory: true'),
+    (dict(name='../elsewhere'), r"study name must be a plain file name .* got '../elsewhere'"),
+    (dict(configs=dict(none={}, **{'a/b': dict(drop_rate=0.1)})), r"configuration name must be a plain file name"),
 ])
 def test_bad_specs_fail_naming_the_key(tmp_path, over, match):
     with pytest.raises(ValueError, match=match):
         _spec(tmp_path, **over)
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """A second ``none:`` would silently replace the baseline (the last value wins in plain YAML)."""
+    (tmp_path / 'twice.yaml').write_text('name: t\nconfigs:\n  none: {}\n  none: {drop_rate: 0.1}\n')
+    with pytest.raises(ValueError, match="the key 'none' is given twice"):
+        load_study_spec(tmp_path / 'twice.yaml')
 
 
 def test_missing_file_and_non_mapping(tmp_path):

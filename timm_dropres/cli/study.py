@@ -15,7 +15,7 @@ from typing import Sequence
 from ..recipes import find_recipe
 from ..study.power import minimum_detectable_effect, seeds_needed
 from ..study.report import write_study_report
-from ..study.runner import StudyError, read_records, run_study
+from ..study.runner import StudyError, check_runs, read_records, run_study
 from ..study.spec import load_study_spec, plan_runs
 from ..training.data import DataError
 
@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = load_study_spec(path)
         planned = plan_runs(spec, args.only_arch)
         if args.dry_run:
+            check_runs(spec, planned)  # as run_study does first: says whether the study can run at all
             have = read_records(spec, planned)
             for r in planned:
                 print(f'{"recorded" if r.key in have else "to run":>9}  {r.key}')
@@ -96,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StudyError, DataError, FileNotFoundError, ValueError) as e:
         print(f'dropres-study: error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM with --workers > 1
+        print('dropres-study: interrupted; every finished run is recorded, and a run stopped midway continues from '
+              'its last checkpoint: run the same command with --resume', file=sys.stderr)
+        return 130
     print(f'{len(records)} of {len(planned)} runs recorded; report: ' + ', '.join(str(p) for p in paths.values()))
     if failed:
         print(f'dropres-study: {len(failed)} run(s) failed: ' + '; '.join(f'{k}: {v}' for k, v in failed.items()),

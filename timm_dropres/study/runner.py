@@ -13,6 +13,8 @@ workers share it (each trains on the GPU when there is one, as the trainer does)
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import hashlib
 import json
@@ -21,6 +23,9 @@ import multiprocessing
 import os
 import platform
 import shutil
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -34,7 +39,7 @@ from safetensors.torch import load_file
 
 from ..files import read_json, write_json_atomic
 from ..models.layers import AFTER_LAST_BN
-from ..training.build import build_model, resolve_model
+from ..training.build import build_model, dropout_kwargs, resolve_model
 from ..training.checkpoints import list_checkpoints
 from ..training.config import FinetuneConfig
 from ..training.data import TransformedDataset, resolve_transforms
@@ -137,6 +142,38 @@ def finetune_config(spec: StudySpec, run: Run, output_dir: Path, pretrained_file
         kw['pretrained'] = arch.pretrained
     return FinetuneConfig(**opts, **kw, dataset=data.dataset, img_size=arch.img_size, seed=run.seed,
                           output_dir=str(output_dir), progress=False)
+
+
+def check_runs(spec: StudySpec, runs: Sequence[Run]) -> None:
+    """Check every (architecture, configuration) of ``runs`` before anything trains or is written.
+
+    Each pair gets the trainer's own checks of its options (``finetune_config``, ``resolve_model``: model name
+    and tag, dropres-only options, weights files) and is built on the meta device with its dropout and model
+    keywords, which catches what only the model refuses (e.g. ``res_drop_pos='before_last_conv'`` for a family
+    whose residual dropout sits after the last BN). Hub and ``local-dir:`` models are checked as far as the
+    trainer checks them without downloading.
+
+    Raises:
+        StudyError: listing every pair that cannot run, with the reason.
+    """
+    problems: List[str] = []
+    seen = set()
+    for run in runs:
+        pair = (run.arch.name, run.config.name)
+        if pair in seen:
+            continue
+        seen.add(pair)
+        try:
+            cfg = finetune_config(spec, run, spec.resolved_work_dir() / run.arch.name / f'{run.config.name}_seed0')
+            ref = resolve_model(cfg)
+            if ref.architecture is not None and not ref.is_folder:
+                timm.create_model(cfg.model, pretrained=False, device='meta', **dropout_kwargs(cfg),
+                                  **cfg.model_kwargs)
+        except Exception as e:  # noqa: BLE001 - every pair's reason is collected and reported together
+            problems.append(f'{run.arch.name} / {run.config.name}: {e}')
+    if problems:
+        raise StudyError(f'{len(problems)} architecture/configuration pair(s) cannot run, nothing was started: '
+                         + '; '.join(problems))
 
 
 def model_hook(arch: ArchSpec, config: ConfigSpec) -> Callable[[nn.Module], nn.Module]:
@@ -352,6 +389,25 @@ def _init_worker(threads: Optional[int]) -> None:
     if threads:
         torch.set_num_threads(threads)
     logging.getLogger('timm_dropres.training').setLevel(logging.WARNING)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel send this worker SIGTERM when the study process dies, even by SIGKILL, so no
+    orphaned worker goes on training queued runs (and holding their run folders). Elsewhere a no-op."""
+    if not sys.platform.startswith('linux'):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6', use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no usable libc: the parent's own shutdown still stops the workers
+        return
+    if os.getppid() == 1:  # the parent died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f'signal {signum}')
 
 
 def _worker(spec: StudySpec, run: Run, pretrained_file: Optional[Path]) -> Dict[str, Any]:
@@ -380,6 +436,7 @@ def run_study(spec: StudySpec, *, workers: int = 1, resume: bool = False, thread
     if workers < 1:
         raise StudyError(f'--workers must be >= 1, got {workers}')
     todo, done = pending_runs(spec, only_arch)
+    check_runs(spec, todo)
     if done and not resume:
         raise StudyError(f'{spec.resolved_out_dir() / "records"} already holds {len(done)} of this study\'s records; '
                          'pass --resume to run the rest (finished runs are not re-run)')
@@ -400,8 +457,11 @@ def run_study(spec: StudySpec, *, workers: int = 1, resume: bool = False, thread
                 log(f'{run.key}: FAILED: {type(e).__name__}: {e}')
     else:
         ctx = multiprocessing.get_context('spawn')  # no fork of a process that holds torch threads
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+        # SIGTERM stops the study as Ctrl-C does (below) instead of leaving the workers to train the queue
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+        try:
             futures = {pool.submit(_worker, spec, run, weights[run.arch.name]): run for run in todo}
             for fut in as_completed(futures):
                 run = futures[fut]
@@ -411,5 +471,14 @@ def run_study(spec: StudySpec, *, workers: int = 1, resume: bool = False, thread
                 except Exception as e:  # noqa: BLE001 - as above
                     result.failed[run.key] = f'{type(e).__name__}: {e}'
                     log(f'{run.key}: FAILED: {type(e).__name__}: {e}')
+        except BaseException:  # Ctrl-C, SIGTERM: drop the queue and stop the runs in flight, now
+            pool.shutdown(wait=False, cancel_futures=True)
+            for child in multiprocessing.active_children():
+                child.terminate()  # a run in flight keeps its last trainer checkpoint; --resume continues it
+            raise
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        pool.shutdown()
     result.records = list(read_records(spec, plan_runs(spec, only_arch)).values())
     return result

@@ -48,6 +48,12 @@ ENGINE_KEYS = ('model', 'pretrained', 'pretrained_file', 'drop_rate', 'res_drop_
                'val_subset', 'img_size', 'seed', 'output_dir', 'overwrite', 'resume', 'progress')
 
 
+def _check_plain_name(what: str, name: object) -> None:
+    """Names become file and folder names (records, report): a plain, non-empty name, no path in it."""
+    if not isinstance(name, str) or not name or '/' in name or '\\' in name or name.startswith('.'):
+        raise ValueError(f'{what} name must be a plain file name (no "/", "\\" or leading "."), got {name!r}')
+
+
 def _from_mapping(cls: type, values: Any, where: str) -> Any:
     """``cls(**values)`` with unknown keys refused by name (and the valid keys listed)."""
     if values is None:
@@ -97,8 +103,7 @@ class ArchSpec:
         if not isinstance(self.skip_configs, Mapping) or not all(isinstance(v, str) and v
                                                                  for v in self.skip_configs.values()):
             raise ValueError(f'{self.name}: skip_configs maps a configuration name to the reason it is not run')
-        if not self.name or '/' in self.name or self.name.startswith('.'):
-            raise ValueError(f'architecture name must be a plain file name, got {self.name!r}')
+        _check_plain_name('architecture', self.name)
         if self.stem_stride not in (None, 1, 2):
             raise ValueError(f'{self.name}: stem_stride must be 1, 2 or null, got {self.stem_stride!r}')
 
@@ -143,6 +148,7 @@ class ConfigSpec:
     label: str = ''
 
     def __post_init__(self) -> None:
+        _check_plain_name('configuration', self.name)
         for k in ('drop_rate', 'res_drop_rate', 'drop_path_rate', 'hazard_rate'):
             check_rate(f'{self.name}: {k}', getattr(self, k))
         if self.res_drop_pos is not None and self.res_drop_pos not in RES_DROP_POSITIONS:
@@ -309,6 +315,7 @@ class StudySpec:
     header: str = ''
 
     def __post_init__(self) -> None:
+        _check_plain_name('study', self.name)
         if not self.architectures:
             raise ValueError('architectures is empty: name at least one')
         if not self.configs:
@@ -437,15 +444,17 @@ def load_study_spec(path: str | os.PathLike) -> StudySpec:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the YAML is not a mapping, a key is unknown or a value invalid.
+        ValueError: the YAML is not a mapping, a key is given twice or unknown, or a value invalid.
     """
     import yaml
+
+    from ..strict_yaml import safe_load_strict
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f'study spec {p} does not exist')
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = safe_load_strict(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f'{p}: not valid YAML ({e})') from None
     if not isinstance(raw, dict):

@@ -75,6 +75,22 @@ def check_numbers(cfg: Any, *, non_negative: Sequence[str] = (), positive: Seque
                 raise OptionError('{0} must be {want}, got {value}', name, want=want, value=value)
 
 
+
+def _check_optimizer(name: str) -> None:
+    """``name`` is an optimizer ``timm.optim.create_optimizer_v2`` knows (a ``lookahead_`` prefix allowed)."""
+    import difflib
+
+    from timm.optim import list_optimizers
+
+    known = list_optimizers()
+    base = name.lower()
+    base = base[len('lookahead_'):] if base.startswith('lookahead_') else base
+    if base not in known:
+        close = difflib.get_close_matches(base, known, n=3)
+        raise OptionError('{0} must be one of timm\'s {count} optimizers (timm.optim.list_optimizers()), '
+                          'got {value}{hint}', 'opt', count=len(known), value=name,
+                          hint=f'; did you mean {" or ".join(close)}?' if close else '')
+
 @dataclass
 class FinetuneConfig:
     """Every option of a fine-tuning run. Each field is a CLI flag (``--field-name``) and a YAML key."""
@@ -210,6 +226,7 @@ class FinetuneConfig:
             raise OptionError('{0} must be >= 0, got {value}', 'pad_crop', value=self.pad_crop)
         if self.lr <= 0:
             raise OptionError('{0} must be > 0, got {value}', 'lr', value=self.lr)
+        _check_optimizer(self.opt)
         if not 0.0 <= self.smoothing < 1.0:
             raise OptionError('{0} must be in [0, 1), got {value}', 'smoothing', value=self.smoothing)
         if self.mixed_precision not in ('no', 'fp16', 'bf16'):
