@@ -67,7 +67,8 @@ def _model_kind(model: nn.Module) -> type[nn.Module]:
     for base, dropres in MODEL_TYPES.items():
         if type(model) in (base, dropres):
             return base
-    supported = ', '.join(f'{c.__module__}.{c.__name__}' for c in [*MODEL_TYPES, *families.MODEL_CLASSES])
+    supported = ', '.join(dict.fromkeys(f'{c.__module__}.{c.__name__}'  # each once (timm's ResNet is in both)
+                                        for c in [*MODEL_TYPES, *families.MODEL_CLASSES]))
     name = f'{type(model).__module__}.{type(model).__name__}'
     why = f' ({families.REFUSED[name]})' if name in families.REFUSED else ''
     raise TypeError(f'convert() does not support model type {name}{why}; supported: {supported}')
