@@ -385,16 +385,17 @@ def pretrain(spec: StudySpec, arch: ArchSpec, log: Callable[[str], None] = print
 
 # -- the whole study ---------------------------------------------------------------------------------------------
 
-def _init_worker(threads: Optional[int]) -> None:
+def _init_worker(threads: Optional[int], parent: int) -> None:
     if threads:
         torch.set_num_threads(threads)
     logging.getLogger('timm_dropres.training').setLevel(logging.WARNING)
-    _die_with_parent()
+    _die_with_parent(parent)
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel send this worker SIGTERM when the study process dies, even by SIGKILL, so no
-    orphaned worker goes on training queued runs (and holding their run folders). Elsewhere a no-op."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel send this worker SIGTERM when the study process (pid ``parent``) dies, even by
+    SIGKILL, so no orphaned worker goes on training queued runs (and holding their run folders). Elsewhere a
+    no-op."""
     if not sys.platform.startswith('linux'):
         return
     try:
@@ -402,7 +403,7 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # no usable libc: the parent's own shutdown still stops the workers
         return
-    if os.getppid() == 1:  # the parent died before the call above
+    if os.getppid() != parent:  # the parent died before the call above (compared by pid: it may be pid 1)
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -457,7 +458,8 @@ def run_study(spec: StudySpec, *, workers: int = 1, resume: bool = False, thread
                 log(f'{run.key}: FAILED: {type(e).__name__}: {e}')
     else:
         ctx = multiprocessing.get_context('spawn')  # no fork of a process that holds torch threads
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(threads, os.getpid()))
         # SIGTERM stops the study as Ctrl-C does (below) instead of leaving the workers to train the queue
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
