@@ -138,3 +138,26 @@ def test_fashion_mnist_from_debian_without_flags():
     rev = resolve_data('fashion_mnist', val_subset=20, class_names=list(reversed(fmnist.CLASSES)), split='val')
     plain = resolve_data('fashion_mnist', val_subset=20, split='val')
     assert [9 - t for t in _labels(plain.val)] == _labels(rev.val)
+
+
+class _StartingLoader:
+    """A loader whose start swallows a Ctrl-C, as Python does inside an at-fork callback ("Exception ignored")."""
+    num_workers = 1
+
+    def __iter__(self):
+        import signal
+        try:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C while the workers start...
+        except KeyboardInterrupt:
+            pass  # ...lost, unless it was held back
+        yield 1
+        yield 2
+
+
+def test_iterate_delivers_a_ctrl_c_pressed_while_the_workers_start():
+    from timm_dropres.training.data import iterate
+    assert list(_StartingLoader()) == [1, 2]  # plain iteration: the Ctrl-C is gone
+    with pytest.raises(KeyboardInterrupt):
+        list(iterate(_StartingLoader()))
+    assert list(iterate([3, 4])) == [3, 4] and list(iterate(torch.utils.data.DataLoader(range(3)))) == [
+        torch.tensor([0]), torch.tensor([1]), torch.tensor([2])]

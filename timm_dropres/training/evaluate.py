@@ -24,7 +24,7 @@ from ..files import write_json_atomic
 from ..models.reference import ModelRef
 from .build import check_model, in_chans_of
 from .config import OptionError, ValidateConfig
-from .data import DataError, TransformedDataset, eval_loader, resolve_data, resolve_transforms
+from .data import DataError, TransformedDataset, eval_loader, iterate, resolve_data, resolve_transforms
 from .runs import model_load_error
 
 __all__ = ['EvalResult', 'evaluate', 'ValidateConfig', 'resolve_validate_model', 'validate', 'format_results']
@@ -79,7 +79,7 @@ def evaluate(
     losses, c1s, c5s, tgts = [], [], [], []
     # autocast explicitly: an EMA copy is not wrapped by accelerator.prepare
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
-    for images, targets in loader:
+    for images, targets in iterate(loader):  # a Ctrl-C while its workers fork is not lost
         if accelerator is None:
             device = next(model.parameters()).device
             images, targets = images.to(device), targets.to(device)

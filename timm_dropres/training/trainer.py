@@ -60,6 +60,7 @@ from .data import (
     create_mixup,
     data_signature,
     eval_loader,
+    iterate,
     resolve_data,
     resolve_transforms,
     train_loader,
@@ -436,7 +437,7 @@ class _Trainer:
         ckpt_time = 0.0
         imgs = 0
         stopped = False
-        for images, targets in loader:
+        for images, targets in iterate(loader):  # a Ctrl-C while its workers fork is not lost
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with acc.accumulate(self.model):

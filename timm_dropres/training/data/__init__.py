@@ -40,13 +40,13 @@ from .dataset_factory import (
     resolve_data,
     subset,
 )
-from .loader import eval_loader, train_loader
+from .loader import eval_loader, iterate, train_loader
 from .signature import data_signature
 from .transforms_factory import channel_stats, create_mixup, resolve_transforms
 
 __all__ = [
     'DataBundle', 'DataError', 'ImageFiles', 'EpochSeededDataset', 'TransformedDataset', 'EpochSeededSampler',
     'TensorImageDataset', 'FMNIST_NAMES', 'TIMM_PREFIXES', 'VAL_FOLDERS', 'TRAIN_FOLDERS', 'resolve_data', 'subset',
-    'resolve_transforms', 'create_mixup', 'train_loader', 'eval_loader', 'dataset_kind', 'image_folder_classes',
-    'scan_images', 'data_signature', 'channel_stats',
+    'resolve_transforms', 'create_mixup', 'train_loader', 'eval_loader', 'iterate', 'dataset_kind',
+    'image_folder_classes', 'scan_images', 'data_signature', 'channel_stats',
 ]

@@ -1,7 +1,9 @@
 """Train and eval ``DataLoader``s: epoch-seeded order for training, plain order for evaluation."""
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+import signal
+import threading
+from typing import Any, Dict, Iterable, Iterator, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -58,3 +60,40 @@ def eval_loader(ds: Dataset, batch_size: int, *, num_workers: int, pin_memory: b
     return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False,
                       generator=torch.Generator().manual_seed(0), **_loader_kwargs(num_workers, pin_memory))
 
+
+
+
+def iterate(loader: Iterable[Any]) -> Iterator[Any]:
+    """Iterate ``loader`` with Ctrl-C held back while it starts its worker processes.
+
+    A loader with workers forks them when iteration starts: at ``iter()`` for a ``DataLoader``, at the first
+    ``next()`` for accelerate's prepared loaders (their ``__iter__`` is a generator). Python runs its at-fork
+    callbacks then (logging's lock release among them), and a ``KeyboardInterrupt`` raised inside such a
+    callback is printed as "Exception ignored" and lost: the run would go on as if Ctrl-C had never been
+    pressed. With SIGINT blocked in the main thread until the first batch is there, a Ctrl-C pressed then is
+    delivered right after. (The workers inherit the blocked signal; the main process stops them, as it does
+    anyway.)
+
+    Args:
+        loader: a ``DataLoader`` or a loader prepared by accelerate.
+
+    Yields:
+        The loader's batches.
+    """
+    if (not getattr(loader, 'num_workers', 0) or threading.current_thread() is not threading.main_thread()
+            or not hasattr(signal, 'pthread_sigmask')):
+        yield from loader
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        it = iter(loader)
+        first = next(it, _END)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    if first is _END:
+        return
+    yield first
+    yield from it
+
+
+_END = object()
