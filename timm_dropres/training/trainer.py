@@ -1,11 +1,10 @@
 """Fine-tune any timm model (dropres or not) with accelerate: one process to many, resumable, observable.
 
-``finetune(FinetuneConfig(...))`` is the whole trainer; ``dropres-finetune`` and ``scripts/finetune.py``
-only parse flags into the config. Everything that exists in the ecosystem is used as is: timm builds
-the model, transforms, Mixup, optimizer, scheduler and EMA; accelerate handles devices, DDP/FSDP,
-mixed precision, gradient accumulation, metric gathering, trackers and the optimizer/scaler/RNG part
-of checkpoints. Written here: the loop, atomic rotated checkpoint folders, the resume bookkeeping
-(epoch, data position, EMA, history; JSON + safetensors, never pickle), and the outputs.
+``finetune(FinetuneConfig(...))`` is the whole trainer; ``dropres-finetune`` and ``scripts/finetune.py`` only parse
+flags into the config. What the ecosystem has is used as is: timm builds the model, transforms, Mixup, optimizer,
+scheduler and EMA; accelerate handles devices, DDP/FSDP, mixed precision, gradient accumulation, metric gathering,
+trackers and the optimizer/scaler/RNG part of checkpoints. Written here: the loop, atomic rotated checkpoint folders,
+the resume bookkeeping (epoch, data position, EMA, history; JSON + safetensors, never pickle), and the outputs.
 """
 from __future__ import annotations
 
