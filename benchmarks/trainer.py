@@ -80,8 +80,7 @@ def run_trainer(args: argparse.Namespace, arch: str, bs: int, cl: bool, x: torch
                       label_names=[f'c{i}' for i in range(NUM_CLASSES)], in_chans=3,
                       description='in-memory tensors', preprocessed=True)
     cfg = FinetuneConfig(model=arch + '_dropres', drop_rate=HEAD_RATE, res_drop_rate=args.res_drop_rate, dataset='',
-                         epochs=1,
-                         batch_size=bs, warmup_epochs=0,
+                         epochs=1, batch_size=bs, warmup_epochs=0,
                          smoothing=SMOOTHING, mixed_precision=MIXED[args.dtype], channels_last=cl,
                          cpu=args.device == 'cpu', num_workers=args.num_workers, output_dir=str(workdir),
                          overwrite=True, progress=False, img_size=args.img_size, seed=0)

@@ -437,10 +437,10 @@ def run_study(spec: StudySpec, *, workers: int = 1, resume: bool = False, thread
     if workers < 1:
         raise StudyError(f'--workers must be >= 1, got {workers}')
     todo, done = pending_runs(spec, only_arch)
-    check_runs(spec, todo)
     if done and not resume:
         raise StudyError(f'{spec.resolved_out_dir() / "records"} already holds {len(done)} of this study\'s records; '
                          'pass --resume to run the rest (finished runs are not re-run)')
+    check_runs(spec, todo)
     result = StudyResult([], skipped=[r.key for r in done])
     log(f'study {spec.name}: {len(todo)} runs to go, {len(done)} recorded; {workers} worker(s)')
     weights: Dict[str, Optional[Path]] = {}

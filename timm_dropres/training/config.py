@@ -75,7 +75,6 @@ def check_numbers(cfg: Any, *, non_negative: Sequence[str] = (), positive: Seque
                 raise OptionError('{0} must be {want}, got {value}', name, want=want, value=value)
 
 
-
 def _check_optimizer(name: str) -> None:
     """``name`` is an optimizer ``timm.optim.create_optimizer_v2`` knows (a ``lookahead_`` prefix allowed)."""
     import difflib
@@ -90,6 +89,7 @@ def _check_optimizer(name: str) -> None:
         raise OptionError('{0} must be one of timm\'s {count} optimizers (timm.optim.list_optimizers()), '
                           'got {value}{hint}', 'opt', count=len(known), value=name,
                           hint=f'; did you mean {" or ".join(close)}?' if close else '')
+
 
 @dataclass
 class FinetuneConfig:

@@ -61,6 +61,7 @@ def eval_loader(ds: Dataset, batch_size: int, *, num_workers: int, pin_memory: b
                       generator=torch.Generator().manual_seed(0), **_loader_kwargs(num_workers, pin_memory))
 
 
+_END = object()  # iterate(): an empty loader's first next()
 
 
 def iterate(loader: Iterable[Any]) -> Iterator[Any]:
@@ -94,6 +95,3 @@ def iterate(loader: Iterable[Any]) -> Iterator[Any]:
         return
     yield first
     yield from it
-
-
-_END = object()
