@@ -6,10 +6,13 @@ kernel of every ``ResidualDropout`` in ``<arch>_dropres`` (by re-typing the modu
 and measures each variant against the same base model, interleaved, in one run:
 
 * ``current``: what the package runs by default (``set_dropout_kernel('auto')``): on CPU at p <= 0.125 the
-  dropped positions drawn as geometric gaps, one scaling pass each way, int32 positions kept for backward;
-  above, a uint8 mask from 16-bit uniforms (``timm_dropres.models.layers._cpu_dropout``); in train mode the
-  post-activation blocks fuse it with the residual addition (``residual_dropout_add``). On CUDA the Triton
-  kernels that keep no mask (``timm_dropres.models.triton_dropout``), fused with the addition and ReLU.
+  dropped positions drawn as geometric gaps and applied inside one compiled pass each way
+  (``timm_dropres.models.cpu_kernel``), int32 positions kept for backward; above, a uint8 mask from 16-bit
+  uniforms (``timm_dropres.models.layers._cpu_dropout``); in train mode the post-activation blocks fuse it
+  with the residual addition and ReLU (``residual_dropout_add``). On CUDA the Triton kernels that keep no
+  mask (``timm_dropres.models.triton_dropout``), fused with the addition and ReLU.
+* ``ops``: ``set_dropout_kernel('ops')``: the same, with nothing compiled: the CPU passes made of ATen ops (a
+  scaling pass and a scatter each way; the ReLU and its backward as passes of their own).
 * ``unfused``: the same module with ``set_dropout_kernel('unfused')``: the op before issue 22 (the CPU kernel
   without the addition; ``torch.native_dropout`` on CUDA), the addition and ReLU as separate ops.
 * ``positions`` / ``mask``: the package's position kernel / uint8 mask kernel at any rate, to place the
@@ -149,15 +152,20 @@ class MaskDropout(_ForcedKernel):
 
 
 VARIANTS: dict[str, type[ResidualDropout]] = {
-    'current': ResidualDropout, 'unfused': ResidualDropout, 'positions': PositionsDropout, 'mask': MaskDropout,
+    'current': ResidualDropout, 'ops': ResidualDropout, 'unfused': ResidualDropout, 'positions': PositionsDropout,
+    'mask': MaskDropout,
     'mask16_bool': Mask16BoolDropout, 'f_dropout': FDropout,
     'rand_ge': RandGeDropout, 'native': NativeDropout, 'rand_bool': RandBoolDropout}
 
 
+#: The variants ``--tails`` can time (those that differ in what ``residual_dropout_add`` runs).
+TAIL_VARIANTS = ('current', 'ops', 'unfused')
+
+
 def kernel_of(variant: str) -> str:
-    """The ``set_dropout_kernel`` choice a variant runs under: the default for ``current``, else ``unfused``
-    (the blocks then call each module's own ``forward`` instead of the fused dropout + addition)."""
-    return 'auto' if variant == 'current' else 'unfused'
+    """The ``set_dropout_kernel`` choice a variant runs under: the default for ``current``, ``ops`` for ``ops``,
+    else ``unfused`` (the blocks then call each module's own ``forward`` instead of the fused dropout + addition)."""
+    return {'current': 'auto', 'ops': 'ops'}.get(variant, 'unfused')
 
 
 def under_kernel(kernel: str, fn):
@@ -292,9 +300,9 @@ def tails(args: argparse.Namespace) -> tuple[str, list[dict]]:
     tails' time) / the base step, all interleaved: what the dropout adds to what the base runs anyway.
     """
     device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
-    variants = [v for v in args.variants if v in ('current', 'unfused')]
+    variants = [v for v in args.variants if v in TAIL_VARIANTS]
     if not variants:
-        raise SystemExit('--tails compares the variants current and unfused; pass at least one of them')
+        raise SystemExit(f'--tails compares the variants {", ".join(TAIL_VARIANTS)}; pass at least one of them')
     rows, records = [], []
     for arch in args.archs:
         for cl in C.layouts(args.channels_last):

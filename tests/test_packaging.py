@@ -47,13 +47,14 @@ def test_wheel_and_sdist_carry_recipes_registry_and_license(dist):
         meta = whl.read(next(n for n in names if n.endswith('.dist-info/METADATA'))).decode()
         entry_points = whl.read(next(n for n in names if n.endswith('.dist-info/entry_points.txt'))).decode()
     assert recipes <= names and 'timm_dropres/models/published.json' in names
+    assert 'timm_dropres/models/csrc/dropout_cpu.cpp' in names  # compiled on first use by the installed package
     assert any(n.endswith('.dist-info/licenses/LICENSE') for n in names)
     assert 'License-Expression: Apache-2.0' in meta and 'License-File: LICENSE' in meta
     assert 'dropres-timm = timm_dropres.launch:main' in entry_points
     with tarfile.open(dist['sdist']) as sdist:
         top = sdist.getnames()[0].split('/')[0]
         snames = {n.removeprefix(f'{top}/') for n in sdist.getnames()}
-    assert recipes <= snames and 'LICENSE' in snames
+    assert recipes <= snames and 'LICENSE' in snames and 'timm_dropres/models/csrc/dropout_cpu.cpp' in snames
 
 
 @pytest.fixture(scope='module')
@@ -100,6 +101,11 @@ def test_installed_cli_finds_a_shipped_recipe(venv, tmp_path):
     where = subprocess.run([str(venv['python']), '-c', 'import timm_dropres; print(timm_dropres.__file__)'],
                            cwd=tmp_path, env=_env(), capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(venv['python'].parents[1]))  # the installed wheel, not the checkout
+    # the CPU dropout kernel builds (or loads from the cache) from the wheel's own copy of the source
+    kernel = subprocess.run([str(venv['python']), '-c', 'from timm_dropres.models import cpu_kernel as k; '
+                             'print(k.SOURCE); print(k.build_error())'],
+                            cwd=tmp_path, env=_env(), capture_output=True, text=True, check=True).stdout.splitlines()
+    assert kernel[0].startswith(str(venv['python'].parents[1])) and kernel[1] == 'None', kernel
 
 
 def test_installed_launcher_runs_a_script(venv, tmp_path):

@@ -9,12 +9,11 @@ import timm
 import torch
 
 import timm_dropres
-from timm_dropres.models import layers
+from timm_dropres.models import cpu_dropout, layers
+from timm_dropres.models.cpu_dropout import _ApplyDrop, _memory_order
 from timm_dropres.models.layers import (
     POSITION_KERNEL_MAX_P,
     ResidualDropout,
-    _ApplyDrop,
-    _memory_order,
     check_position,
     check_rate,
     drop_positions,
@@ -141,11 +140,13 @@ def test_kernel_is_a_fixed_linear_map_with_double_backward(p):
 
 @pytest.mark.parametrize('p', [0.01, 0.05, 0.1, POSITION_KERNEL_MAX_P])
 def test_position_kernel_realised_rate_is_exact(p, one_torch_thread):
-    """Exact, not sampled: push every float32 uniform torch.rand can return through the kernel's
+    """Exact, not sampled: push every float32 uniform ``uniforms`` (and torch.rand) can return through the kernel's
     inverse CDF. The mean gap E[G] over all 2**24 of them is the expectation for the code as it runs,
     and the long-run drop rate of the gap process is 1 / E[G]. It is within 1e-6 * p of p (well inside the
     1e-4 target), so E[y] / x = (1 - rate) / (1 - p) is 1 to within float32 epsilon (1.2e-7)."""
-    assert torch.equal(torch.rand(1000) * 2 ** 24 % 1, torch.zeros(1000))  # rand is on the 2**-24 grid
+    u = cpu_dropout.uniforms(1 << 16)  # on the 2**-24 grid, as torch.rand, and using all 24 bits
+    assert torch.equal(u * 2 ** 24 % 1, torch.zeros_like(u)) and 0 <= u.min() < 1e-3 and 1 - 1e-3 < u.max() < 1
+    assert (u * 2 ** 24).long().bitwise_and(1).float().mean().sub(0.5).abs() < 0.01  # the lowest bit is used
     grid = torch.arange(2 ** 24, dtype=torch.float64).div_(2 ** 24).float()
     mean_gap = geometric_gaps(grid, p).double().mean().item()
     rate = 1.0 / mean_gap
@@ -210,7 +211,7 @@ def test_positions_saved_as_int32_unless_too_many(monkeypatch):
     g = torch.randn_like(x)
     grads, dtypes = [], []
     for limit in (x.numel() - 1, x.numel() - 2):  # the largest position just fits / just does not
-        monkeypatch.setattr(layers, '_INT32_MAX', limit)
+        monkeypatch.setattr(cpu_dropout, '_INT32_MAX', limit)
         with torch.autograd.graph.saved_tensors_hooks(lambda t: dtypes.append(t.dtype) or t, lambda t: t):
             torch.manual_seed(3)
             y = ResidualDropout(0.1).train()(x)
@@ -254,9 +255,16 @@ def test_check_dropout_args_lists_every_bad_argument():
 # the residual addition fused with the CPU kernel (issue 22)
 # ---------------------------------------------------------------------------------------------------------
 
+@pytest.fixture(params=['ops', 'cpp'])
+def cpu_kernel_choice(request):
+    """The fused CPU kernel made of ATen ops, and the compiled one (tests/models/test_cpu_kernel.py)."""
+    with layers.dropout_kernel(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize('p', [0.05, 0.3])  # position kernel, mask kernel
 @pytest.mark.parametrize('fmt', [torch.contiguous_format, torch.channels_last])
-def test_cpu_dropout_add_equals_dropout_then_add_at_equal_masks(p, fmt):
+def test_cpu_dropout_add_equals_dropout_then_add_at_equal_masks(p, fmt, cpu_kernel_choice):
     """Same RNG state -> same drops as ``_cpu_dropout``; output and both gradients as the separate ops."""
     x = torch.randn(3, 8, 7, 5).contiguous(memory_format=fmt).requires_grad_()
     s = torch.randn(3, 8, 7, 5).contiguous(memory_format=fmt).requires_grad_()
@@ -276,20 +284,20 @@ def test_cpu_dropout_add_equals_dropout_then_add_at_equal_masks(p, fmt):
 
 
 @pytest.mark.parametrize('p', [0.05, 0.5])
-def test_fused_cpu_op_is_a_fixed_linear_map_with_double_backward(p):
+def test_fused_cpu_op_is_a_fixed_linear_map_with_double_backward(p, cpu_kernel_choice):
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     s = torch.randn_like(x)
     order = _memory_order(x)
     mask = (torch.rand(2, 4, 5, 3) > p).to(torch.uint8)
     drop = drop_positions(x.numel(), 0.3) if p <= POSITION_KERNEL_MAX_P else mask
-    fn = lambda a, b: layers._ApplyDropAdd.apply(a, b, drop, 1.25, order)  # noqa: E731
+    fn = lambda a, b: cpu_dropout._ApplyDropAdd.apply(a, b, drop, 1.25, order)  # noqa: E731
     args = (x.requires_grad_(), s.requires_grad_())
     assert torch.autograd.gradcheck(fn, args) and torch.autograd.gradgradcheck(fn, args)
 
 
 @pytest.mark.parametrize('p', [0.05, 0.3])
 @pytest.mark.parametrize('fmt', [torch.contiguous_format, torch.channels_last])
-def test_fused_cpu_op_in_place_writes_into_the_branch(p, fmt):
+def test_fused_cpu_op_in_place_writes_into_the_branch(p, fmt, cpu_kernel_choice):
     """inplace=True (what the blocks pass, as their own ``x += shortcut``): the branch's memory holds the
     result, the values and gradients are those of the new-tensor op (which adds first and copies the
     shortcut back at the drops, where in place zeroes the branch there first), and a saved branch is caught."""
@@ -322,7 +330,7 @@ def test_fused_cpu_op_in_place_writes_into_the_branch(p, fmt):
     assert same.data_ptr() != y.data_ptr() and torch.equal(same, layers._cpu_dropout_add(y, y.clone(), p))
 
 
-def test_fused_cpu_op_saves_only_the_drops():
+def test_fused_cpu_op_saves_only_the_drops(cpu_kernel_choice):
     x = torch.randn(8, 32, 16, 16, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -359,16 +367,18 @@ def test_fuse_with_add_only_in_train_mode_with_autograd():
     lambda: timm_dropres.convert(
         __import__('torchvision').models.resnet50(num_classes=3, width_per_group=8), res_drop_rate=0.2),
 ], ids=['timm_basic', 'timm_test_resnet', 'torchvision_bottleneck'])
-def test_fused_blocks_train_like_the_separate_ops(build, one_torch_thread, monkeypatch):
+@pytest.mark.parametrize('fused', ['ops', 'auto'])
+def test_fused_blocks_train_like_the_separate_ops(build, fused, one_torch_thread, monkeypatch):
     """A train step with the fused dropout + addition (+ ReLU) equals the unfused blocks at the same seed,
-    up to the rounding of the fused addition; eval outputs are bit-identical and never fuse."""
+    up to the rounding of the fused addition (bit for bit with the compiled kernel, which 'auto' runs here:
+    test_cpu_kernel.py); eval outputs are bit-identical and never fuse."""
     model = build().train()
     x = torch.randn(2, 3, 32, 32)
     calls = []
     real = layers._cpu_dropout_add
     monkeypatch.setattr(layers, '_cpu_dropout_add', lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = []
-    for kernel in ('auto', 'unfused'):
+    for kernel in (fused, 'unfused'):
         model.zero_grad()
         torch.manual_seed(4)
         with layers.dropout_kernel(kernel):
@@ -376,7 +386,7 @@ def test_fused_blocks_train_like_the_separate_ops(build, one_torch_thread, monke
             out.square().sum().backward()
         runs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
         blocks = len(list(timm_dropres.residual_blocks(model)))
-        assert len(calls) == blocks  # every block fused with 'auto', none more with 'unfused'
+        assert len(calls) == blocks  # every block fused, none more with 'unfused'
     (out_a, grads_a), (out_b, grads_b) = runs
     torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
     for a, b in zip(grads_a, grads_b, strict=True):

@@ -23,7 +23,7 @@ import timm
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from timm_dropres.models import layers
+from timm_dropres.models import cpu_dropout, layers
 
 HAS_TRITON = importlib.util.find_spec('triton') is not None
 INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
@@ -73,7 +73,7 @@ def _rate_threshold(p: float) -> tuple[int, float]:
 
 def in_memory_order(flat: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """A tensor shaped like ``like`` whose elements in ``like``'s memory order are ``flat``."""
-    order = layers._memory_order(like)
+    order = cpu_dropout._memory_order(like)
     t = torch.from_numpy(flat).view([like.shape[d] for d in order])
     return t.permute([order.index(d) for d in range(like.dim())])
 
@@ -130,10 +130,12 @@ def test_automatic_choice_and_forcing():
     x = torch.randn(2, 4, 3, 3)
     assert layers.get_dropout_kernel() == 'auto'
     assert not layers._use_triton(x, x)  # CPU tensor: the CPU kernel
-    with layers.dropout_kernel('unfused'):
-        assert layers.get_dropout_kernel() == 'unfused' and not layers._use_triton(x, x)
+    for kernel in ('unfused', 'ops', 'cpp'):
+        with layers.dropout_kernel(kernel):
+            assert layers.get_dropout_kernel() == kernel and not layers._use_triton(x, x)
     assert layers.get_dropout_kernel() == 'auto'
-    with pytest.raises(ValueError, match=r"dropout kernel must be one of \['auto', 'unfused', 'triton'\], got 'cuda'"):
+    choices = r"\['auto', 'unfused', 'ops', 'cpp', 'triton'\]"
+    with pytest.raises(ValueError, match=rf"dropout kernel must be one of {choices}, got 'cuda'"):
         layers.set_dropout_kernel('cuda')
     if not INTERPRETED:
         with layers.dropout_kernel('triton'), pytest.raises(RuntimeError, match='"triton" was forced but cannot run'):
@@ -144,7 +146,8 @@ def test_bad_environment_variable_is_refused_at_import():
     env = dict(os.environ, TIMM_DROPRES_DROPOUT_KERNEL='fast')
     res = subprocess.run([sys.executable, '-c', 'import timm_dropres'], env=env, capture_output=True, text=True)
     assert res.returncode != 0
-    assert "TIMM_DROPRES_DROPOUT_KERNEL must be one of ['auto', 'unfused', 'triton'], got 'fast'" in res.stderr
+    assert ("TIMM_DROPRES_DROPOUT_KERNEL must be one of ['auto', 'unfused', 'ops', 'cpp', 'triton'], got 'fast'"
+            in res.stderr)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason='needs Triton importable')
@@ -218,9 +221,9 @@ def test_forward_and_gradients_equal_the_formula_and_the_current_op(fmt, with_sh
         return out.relu() if relu else out
 
     def current(x_, s_):
-        order = layers._memory_order(x_)
+        order = cpu_dropout._memory_order(x_)
         mask = keep.permute(order).contiguous().to(torch.uint8)
-        out = layers._ApplyDrop.apply(x_, mask, scale, order)
+        out = cpu_dropout._ApplyDrop.apply(x_, mask, scale, order)
         out = out + s_ if s_ is not None else out
         return out.relu() if relu else out
 

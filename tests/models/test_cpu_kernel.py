@@ -1,0 +1,193 @@
+"""The compiled CPU kernel (``cpu_kernel``): it builds here, and it changes no number.
+
+At equal drops the compiled passes give what the separate ATen ops give (``set_dropout_kernel('unfused')``) bit
+for bit: forward and both gradients, every dtype, both layouts, with and without the folded ReLU, in place or
+not, on one thread or several, and whole models over a train step.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import timm
+import torch
+
+import timm_dropres
+from timm_dropres.models import cpu_dropout, cpu_kernel, layers
+from timm_dropres.models.cpu_dropout import _memory_order, drop_positions
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+def test_kernel_builds_here():
+    """CI installs g++ and ninja, so the path users get by default is the one under test."""
+    assert cpu_kernel.build_error() is None and cpu_kernel.available()
+    assert hasattr(torch.ops.timm_dropres_cpu, 'drop_add')
+
+
+def test_build_name_tracks_source_flags_torch_and_cpu(tmp_path, monkeypatch):
+    name = cpu_kernel._extension_name()
+    assert name.startswith(f'timm_dropres_cpu_{torch.backends.cpu.get_cpu_capability().lower()}_')
+    copy = tmp_path / 'dropout_cpu.cpp'
+    copy.write_bytes(cpu_kernel.SOURCE.read_bytes() + b'\n// changed\n')
+    monkeypatch.setattr(cpu_kernel, 'SOURCE', copy)
+    assert cpu_kernel._extension_name() != name
+    monkeypatch.setattr(cpu_kernel, 'SOURCE', cpu_kernel.SOURCE)
+    monkeypatch.setattr(torch, '__version__', torch.__version__ + '+other')
+    assert cpu_kernel._extension_name() != name
+
+
+def _fused_step(kernel: str, x0, s0, g, p, relu, inplace):
+    x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+    branch = x * 1.0  # a non-leaf, as a BN output: in place may write into it
+    torch.manual_seed(11)
+    with layers.dropout_kernel(kernel):
+        out = layers.residual_dropout_add(branch, s, p, True, relu, inplace=inplace)
+        out.backward(g)
+    return out.detach(), x.grad, s.grad
+
+
+def _equal(a, b) -> bool:
+    return all(torch.equal(u, v) or (u.isnan() == v.isnan()).all() and torch.equal(u.nan_to_num(), v.nan_to_num())
+               for u, v in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('fmt', FORMATS)
+@pytest.mark.parametrize('relu', [False, True])
+@pytest.mark.parametrize('inplace', [False, True])
+def test_drop_add_equals_the_separate_ops_bit_for_bit(dtype, fmt, relu, inplace):
+    x0 = torch.randn(4, 8, 9, 7).to(dtype)
+    x0.view(-1)[::5] = float('inf')  # a dropped inf leaves exactly the shortcut (as the separate ops' zero fill)
+    s0 = torch.randn(4, 8, 9, 7).to(dtype)
+    s0.view(-1)[::7] = float('nan')  # NaN passes the ReLU and its gradient, as torch.relu / threshold_backward
+    x0, s0 = x0.contiguous(memory_format=fmt), s0.contiguous(memory_format=fmt)
+    g = torch.randn(4, 8, 9, 7).to(dtype).contiguous(memory_format=fmt)
+    compiled = _fused_step('cpp', x0, s0, g, 0.1, relu, inplace)
+    separate = _fused_step('unfused', x0, s0, g, 0.1, relu, inplace)
+    assert compiled[0].stride() == x0.stride() and _equal(compiled, separate)
+    assert compiled[0].isinf().any() and compiled[0].isnan().any()
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_single_dropout_equals_the_separate_ops_bit_for_bit(dtype, fmt):
+    x0 = torch.randn(4, 8, 9, 7).to(dtype).contiguous(memory_format=fmt)
+    g = torch.randn_like(x0)
+    runs = []
+    for kernel in ('cpp', 'unfused'):
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(5)
+        with layers.dropout_kernel(kernel):
+            y = layers.residual_dropout(x, 0.1, True)
+            y.backward(g)
+        runs.append((y.detach(), x.grad))
+    assert runs[0][0].stride() == x0.stride() and _equal(*runs)
+
+
+def test_several_threads_give_the_one_thread_result():
+    """Large enough for at::parallel_for to split the chunks between threads (grain: 8 chunks of 4096)."""
+    x0, s0 = torch.randn(2, 64, 40, 40), torch.randn(2, 64, 40, 40)
+    g = torch.randn(2, 64, 40, 40)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _fused_step('cpp', x0, s0, g, 0.1, True, True)
+        torch.set_num_threads(2)
+        two = _fused_step('cpp', x0, s0, g, 0.1, True, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert _equal(one, two)
+
+
+def test_gradient_in_another_layout():
+    """autograd may hand backward a gradient laid out otherwise than the output: it is copied into order."""
+    x0, s0 = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    g = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert _equal(_fused_step('cpp', x0, s0, g, 0.1, True, True), _fused_step('unfused', x0, s0, g, 0.1, True, True))
+
+
+@pytest.mark.parametrize('relu', [False, True])
+def test_fused_op_with_relu_has_gradients_and_double_backward(relu):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    s = torch.randn_like(x)
+    order = _memory_order(x)
+    drop = drop_positions(x.numel(), 0.3)
+    with layers.dropout_kernel('cpp'):
+        fn = lambda a, b: cpu_dropout._ApplyDropAdd.apply(a * 1.0, b, drop, 1.25, order, True, relu)  # noqa: E731
+        args = (x.requires_grad_(), s.requires_grad_())
+        assert torch.autograd.gradcheck(fn, args) and torch.autograd.gradgradcheck(fn, args)
+
+
+def test_fused_block_saves_the_drops_and_its_output_only():
+    """What autograd keeps: int32 positions (0.4 bytes per element at p = 0.1) and, with the ReLU folded in,
+    the block's output, which the ReLU saved on its own before (and the next block's input besides)."""
+    x = torch.randn(8, 32, 16, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+            layers.dropout_kernel('cpp'):
+        out = layers.residual_dropout_add(x * 1.0, torch.randn_like(x), 0.1, True, True, inplace=True)
+    drops, output = saved
+    assert drops.dtype == torch.int32 and drops.numel() <= 0.12 * x.numel()
+    assert output.data_ptr() == out.data_ptr()
+
+
+def test_kernel_rejects_mismatched_arguments():
+    x, s = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    pos = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match='strides differ'):
+        cpu_kernel.drop_add(x, s.contiguous(memory_format=torch.channels_last), pos, 1.1, False, x)
+    with pytest.raises(RuntimeError, match=r'positions must lie in \[0, 72\), got \[0, 72\]'):
+        cpu_kernel.drop_add(x, s, torch.tensor([0, 72]), 1.1, False, x)
+    with pytest.raises(RuntimeError, match='must not share memory with shortcut'):
+        cpu_kernel.drop_add(x, s, pos, 1.1, False, s)
+    with pytest.raises(RuntimeError, match='dtypes differ'):
+        cpu_kernel.drop_scale(x, pos, 1.1, torch.empty_like(x, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match='int32 or int64'):
+        cpu_kernel.drop_scale(x, pos.float(), 1.1, torch.empty_like(x))
+
+
+@pytest.mark.parametrize('build', [
+    lambda: timm.create_model('test_resnet_dropres', num_classes=3, drop_rate=0.1, res_drop_rate=0.1),
+    lambda: timm.create_model('resnet18_dropres', num_classes=3, res_drop_rate=0.1, channels=(8, 8, 8, 8),
+                              stem_width=8),
+    lambda: timm.create_model('resnetv2_50_dropres', num_classes=3, res_drop_rate=0.1, layers=(1, 1, 1, 1)),
+    lambda: timm_dropres.convert(
+        __import__('torchvision').models.resnet50(num_classes=3, width_per_group=8), res_drop_rate=0.1),
+], ids=['timm_bottleneck', 'timm_basic', 'timm_preact', 'torchvision_bottleneck'])
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_train_step_equals_the_separate_ops_bit_for_bit(build, fmt, one_torch_thread):
+    """A whole train step (forward, loss, every parameter's gradient) with the compiled kernel is the train
+    step of the separate ops at the same seed: the kernel changes speed, not a single number."""
+    model = build().train().to(memory_format=fmt)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=fmt)
+    runs = []
+    for kernel in ('cpp', 'unfused'):
+        model.zero_grad()
+        torch.manual_seed(4)
+        with layers.dropout_kernel(kernel):
+            out = model(x)
+            out.square().sum().backward()
+        runs.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert _equal(*runs)
+
+
+def test_forced_cpp_says_why_it_cannot_run_and_auto_falls_back(monkeypatch, caplog):
+    """Where the kernel cannot be built: 'cpp' raises with the reason; 'auto' logs it once and runs the
+    ATen-op kernel, which gives the compiled kernel's drops."""
+    x0, s0, g = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    compiled = _fused_step('cpp', x0, s0, g, 0.1, True, True)
+    monkeypatch.setattr(cpu_kernel, '_build', lambda: 'CalledProcessError: no C++ compiler')
+    monkeypatch.setattr(cpu_kernel, '_warned', False)
+    with pytest.raises(RuntimeError, match=r'"cpp"\) cannot be built: CalledProcessError: no C\+\+ compiler'):
+        _fused_step('cpp', x0, s0, g, 0.1, True, True)
+    with caplog.at_level(logging.WARNING, logger='timm_dropres.models.cpu_kernel'):
+        fallback = _fused_step('auto', x0, s0, g, 0.1, True, True)
+        again = _fused_step('auto', x0, s0, g, 0.1, True, True)
+    assert [r.getMessage().endswith('no C++ compiler') for r in caplog.records] == [True]  # logged once
+    ops = _fused_step('ops', x0, s0, g, 0.1, True, True)
+    assert _equal(fallback, ops) and _equal(again, ops)
+    dropped = compiled[1] == 0  # the same drops; values up to the ATen-op kernel's fused rounding
+    assert torch.equal(dropped, fallback[1] == 0)
+    torch.testing.assert_close(fallback[0], compiled[0], rtol=1e-6, atol=1e-6)
