@@ -14,7 +14,8 @@
 # previous op (dropout_impl.py: current vs unfused), and every figure also appends its records to a JSON
 # lines file, summarised at the end (benchmarks/gpu_summary.py) as docs/results/gpu/<UTC date>.json: per
 # arch and layout the eager and compiled step and peak-memory ratios, with the device and versions
-# (GPU_CHECK_JSON=path writes it elsewhere).
+# (GPU_CHECK_JSON=path writes it elsewhere). Compiled resnet50 runs twice: with inductor's native_dropout (the
+# default) and with the Triton kernels forced (TIMM_DROPRES_DROPOUT_KERNEL=triton), to choose between them.
 # Usage: [GPU_CHECK_BUDGET=N] [GPU_CHECK_JSON=path] bash benchmarks/gpu_check.sh [output.md]   (from the repo root)
 # Prints markdown; paste it into docs/benchmarks.md under "GPU" with the card's name (first line).
 set -euo pipefail
@@ -88,6 +89,10 @@ figures() {
   run 180 "${TRAIN[@]}" --channels-last yes --reps 5 --iters 3 --warmup 2 --compile --archs resnet50
   run 180 "${TRAIN[@]}" --channels-last yes --reps 5 --iters 3 --warmup 2 --compile --archs resnetv2_50
   run 240 "${TRAIN[@]}" --channels-last yes --reps 5 --iters 3 --warmup 2 --compile --archs resnext50_32x4d
+  # Issue 22: compiled with the Triton kernels as custom ops (no mask kept, but opaque to inductor's fusion)
+  # instead of native_dropout, which inductor fuses but whose mask it keeps: the JSON's "compiled (triton)"
+  TIMM_DROPRES_DROPOUT_KERNEL=triton run 180 "${TRAIN[@]}" --channels-last yes --reps 5 --iters 3 --warmup 2 \
+      --compile --archs resnet50
   # Figure 1: inference, eager (both layouts)
   run 60 benchmarks/inference.py --device cuda --dtype bfloat16 --channels-last both --img-size 224 \
       --batch-sizes 32 256 --reps 7 --iters 5 --warmup 3

@@ -45,7 +45,9 @@ def summarize(runs: list[dict[str, Any]], *, command: str = '', date: str | None
 
     Returns:
         ``{schema, date, command, environment, training, kernels, trainer, other}``; ``training`` maps
-        ``arch -> layout -> {'eager' | 'compiled' -> {step_ratio, memory_ratio, batch, ...}}``.
+        ``arch -> layout -> {mode -> {step_ratio, memory_ratio, batch, ...}}``, where ``mode`` is ``eager`` or
+        ``compiled``, followed by `` (<kernel>)`` when the run forced a dropout kernel other than ``auto``
+        (``TIMM_DROPRES_DROPOUT_KERNEL``), e.g. ``compiled (triton)``.
     """
     training: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     kernels: list[dict[str, Any]] = []
@@ -56,6 +58,8 @@ def summarize(runs: list[dict[str, Any]], *, command: str = '', date: str | None
         script, args = run['script'], run['args']
         if script == 'training':
             mode = 'compiled' if args.get('compile') else 'eager'
+            kernel = run.get('environment', {}).get('dropout_kernel', 'auto')
+            mode += '' if kernel == 'auto' else f' ({kernel})'
             for r in run['records']:
                 entry = training.setdefault(r['arch'], {}).setdefault(r['layout'], {}).setdefault(mode, {})
                 entry.update(dtype=args.get('dtype'), img_size=args.get('img_size'),

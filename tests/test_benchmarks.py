@@ -146,7 +146,7 @@ def test_gpu_check_script_is_valid_and_its_flags_parse():
     text = script.read_text().replace('\\\n', ' ')
     train = re.search(r'^TRAIN=\((.*)\)$', text, flags=re.M).group(1)  # the training command, shared
     text = text.replace('"${TRAIN[@]}"', train)
-    commands = re.findall(r'^\s*run \d+ benchmarks/(\w+)\.py(.*)$', text, flags=re.M)
+    commands = re.findall(r'^\s*(?:[A-Z_]+=\S+ )?run \d+ benchmarks/(\w+)\.py(.*)$', text, flags=re.M)
     modules = {m.__name__.rsplit('.', 1)[-1]: m
                for m in (inference, training, ceiling, trainer, compile_check, dropout_impl)}
     assert {name for name, _ in commands} == set(modules)
@@ -157,7 +157,10 @@ def test_gpu_check_script_is_valid_and_its_flags_parse():
         if name in ('training', 'ceiling', 'trainer', 'dropout_impl'):
             assert args.res_drop_rate > 0, (name, rest)  # the figures must time residual dropout
     compiled = [rest for name, rest in commands if name == 'training' and '--compile' in rest]
-    assert len(compiled) == 3 and any('resnext50_32x4d' in rest for rest in compiled)
+    assert len(compiled) == 4 and any('resnext50_32x4d' in rest for rest in compiled)
+    # compiled resnet50 once more with the Triton kernels forced as custom ops (issue 22)
+    assert re.search(r'^\s*TIMM_DROPRES_DROPOUT_KERNEL=triton run \d+ benchmarks/training\.py .*--compile '
+                     r'--archs resnet50$', text, flags=re.M)
     assert any(name == 'trainer' and '--num-workers 8' in rest and '--res-drop-rate 0.1' in rest
                for name, rest in commands)
     assert any(name == 'dropout_impl' and '--variants current unfused' in rest for name, rest in commands)
@@ -192,6 +195,12 @@ def test_json_lines_summarised_per_arch_layout_and_mode(tmp_path, capsys):
         assert step['lo'] <= step['median'] <= step['hi'] and mem > 0, entry
         assert entry[mode]['res_drop_rate'] == training.RES_DROP_RATE and entry[mode]['batch'] == 2
     assert [r['variant'] for r in summary['kernels'][0]['records']] == ['current', 'unfused']
+    forced = json.loads(json.dumps(compiled))  # gpu_check.sh's run under TIMM_DROPRES_DROPOUT_KERNEL=triton
+    forced['environment']['dropout_kernel'] = 'triton'
+    lines.write_text(lines.read_text() + json.dumps(forced) + '\n')
+    assert gpu_summary.main([str(lines), '--out', str(out)]) == 0
+    modes = json.loads(out.read_text())['training']['test_resnet']['contiguous']
+    assert set(modes) == {'eager', 'compiled', 'compiled (triton)'} and modes['compiled'] == entry['compiled']
     lines.write_text('not json\n')
     with pytest.raises(SystemExit):
         gpu_summary.main([str(lines), '--out', str(out)])

@@ -397,3 +397,71 @@ def test_model_checkpointing_replays_masks():
             model(x).square().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile with the kernel forced to 'triton': the kernels as custom ops
+# ---------------------------------------------------------------------------------------------------------
+
+@kernel
+@pytest.mark.parametrize('with_shortcut,relu', [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_seeded_ops_pass_opcheck(fmt, with_shortcut, relu):
+    """torch.library's own checks: schema, fake (meta) implementation, autograd registration, and that the
+    op runs the same under torch.compile's tracing."""
+    from timm_dropres.models.triton_dropout import draw_seed, seeded_dropout_add
+
+    x = torch.randn(2, 8, 5, 5, device=DEVICE).contiguous(memory_format=fmt).requires_grad_()
+    s = torch.randn(2, 8, 5, 5, device=DEVICE).contiguous(memory_format=fmt).requires_grad_() if with_shortcut \
+        else None
+    torch.library.opcheck(seeded_dropout_add, (x, s, draw_seed(x.device), 0.3, relu))
+
+
+@kernel
+def test_seeded_op_is_the_eager_kernel_at_equal_seeds():
+    from timm_dropres.models.triton_dropout import dropout_add, seeded_dropout_add
+
+    x = torch.randn(2, 8, 5, 5, device=DEVICE, requires_grad=True)
+    s = torch.randn(2, 8, 5, 5, device=DEVICE, requires_grad=True)
+    g = torch.randn(2, 8, 5, 5, device=DEVICE)
+    runs = []
+    for op in (lambda: seeded_dropout_add(x, s, torch.randint(0, 1 << 62, (1,), device=DEVICE), 0.3, True),
+               lambda: dropout_add(x, s, 0.3, True)):
+        torch.manual_seed(8)  # both draw their seed with the same call
+        out = op()
+        runs.append((out.detach(), *torch.autograd.grad(out, (x, s), g)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@kernel
+def test_compiled_model_calls_the_seeded_ops_in_one_graph():
+    """Forced 'triton' under torch.compile: one graph, no break, the custom op where native_dropout was, and the
+    compiled train step equals the eager one at the same seed (aot_eager: AOT autograd's forward and backward
+    graphs, run by the eager kernels). Under 'auto' the graph keeps native_dropout for inductor to fuse."""
+    model = timm.create_model('test_resnet_dropres', num_classes=3, res_drop_rate=0.2, drop_rate=0.1)
+    model = model.to(DEVICE).train()
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    codes = []
+
+    def capture(gm, example_inputs):
+        codes.append(gm.code)
+        return gm.forward
+
+    for kernel_name in ('triton', 'auto'):
+        torch._dynamo.reset()
+        with layers.dropout_kernel(kernel_name):
+            torch.compile(model, backend=capture)(x)
+    (forced, auto) = codes
+    assert forced.count('timm_dropres.seeded_dropout_add') == 5 and 'native_dropout' not in forced  # 4 blocks + head
+    assert 'seeded_dropout_add' not in auto and auto.count('torch.native_dropout(') == 5
+    grads = []
+    for compiled in (True, False):
+        torch._dynamo.reset()
+        model.zero_grad()
+        torch.manual_seed(3)
+        with layers.dropout_kernel('triton'):
+            run = torch.compile(model, backend='aot_eager') if compiled else model
+            out = run(x)
+            out.square().sum().backward()
+        grads.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))

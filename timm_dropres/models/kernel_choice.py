@@ -32,7 +32,11 @@ __all__ = ['DROPOUT_KERNELS', 'set_dropout_kernel', 'get_dropout_kernel', 'dropo
 #: ``torch.native_dropout`` on CUDA). ``cpp``: the compiled CPU kernel, an error if it cannot be built (other
 #: devices as under ``ops``).
 #: ``triton``: the Triton kernels wherever a tensor allows it, an error if Triton cannot be imported; on CPU
-#: tensors that needs ``TRITON_INTERPRET=1`` (Triton's interpreter, for testing).
+#: tensors that needs ``TRITON_INTERPRET=1`` (Triton's interpreter, for testing). Under ``torch.compile`` and
+#: ``torch.export`` only ``triton`` changes what runs: the kernels as custom ops
+#: (``triton_dropout.seeded_dropout_add``: no mask kept, but opaque to inductor's fusion) instead of
+#: ``native_dropout``, which inductor fuses with its neighbours and whose mask it keeps. Which of the two is
+#: faster on a GPU is for ``benchmarks/gpu_check.sh`` to measure, so ``auto`` keeps ``native_dropout`` there.
 DROPOUT_KERNELS: Final[tuple[str, ...]] = ('auto', 'unfused', 'ops', 'cpp', 'triton')
 _ENV_KERNEL = 'TIMM_DROPRES_DROPOUT_KERNEL'
 

@@ -189,13 +189,29 @@ def residual_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.
     """
     if not training or p == 0.0:
         return x
-    if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
-        if not torch.jit.is_tracing():  # torch.jit.trace would record a custom kernel's drops as constants
-            if _use_triton(x, None):
-                return _triton_dropout_add(x, None, p, False)
-            if x.device.type == 'cpu':
-                return _cpu_dropout(x, p)
+    if not torch.jit.is_scripting() and torch.compiler.is_compiling():
+        out = _compiled_triton(x, None, p, False)
+        if out is not None:
+            return out
+    elif not torch.jit.is_scripting() and not torch.jit.is_tracing():  # jit.trace: drops baked in as constants
+        if _use_triton(x, None):
+            return _triton_dropout_add(x, None, p, False)
+        if x.device.type == 'cpu':
+            return _cpu_dropout(x, p)
     return torch.native_dropout(x, p, True)[0]
+
+
+def _compiled_triton(x: torch.Tensor, shortcut: Optional[torch.Tensor], p: float, relu: bool
+                     ) -> Optional[torch.Tensor]:
+    """Under ``torch.compile`` / ``torch.export`` with the kernel forced to ``triton``: the Triton kernels as
+    custom ops (``triton_dropout.seeded_dropout_add``: no mask kept), or ``None`` (``native_dropout``, which
+    inductor fuses with its neighbours but whose mask it keeps; the default until a GPU measures the two)."""
+    if get_dropout_kernel() != 'triton':
+        return None
+    from . import triton_dropout
+    if not triton_dropout.usable(x, shortcut):
+        return None
+    return triton_dropout.seeded_dropout_add(x, shortcut, triton_dropout.draw_seed(x.device), p, relu)
 
 
 def _eager_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, relu: bool,
@@ -216,11 +232,12 @@ def residual_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, trai
 
     What the post-activation blocks call at ``after_last_bn`` when ``fuse_with_add`` says so (and no
     stochastic depth sits between the dropout and the addition). In eager mode, on CUDA, one Triton kernel
-    each way that keeps no mask (``triton_dropout``); on CPU the CPU kernel with the addition in its scaling
-    pass (``_cpu_dropout_add``; the ReLU runs in place after it, as the block's activation would). Under
-    ``torch.compile``, ``torch.export``, TorchScript and ``torch.jit.trace``, and for any pair a kernel
-    cannot take (other dtypes, layouts or devices, a shortcut with other strides), the separate ops, which
-    inductor fuses itself.
+    each way that keeps no mask (``triton_dropout``); on CPU one pass each way that also adds and applies the
+    ReLU (``_cpu_dropout_add``: the compiled ``cpu_kernel``, or its ATen-op version). Under ``torch.compile``
+    and ``torch.export`` the separate ops, which inductor fuses itself, or with the kernel forced to
+    ``triton`` the Triton kernels as custom ops (``_compiled_triton``). Under TorchScript and
+    ``torch.jit.trace``, and for any pair a kernel cannot take (other dtypes, layouts or devices, a shortcut
+    with other strides), the separate ops.
     Wrapped for ``torch.fx`` like ``residual_dropout``.
 
     Args:
@@ -236,10 +253,14 @@ def residual_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, trai
         A new tensor: ``relu(shortcut + dropout(x))`` or ``shortcut + dropout(x)``.
     """
     if training and p != 0.0 and not torch.jit.is_scripting():
-        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        if torch.compiler.is_compiling():
+            fused = _compiled_triton(x, shortcut, p, relu)
+        elif not torch.jit.is_tracing():
             fused = _eager_dropout_add(x, shortcut, p, relu, inplace)
-            if fused is not None:
-                return fused
+        else:
+            fused = None
+        if fused is not None:
+            return fused
     out = residual_dropout(x, p, training)
     # the dropout's output is a new tensor: add in place, as the blocks' separate ops do (never into x itself)
     out = out.add_(shortcut) if training and p != 0.0 else out + shortcut

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ['dropout_add', 'usable', 'keep_scale', 'rate_threshold', 'supported_dtype', 'SUPPORTED_DTYPES']
+__all__ = ['dropout_add', 'seeded_dropout_add', 'draw_seed', 'usable', 'keep_scale', 'rate_threshold',
+           'supported_dtype', 'SUPPORTED_DTYPES']
 
 #: Philox counters per program; each gives 4 uniforms, so a program covers ``4 * _BLOCK4`` elements.
 _BLOCK4 = 256
@@ -143,7 +144,7 @@ class _DropoutAdd(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, shortcut: Optional[torch.Tensor], p: float,  # type: ignore[override]
                 relu: bool, inplace: bool = False) -> torch.Tensor:
         threshold, scale = rate_threshold(p)
-        seed = torch.randint(0, 1 << 62, (1,), device=x.device, dtype=torch.int64)
+        seed = draw_seed(x.device)
         if inplace:  # each element is read, then written, by the same program: safe in place
             out = x
             ctx.mark_dirty(x)
@@ -174,6 +175,96 @@ class _DropoutAdd(torch.autograd.Function):
             _backward_kernel[_grid(grad.numel())](grad, out if ctx.relu else grad, gx, gs, seed, grad.numel(),
                                                   ctx.threshold, ctx.scale, RELU=ctx.relu, BLOCK4=_BLOCK4)
         return gx, gs if ctx.has_shortcut else None, None, None, None
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A 1-element int64 Philox seed from torch's generator of ``device`` (no host sync)."""
+    return torch.randint(0, 1 << 62, (1,), device=device, dtype=torch.int64)
+
+
+# ``torch.compile`` and ``torch.export`` cannot trace into a Triton launch made inside an autograd.Function
+# that draws its own seed, so for them the same kernels are custom ops: the seed is drawn outside (an input,
+# so a recomputed forward replays the mask) and the op is a pure function of its inputs. They never write in
+# place (a custom op may not return an alias of its input), and only the seed and, with ReLU, the output are
+# saved for backward.
+@torch.library.custom_op('timm_dropres::seeded_dropout_add', mutates_args=())
+def seeded_dropout_add(x: torch.Tensor, shortcut: Optional[torch.Tensor], seed: torch.Tensor, p: float,
+                       relu: bool) -> torch.Tensor:
+    """``relu?(shortcut? + x * keep * scale)`` with ``keep`` drawn from ``seed``: the custom op ``torch.compile``
+    calls (``layers.residual_dropout_add`` under the forced ``triton`` kernel).
+
+    Args:
+        x: the branch, dense, of a supported dtype, on a device Triton runs on.
+        shortcut: ``None``, or the tensor added to the dropped branch (``x``'s shape, dtype and strides).
+        seed: a 1-element int64 tensor on ``x``'s device (``draw_seed``).
+        p: drop probability in (0, 1).
+        relu: apply ReLU to the sum.
+
+    Returns:
+        A new tensor with ``x``'s shape and strides.
+    """
+    threshold, scale = rate_threshold(p)
+    out = torch.empty_like(x)
+    with _on(x):
+        _forward_kernel[_grid(x.numel())](x, x if shortcut is None else shortcut, out, seed, x.numel(), threshold,
+                                          scale, HAS_SHORTCUT=shortcut is not None, RELU=relu, BLOCK4=_BLOCK4)
+    return out
+
+
+@seeded_dropout_add.register_fake
+def _(x, shortcut, seed, p, relu):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op('timm_dropres::seeded_dropout_backward', mutates_args=())
+def _seeded_dropout_backward(grad: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    threshold, scale = rate_threshold(p)
+    grad_x = torch.empty_like(grad)
+    with _on(grad):
+        _backward_kernel[_grid(grad.numel())](grad, grad, grad_x, grad, seed, grad.numel(), threshold, scale,
+                                              RELU=False, BLOCK4=_BLOCK4)
+    return grad_x
+
+
+@_seeded_dropout_backward.register_fake
+def _(grad, seed, p):
+    return torch.empty_like(grad)
+
+
+@torch.library.custom_op('timm_dropres::seeded_dropout_relu_backward', mutates_args=())
+def _seeded_dropout_relu_backward(grad: torch.Tensor, out: torch.Tensor, seed: torch.Tensor,
+                                  p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    threshold, scale = rate_threshold(p)
+    grad_x, grad_shortcut = torch.empty_like(grad), torch.empty_like(grad)
+    with _on(grad):
+        _backward_kernel[_grid(grad.numel())](grad, out, grad_x, grad_shortcut, seed, grad.numel(), threshold,
+                                              scale, RELU=True, BLOCK4=_BLOCK4)
+    return grad_x, grad_shortcut
+
+
+@_seeded_dropout_relu_backward.register_fake
+def _(grad, out, seed, p):
+    return torch.empty_like(grad), torch.empty_like(grad)
+
+
+def _seeded_setup_context(ctx, inputs, output) -> None:
+    x, shortcut, seed, p, relu = inputs
+    ctx.save_for_backward(seed, output if relu else None)
+    ctx.p, ctx.relu, ctx.has_shortcut, ctx.stride = p, relu, shortcut is not None, x.stride()
+
+
+def _seeded_backward(ctx, grad: torch.Tensor):
+    seed, out = ctx.saved_tensors
+    if grad.stride() != ctx.stride:  # the mask follows the input's memory order
+        grad = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+    if ctx.relu:
+        grad_x, grad = _seeded_dropout_relu_backward(grad, out, seed, ctx.p)
+    else:
+        grad_x = _seeded_dropout_backward(grad, seed, ctx.p)
+    return grad_x, grad if ctx.has_shortcut else None, None, None, None
+
+
+seeded_dropout_add.register_autograd(_seeded_backward, setup_context=_seeded_setup_context)
 
 
 def _dense(x: torch.Tensor) -> bool:
