@@ -7,6 +7,7 @@ not, on one thread or several, and whole models over a train step.
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import timm
@@ -138,8 +139,9 @@ def test_kernel_rejects_mismatched_arguments():
     pos = torch.tensor([0, 5], dtype=torch.int32)
     with pytest.raises(RuntimeError, match='strides differ'):
         cpu_kernel.drop_add(x, s.contiguous(memory_format=torch.channels_last), pos, 1.1, False, x)
-    with pytest.raises(RuntimeError, match=r'positions must lie in \[0, 72\), got \[0, 72\]'):
-        cpu_kernel.drop_add(x, s, torch.tensor([0, 72]), 1.1, False, x)
+    for bad in ([0, 72], [-1, 5], [0, 100, 5], [3, 3]):  # past the end, negative, unsorted, repeated
+        with pytest.raises(RuntimeError, match=r'strictly increasing and lie in \[0, 72\)'):
+            cpu_kernel.drop_add(x, s, torch.tensor(bad), 1.1, False, x)
     with pytest.raises(RuntimeError, match='must not share memory with shortcut'):
         cpu_kernel.drop_add(x, s, pos, 1.1, False, s)
     with pytest.raises(RuntimeError, match='dtypes differ'):
@@ -191,3 +193,21 @@ def test_forced_cpp_says_why_it_cannot_run_and_auto_falls_back(monkeypatch, capl
     dropped = compiled[1] == 0  # the same drops; values up to the ATen-op kernel's fused rounding
     assert torch.equal(dropped, fallback[1] == 0)
     torch.testing.assert_close(fallback[0], compiled[0], rtol=1e-6, atol=1e-6)
+
+
+def test_a_lock_left_by_a_killed_build_is_removed(tmp_path, monkeypatch, caplog):
+    """torch.utils.cpp_extension waits for its lock file without end; a lock older than a build can take is
+    removed (a fresh one is another process building, and is left alone)."""
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    directory = cpu_kernel.build_directory()
+    assert directory.parent == tmp_path and directory.name == cpu_kernel._extension_name()
+    directory.mkdir()
+    lock = directory / 'lock'
+    lock.touch()
+    assert not cpu_kernel._remove_stale_lock(directory) and lock.exists()
+    old = lock.stat().st_mtime - cpu_kernel.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger='timm_dropres.models.cpu_kernel'):
+        assert cpu_kernel._remove_stale_lock(directory) and not lock.exists()
+    assert 'by a build that did not finish' in caplog.text
+    assert not cpu_kernel._remove_stale_lock(directory)  # no lock: nothing to do

@@ -16,10 +16,13 @@ The results equal the separate ATen ops bit for bit at equal drops (the scaled b
 dtype before the addition, as ``torch.mul`` then ``add_`` round), for float32, float64, float16 and
 bfloat16. The loops run on torch's intra-op thread pool (``torch.set_num_threads``).
 
-The build is cached by ``torch.utils.cpp_extension`` (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``) under a name that hashes the source, the flags and the torch version, so an
-upgrade of either rebuilds instead of loading a stale library. It takes about 20 s once per machine; a
-process that cannot build it (no compiler or ``ninja``) logs why once and ``layers`` runs the ATen-op kernel.
+The build is cached in ``$TORCH_EXTENSIONS_DIR/<name>`` (default ``~/.cache/torch_extensions``), where the
+name hashes the source, the flags, the torch version and the CPU capability, so an upgrade rebuilds instead
+of loading a stale library. It takes about 15 s once per machine. Processes that start together (DDP ranks,
+``dropres-study`` workers) build it once: ``torch.utils.cpp_extension`` holds a lock file while it builds, and
+the others wait. A lock left by a process killed mid-build would make them wait forever, so one older than
+``STALE_LOCK_S`` is removed first (with a warning). A process that cannot build the kernel (no compiler or
+``ninja``) logs why once, and ``layers`` runs the ATen-op kernel.
 
 Example:
     >>> import torch
@@ -36,17 +39,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
+import time
 from pathlib import Path
 
 import torch
 
-__all__ = ['SOURCE', 'available', 'load', 'build_error', 'drop_scale', 'drop_add', 'drop_add_relu_backward']
+__all__ = ['SOURCE', 'STALE_LOCK_S', 'available', 'load', 'build_error', 'build_directory', 'drop_scale', 'drop_add',
+           'drop_add_relu_backward']
 
 _logger = logging.getLogger(__name__)
 _warned = False  # the failed build has been logged in this process
 
 #: The C++ source compiled on first use.
 SOURCE = Path(__file__).with_name('csrc') / 'dropout_cpu.cpp'
+#: A build lock older than this (seconds) was left by a killed build: a build takes about 15 s.
+STALE_LOCK_S = 600
 #: See the source's header for why each flag is there.
 _CFLAGS = ('-O3', '-ffp-contract=off', '-fno-trapping-math', '-fopenmp')
 _LDFLAGS = ('-fopenmp',)
@@ -73,6 +81,27 @@ def _extension_name() -> str:
     return f'timm_dropres_cpu_{capability.lower()}_{digest.hexdigest()[:12]}'
 
 
+def build_directory() -> Path:
+    """Where the kernel is built and cached: ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
+    / the build's name."""
+    root = os.environ.get('TORCH_EXTENSIONS_DIR') or Path.home() / '.cache' / 'torch_extensions'
+    return Path(root) / _extension_name()
+
+
+def _remove_stale_lock(directory: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove ``directory/lock`` when it is older than ``max_age_s``; whether it did."""
+    lock = directory / 'lock'
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= max_age_s:
+        return False
+    _logger.warning('removing %s, left %.0f s ago by a build that did not finish', lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 @functools.cache
 def _build() -> str | None:
     """Build (or find in the cache) and load the library once per process; the reason it failed, or None."""
@@ -87,10 +116,13 @@ def _build() -> str | None:
             cpp_logger.setLevel(level)
         if not cpp_extension.is_ninja_available():
             return 'ninja is not on PATH (pip install ninja, in an activated environment)'
-        name = _extension_name()
-        _logger.info('building (or loading from the cache) the fused CPU dropout kernel %s', name)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(_flags()[0]),
-                           extra_ldflags=list(_LDFLAGS), is_python_module=False, verbose=False)
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_lock(directory)
+        _logger.info('building (or loading from the cache) the fused CPU dropout kernel in %s', directory)
+        cpp_extension.load(name=directory.name, sources=[str(SOURCE)], extra_cflags=list(_flags()[0]),
+                           extra_ldflags=list(_LDFLAGS), build_directory=str(directory), is_python_module=False,
+                           verbose=False)
     except Exception as err:  # noqa: BLE001 - a failed build means "use the ATen-op kernel", never a failed step
         return f'{type(err).__name__}: {err}'.strip()
     return None

@@ -113,16 +113,23 @@ void check_pair(const at::Tensor& a, const at::Tensor& b, const char* what) {
               ": tensors must be dense");
 }
 
+template <typename index_t>
+bool increasing_in_range(const index_t* p, int64_t m, int64_t n) {
+  if (m == 0) return true;
+  bool ok = p[0] >= 0 && static_cast<int64_t>(p[m - 1]) < n;
+  for (int64_t i = 1; i < m; ++i) ok &= p[i] > p[i - 1];  // a vectorised reduction: a few us per 200 k drops
+  return ok;
+}
+
+// The kernels write at pos: every index is checked (strictly increasing and inside the tensor) before any
+// write, so a bad pos raises instead of writing out of bounds.
 void check_pos(const at::Tensor& pos, int64_t n) {
   TORCH_CHECK(pos.device().is_cpu() && pos.dim() == 1 && pos.is_contiguous(), "pos: a contiguous 1-D CPU tensor");
   TORCH_CHECK(pos.scalar_type() == at::kInt || pos.scalar_type() == at::kLong, "pos: int32 or int64");
-  if (pos.numel() > 0) {  // sorted (the caller draws them so): the ends bound them all
-    const int64_t m = pos.numel();
-    const bool i32 = pos.scalar_type() == at::kInt;
-    const int64_t first = i32 ? pos.const_data_ptr<int32_t>()[0] : pos.const_data_ptr<int64_t>()[0];
-    const int64_t last = i32 ? pos.const_data_ptr<int32_t>()[m - 1] : pos.const_data_ptr<int64_t>()[m - 1];
-    TORCH_CHECK(first >= 0 && last < n, "pos: positions must lie in [0, ", n, "), got [", first, ", ", last, "]");
-  }
+  const bool ok = pos.scalar_type() == at::kInt
+      ? increasing_in_range(pos.const_data_ptr<int32_t>(), pos.numel(), n)
+      : increasing_in_range(pos.const_data_ptr<int64_t>(), pos.numel(), n);
+  TORCH_CHECK(ok, "pos: positions must be strictly increasing and lie in [0, ", n, ")");
 }
 
 // out = src * scale, zero at pos; out may be src
