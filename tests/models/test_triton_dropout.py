@@ -140,6 +140,9 @@ def test_automatic_choice_and_forcing():
     if not INTERPRETED:
         with layers.dropout_kernel('triton'), pytest.raises(RuntimeError, match='"triton" was forced but cannot run'):
             layers._use_triton(x, x)
+        model = timm.create_model('test_resnet_dropres', num_classes=3, res_drop_rate=0.2).train()
+        with layers.dropout_kernel('triton'), pytest.raises(RuntimeError, match='"triton" was forced but cannot run'):
+            torch.compile(model, backend='aot_eager')(torch.randn(2, 3, 32, 32))  # the same check under compile
 
 
 def test_bad_environment_variable_is_refused_at_import():

@@ -154,10 +154,12 @@ def _in_order(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
     return _empty_in_order(t, order).copy_(t)
 
 
-def _apply_drop(x: torch.Tensor, drop: torch.Tensor, scale: float, order: tuple[int, ...]) -> torch.Tensor:
-    """``x * keep * scale`` as a new tensor laid out in ``order``; see ``_ApplyDrop`` for ``drop``."""
+def _apply_drop(x: torch.Tensor, drop: torch.Tensor, scale: float, order: tuple[int, ...],
+                compiled: bool) -> torch.Tensor:
+    """``x * keep * scale`` as a new tensor laid out in ``order``; see ``_ApplyDrop`` for ``drop``. ``compiled``:
+    positions go through the compiled kernel (decided once per call, so a backward runs what its forward ran)."""
     out = _empty_in_order(x, order)
-    if _positions(drop) and use_cpp():
+    if compiled:
         return cpu_kernel.drop_scale(_in_order(x, order), drop, scale, out)
     if _positions(drop):
         torch.mul(x, scale, out=out)
@@ -189,9 +191,10 @@ class _ApplyDrop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float,  # type: ignore[override]
                 order: tuple[int, ...]) -> torch.Tensor:
-        out = _apply_drop(x, drop, scale, order)
+        compiled = _positions(drop) and use_cpp()
+        out = _apply_drop(x, drop, scale, order, compiled)
         ctx.save_for_backward(_saved_drops(drop, x.numel()))
-        ctx.scale, ctx.order = scale, order
+        ctx.scale, ctx.order, ctx.compiled = scale, order, compiled
         return out
 
     @staticmethod
@@ -199,7 +202,7 @@ class _ApplyDrop(torch.autograd.Function):
         (drop,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
             return _ApplyDrop.apply(grad, drop, ctx.scale, ctx.order), None, None, None
-        return _apply_drop(grad, drop, ctx.scale, ctx.order), None, None, None
+        return _apply_drop(grad, drop, ctx.scale, ctx.order, ctx.compiled), None, None, None
 
 
 class _ApplyDropAdd(torch.autograd.Function):
@@ -248,7 +251,7 @@ class _ApplyDropAdd(torch.autograd.Function):
         if relu and not compiled:
             torch.relu_(out)
         ctx.save_for_backward(_saved_drops(drop, x.numel()), out if relu else None)
-        ctx.scale, ctx.order, ctx.relu = scale, order, relu
+        ctx.scale, ctx.order, ctx.relu, ctx.compiled = scale, order, relu, compiled
         return out
 
     @staticmethod
@@ -258,12 +261,12 @@ class _ApplyDropAdd(torch.autograd.Function):
             if ctx.relu:
                 grad = torch.ops.aten.threshold_backward(grad, out, 0)
             return _ApplyDrop.apply(grad, drop, ctx.scale, ctx.order), grad, None, None, None, None, None
-        if ctx.relu and _positions(drop) and use_cpp():
+        if ctx.relu and ctx.compiled:
             grad_x, grad = cpu_kernel.drop_add_relu_backward(_in_order(grad, ctx.order), out, drop, ctx.scale)
             return grad_x, grad, None, None, None, None, None
         if ctx.relu:
             grad = torch.ops.aten.threshold_backward(grad, out, 0)
-        return _apply_drop(grad, drop, ctx.scale, ctx.order), grad, None, None, None, None, None
+        return _apply_drop(grad, drop, ctx.scale, ctx.order, ctx.compiled), grad, None, None, None, None, None
 
 
 def _cpu_drops(x: torch.Tensor, p: float, order: tuple[int, ...],

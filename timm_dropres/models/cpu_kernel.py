@@ -19,10 +19,10 @@ bfloat16. The loops run on torch's intra-op thread pool (``torch.set_num_threads
 The build is cached in ``$TORCH_EXTENSIONS_DIR/<name>`` (default ``~/.cache/torch_extensions``), where the
 name hashes the source, the flags, the torch version and the CPU capability, so an upgrade rebuilds instead
 of loading a stale library. It takes about 15 s once per machine. Processes that start together (DDP ranks,
-``dropres-study`` workers) build it once: ``torch.utils.cpp_extension`` holds a lock file while it builds, and
-the others wait. A lock left by a process killed mid-build would make them wait forever, so one older than
-``STALE_LOCK_S`` is removed first (with a warning). A process that cannot build the kernel (no compiler or
-``ninja``) logs why once, and ``layers`` runs the ATen-op kernel.
+``dropres-study`` workers) build it once: ``torch.utils.cpp_extension`` locks the build directory while it
+builds, and the others wait. (Older torch versions locked it with a file that a build killed midway leaves
+behind, and then wait for it without end: delete ``build_directory() / 'lock'`` if that happens.) A process
+that cannot build the kernel (no compiler or ``ninja``) logs why once, and ``layers`` runs the ATen-op kernel.
 
 Example:
     >>> import torch
@@ -40,12 +40,11 @@ import functools
 import hashlib
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
 
-__all__ = ['SOURCE', 'STALE_LOCK_S', 'available', 'load', 'build_error', 'build_directory', 'drop_scale', 'drop_add',
+__all__ = ['SOURCE', 'available', 'load', 'build_error', 'build_directory', 'drop_scale', 'drop_add',
            'drop_add_relu_backward']
 
 _logger = logging.getLogger(__name__)
@@ -53,11 +52,11 @@ _warned = False  # the failed build has been logged in this process
 
 #: The C++ source compiled on first use.
 SOURCE = Path(__file__).with_name('csrc') / 'dropout_cpu.cpp'
-#: A build lock older than this (seconds) was left by a killed build: a build takes about 15 s.
-STALE_LOCK_S = 600
 #: See the source's header for why each flag is there.
-_CFLAGS = ('-O3', '-ffp-contract=off', '-fno-trapping-math', '-fopenmp')
-_LDFLAGS = ('-fopenmp',)
+_CFLAGS = ('-O3', '-ffp-contract=off', '-fno-trapping-math')
+#: With GCC, ``-fopenmp`` links ``libgomp.so.1``, which resolves to the copy torch's pip wheels load, so the loops
+#: run on torch's thread pool. Another compiler would bring another OpenMP runtime: there the loops run serially.
+_OPENMP = ('-fopenmp',)
 #: Vector instructions by the CPU capability torch dispatches its own kernels to on this machine
 #: (``torch.backends.cpu.get_cpu_capability()``); the capability is part of the build's name, so a cache
 #: shared by machines of different kinds holds one build per kind. On the project's AVX-512 machine the
@@ -68,15 +67,39 @@ _ISA_FLAGS = {
 }
 
 
-def _flags() -> tuple[tuple[str, ...], str]:
+@functools.cache
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported with its logger quiet: on CUDA wheels it logs a CUDA_HOME notice,
+    which says nothing about this CPU build."""
+    cpp_logger = logging.getLogger('torch.utils.cpp_extension')
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
+    return cpp_extension
+
+
+@functools.cache
+def _openmp() -> tuple[str, ...]:
+    try:
+        cpp_extension = _cpp_extension()
+        return _OPENMP if cpp_extension.check_compiler_is_gcc(cpp_extension.get_cxx_compiler()) else ()
+    except Exception:  # noqa: BLE001 - no compiler at all: the build will say so
+        return ()
+
+
+def _flags() -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    """``(compile flags, link flags, CPU capability)`` of the build on this machine."""
     capability = torch.backends.cpu.get_cpu_capability()
-    return _CFLAGS + _ISA_FLAGS.get(capability, ()), capability
+    return _CFLAGS + _openmp() + _ISA_FLAGS.get(capability, ()), _openmp(), capability
 
 
 def _extension_name() -> str:
-    cflags, capability = _flags()
+    cflags, ldflags, capability = _flags()
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), ' '.join(cflags + _LDFLAGS).encode(), torch.__version__.encode()):
+    for part in (SOURCE.read_bytes(), ' '.join(cflags + ldflags).encode(), torch.__version__.encode()):
         digest.update(part)
     return f'timm_dropres_cpu_{capability.lower()}_{digest.hexdigest()[:12]}'
 
@@ -88,40 +111,19 @@ def build_directory() -> Path:
     return Path(root) / _extension_name()
 
 
-def _remove_stale_lock(directory: Path, max_age_s: float = STALE_LOCK_S) -> bool:
-    """Remove ``directory/lock`` when it is older than ``max_age_s``; whether it did."""
-    lock = directory / 'lock'
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if age <= max_age_s:
-        return False
-    _logger.warning('removing %s, left %.0f s ago by a build that did not finish', lock, age)
-    lock.unlink(missing_ok=True)
-    return True
-
-
 @functools.cache
 def _build() -> str | None:
     """Build (or find in the cache) and load the library once per process; the reason it failed, or None."""
     try:
-        # imported here: the module logs a CUDA_HOME notice on CUDA wheels, which says nothing about this build
-        cpp_logger = logging.getLogger('torch.utils.cpp_extension')
-        level = cpp_logger.level
-        cpp_logger.setLevel(logging.ERROR)
-        try:
-            from torch.utils import cpp_extension
-        finally:
-            cpp_logger.setLevel(level)
+        cpp_extension = _cpp_extension()
         if not cpp_extension.is_ninja_available():
             return 'ninja is not on PATH (pip install ninja, in an activated environment)'
         directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
-        _remove_stale_lock(directory)
         _logger.info('building (or loading from the cache) the fused CPU dropout kernel in %s', directory)
-        cpp_extension.load(name=directory.name, sources=[str(SOURCE)], extra_cflags=list(_flags()[0]),
-                           extra_ldflags=list(_LDFLAGS), build_directory=str(directory), is_python_module=False,
+        cflags, ldflags, _ = _flags()
+        cpp_extension.load(name=directory.name, sources=[str(SOURCE)], extra_cflags=list(cflags),
+                           extra_ldflags=list(ldflags), build_directory=str(directory), is_python_module=False,
                            verbose=False)
     except Exception as err:  # noqa: BLE001 - a failed build means "use the ATen-op kernel", never a failed step
         return f'{type(err).__name__}: {err}'.strip()

@@ -30,7 +30,8 @@ __all__ = ['DROPOUT_KERNELS', 'set_dropout_kernel', 'get_dropout_kernel', 'dropo
 #: issue 22 (``torch.native_dropout`` on CUDA, the unfused CPU kernel of ATen ops, the addition and activation
 #: as separate ops). ``ops``: only stock ATen ops, nothing compiled (the fused CPU kernel of ATen ops,
 #: ``torch.native_dropout`` on CUDA). ``cpp``: the compiled CPU kernel, an error if it cannot be built (other
-#: devices as under ``ops``).
+#: devices as under ``ops``). The compiled kernel serves the position kernel's rates (``p <= 0.125``); above, the
+#: uint8 mask kernel runs in ATen ops under every choice.
 #: ``triton``: the Triton kernels wherever a tensor allows it, an error if Triton cannot be imported; on CPU
 #: tensors that needs ``TRITON_INTERPRET=1`` (Triton's interpreter, for testing). Under ``torch.compile`` and
 #: ``torch.export`` only ``triton`` changes what runs: the kernels as custom ops

@@ -135,7 +135,9 @@ def _use_triton(x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> bool:
     kernel = get_dropout_kernel()
     if kernel not in ('auto', 'triton') or (kernel == 'auto' and not x.is_cuda):
         return False
-    if not _triton_device_ok(x.device, x.dtype):
+    # traced by torch.compile (_compiled_triton): there the cache wrapper is skipped (Dynamo would warn about it)
+    device_ok = _triton_device_ok.__wrapped__ if torch.compiler.is_compiling() else _triton_device_ok
+    if not device_ok(x.device, x.dtype):
         if kernel == 'triton':
             raise RuntimeError(f'dropout kernel "triton" was forced but cannot run on {x.device} ({x.dtype}): '
                                'needs Triton importable and a CUDA device (compute capability 7.0+, 8.0+ for '
@@ -206,11 +208,9 @@ def _compiled_triton(x: torch.Tensor, shortcut: Optional[torch.Tensor], p: float
     """Under ``torch.compile`` / ``torch.export`` with the kernel forced to ``triton``: the Triton kernels as
     custom ops (``triton_dropout.seeded_dropout_add``: no mask kept), or ``None`` (``native_dropout``, which
     inductor fuses with its neighbours but whose mask it keeps; the default until a GPU measures the two)."""
-    if get_dropout_kernel() != 'triton':
+    if get_dropout_kernel() != 'triton' or not _use_triton(x, shortcut):  # raises where Triton cannot run
         return None
     from . import triton_dropout
-    if not triton_dropout.usable(x, shortcut):
-        return None
     return triton_dropout.seeded_dropout_add(x, shortcut, triton_dropout.draw_seed(x.device), p, relu)
 
 

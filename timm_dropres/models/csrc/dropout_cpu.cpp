@@ -9,8 +9,8 @@
 // Rounding is that of the separate ATen ops: the scaled branch is rounded to the tensor's dtype before the
 // addition (as torch.mul then add_ round twice), so a result equals dropout-then-add bit for bit at equal drops.
 // Build flags: -ffp-contract=off keeps the two roundings (no FMA contraction); -fno-trapping-math lets the
-// compiler vectorise the ReLU selects; -fopenmp makes at::parallel_for use the OpenMP runtime torch already
-// loaded (libgomp.so.1), so torch.set_num_threads governs these loops as it governs ATen's.
+// compiler vectorise the ReLU selects; with GCC, -fopenmp makes at::parallel_for use the OpenMP runtime torch
+// already loaded (libgomp.so.1), so torch.set_num_threads governs these loops as it governs ATen's.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -75,8 +75,8 @@ void drop_add_impl(const scalar_t* x, const scalar_t* __restrict__ s, scalar_t* 
           out[j] = static_cast<scalar_t>(RELU ? (v < opmath_t(0) ? opmath_t(0) : v) : v);
         }
       },
-      [&](int64_t j) {
-        const opmath_t v = static_cast<opmath_t>(s[j]);
+      [&](int64_t j) {  // the separate ops add the shortcut to a zero: 0 + (-0) is +0
+        const opmath_t v = static_cast<opmath_t>(static_cast<scalar_t>(opmath_t(0) + static_cast<opmath_t>(s[j])));
         out[j] = static_cast<scalar_t>(RELU ? (v < opmath_t(0) ? opmath_t(0) : v) : v);
       });
 }
