@@ -211,3 +211,53 @@ def test_build_directory_follows_torch_extensions_dir(tmp_path, monkeypatch):
     assert cpu_kernel.build_directory() == tmp_path / cpu_kernel._extension_name()
     monkeypatch.delenv('TORCH_EXTENSIONS_DIR')
     assert cpu_kernel.build_directory().parent == Path.home() / '.cache' / 'torch_extensions'
+
+
+_TRAIN_STEP = '''
+import logging, sys, torch, timm, timm_dropres
+from timm_dropres.models import cpu_kernel
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+model = timm.create_model('test_resnet_dropres', num_classes=3, res_drop_rate=0.1).train()
+model(torch.randn(2, 3, 32, 32)).sum().backward()
+print(cpu_kernel.build_error())
+'''
+
+
+@pytest.mark.slow
+def test_without_ninja_a_train_step_falls_back_and_says_why(tmp_path):
+    """A user without ninja: the first train step logs why once and trains on the ATen-op kernel."""
+    import shutil
+    import subprocess
+
+    from helpers_train import PYTHON, subprocess_env
+
+    bin_dir = tmp_path / 'bin'  # PATH with a compiler but no ninja
+    bin_dir.mkdir()
+    for tool in ('c++', 'g++', 'gcc', 'cc'):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = subprocess_env(PATH=str(bin_dir), TORCH_EXTENSIONS_DIR=str(tmp_path / 'ext'))
+    res = subprocess.run([PYTHON, '-c', _TRAIN_STEP], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().startswith('ninja is not on PATH')
+    assert res.stderr.count('could not be built') == 1 and 'TIMM_DROPRES_DROPOUT_KERNEL=ops' in res.stderr
+    assert not (tmp_path / 'ext').exists()
+
+
+@pytest.mark.slow
+def test_processes_starting_together_build_once(tmp_path):
+    """DDP ranks or dropres-study workers on a fresh machine: two processes reach their first train step at
+    once, one builds while the other waits on torch's build lock, and both train with the compiled kernel."""
+    import subprocess
+
+    from helpers_train import PYTHON, subprocess_env
+
+    env = subprocess_env(TORCH_EXTENSIONS_DIR=str(tmp_path))
+    procs = [subprocess.Popen([PYTHON, '-c', _TRAIN_STEP], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert [out.strip() for out, _ in outs] == ['None', 'None']
+    builds = [d for d in tmp_path.iterdir() if d.is_dir()]
+    assert [d.name for d in builds] == [cpu_kernel._extension_name()]
+    assert len(list(builds[0].glob('*.so'))) == 1
