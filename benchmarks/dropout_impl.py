@@ -40,6 +40,7 @@ ratios cannot on a shared machine.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
@@ -311,27 +312,34 @@ def tails(args: argparse.Namespace) -> tuple[str, list[dict]]:
             for bs in args.batch_sizes:
                 x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
                 fused, singles = tail_inputs(dropres, x, dtype)
-                fused = [(p, a.requires_grad_(), b.requires_grad_(), r) for p, a, b, r in fused]
-                singles = [(p, t.requires_grad_()) for p, t in singles]
-                up_f = [torch.randn_like(a) for _, a, _, _ in fused]
-                up_s = [torch.randn_like(t) for _, t in singles]
+
+                def own_copy(fused=fused, singles=singles):
+                    """Each case its own tensors: sharing them, a case would find the previous case's data warm in
+                    the cache (the variant run first paid for everyone's cache misses)."""
+                    f = [(p, a.clone().requires_grad_(), b.clone().requires_grad_(), r) for p, a, b, r in fused]
+                    s_ = [(p, t.clone().requires_grad_()) for p, t in singles]
+                    return f, s_, [torch.randn_like(a) for _, a, _, _ in f], [torch.randn_like(t) for _, t in s_]
 
                 # both start from a copy of the branch, which they then overwrite as the blocks do (x += shortcut)
-                def base_tails(fused=fused, up_f=up_f) -> None:
+                def base_tails(data) -> None:
+                    fused, _, up_f, _ = data
                     for (_, a, b, relu), g in zip(fused, up_f, strict=True):
                         out = a.clone()
                         out += b
                         torch.autograd.grad(torch.relu_(out) if relu else out, (a, b), g)
 
-                def dropres_tails(fused=fused, up_f=up_f, singles=singles, up_s=up_s) -> None:
+                def dropres_tails(data) -> None:
+                    fused, singles, up_f, up_s = data
                     for (p, a, b, relu), g in zip(fused, up_f, strict=True):
                         out = layers.residual_dropout_add(a.clone(), b, p, True, relu, inplace=True)
                         torch.autograd.grad(out, (a, b), g)
                     for (p, t), g in zip(singles, up_s, strict=True):
                         torch.autograd.grad(layers.residual_dropout(t, p, True), t, g)
 
-                cases = {'base step': T.make_step(base, x, y, device, dtype)[0], 'base tails': base_tails}
-                cases.update({v: under_kernel(kernel_of(v), dropres_tails) for v in variants})
+                cases = {'base step': T.make_step(base, x, y, device, dtype)[0],
+                         'base tails': functools.partial(base_tails, own_copy())}
+                cases.update({v: under_kernel(kernel_of(v), functools.partial(dropres_tails, own_copy()))
+                              for v in variants})
                 t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
                                   clock=args.clock)
                 step = C.Stat.of(t['base step']).median
