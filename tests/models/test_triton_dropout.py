@@ -243,6 +243,24 @@ def test_forward_and_gradients_equal_the_formula_and_the_current_op(fmt, with_sh
 
 
 @kernel
+@pytest.mark.parametrize('create_graph', [False, True])
+def test_relu_gradient_passes_nan_as_threshold_backward(create_graph):
+    """NaN as torch.relu has it: a NaN sum stays NaN through the folded ReLU, and passes its gradient, as
+    threshold_backward does, in the kernel and in the differentiable backward alike."""
+    from timm_dropres.models.triton_dropout import dropout_add
+
+    x = torch.randn(2, 8, 5, 5, device=DEVICE, requires_grad=True)
+    s0 = torch.randn(2, 8, 5, 5, device=DEVICE)
+    s0.view(-1)[::3] = float('nan')
+    s = s0.requires_grad_()
+    out = dropout_add(x, s, 0.25, relu=True)
+    g = torch.randn_like(out)
+    (grad_s,) = torch.autograd.grad(out, s, g, create_graph=create_graph)
+    want = torch.ops.aten.threshold_backward(g, out.detach(), 0)
+    assert torch.equal(out.isnan(), s0.isnan()) and torch.equal(grad_s.detach(), want)
+
+
+@kernel
 def test_in_place_equals_a_new_tensor():
     x0, s0 = torch.randn(2, 8, 6, 6, device=DEVICE), torch.randn(2, 8, 6, 6, device=DEVICE)
     runs = []

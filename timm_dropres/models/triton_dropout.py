@@ -85,7 +85,7 @@ def _forward_kernel(x_ptr, s_ptr, out_ptr, seed_ptr, n, threshold, scale,
     if HAS_SHORTCUT:
         y += tl.load(s_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0, 0.0, y)  # as torch.relu: NaN stays NaN (tl.maximum would give 0)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -100,7 +100,7 @@ def _backward_kernel(g_ptr, out_ptr, gx_ptr, gs_ptr, seed_ptr, n, threshold, sca
     g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     if RELU:
         out = tl.load(out_ptr + offs, mask=inside, other=0.0)
-        g = tl.where(out > 0, g, 0.0)
+        g = tl.where(out <= 0, 0.0, g)  # as threshold_backward: a NaN output passes its gradient
         tl.store(gs_ptr + offs, g.to(gs_ptr.dtype.element_ty), mask=inside)
     tl.store(gx_ptr + offs, tl.where(keep, g * scale, 0.0).to(gx_ptr.dtype.element_ty), mask=inside)
 
@@ -166,7 +166,7 @@ class _DropoutAdd(torch.autograd.Function):
             grad = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
         if torch.is_grad_enabled():  # create_graph=True: the same map with differentiable torch ops
             if ctx.relu:
-                grad = grad * (out > 0)
+                grad = torch.ops.aten.threshold_backward(grad, out, 0)
             mask = keep_scale(seed, grad, ctx.p)
             return (grad * mask).to(grad.dtype), grad if ctx.has_shortcut else None, None, None, None
         gx = torch.empty_like(grad)
