@@ -28,13 +28,17 @@ def test_kernel_builds_here():
 
 
 def test_build_name_tracks_source_flags_torch_and_cpu(tmp_path, monkeypatch):
-    name = cpu_kernel._extension_name()
+    name, source = cpu_kernel._extension_name(), cpu_kernel.SOURCE
     assert name.startswith(f'timm_dropres_cpu_{torch.backends.cpu.get_cpu_capability().lower()}_')
     copy = tmp_path / 'dropout_cpu.cpp'
-    copy.write_bytes(cpu_kernel.SOURCE.read_bytes() + b'\n// changed\n')
+    copy.write_bytes(source.read_bytes() + b'\n// changed\n')
     monkeypatch.setattr(cpu_kernel, 'SOURCE', copy)
     assert cpu_kernel._extension_name() != name
-    monkeypatch.setattr(cpu_kernel, 'SOURCE', cpu_kernel.SOURCE)
+    monkeypatch.setattr(cpu_kernel, 'SOURCE', source)
+    assert cpu_kernel._extension_name() == name
+    monkeypatch.setattr(cpu_kernel, '_CFLAGS', cpu_kernel._CFLAGS + ('-O2',))
+    assert cpu_kernel._extension_name() != name
+    monkeypatch.undo()
     monkeypatch.setattr(torch, '__version__', torch.__version__ + '+other')
     assert cpu_kernel._extension_name() != name
 
@@ -210,7 +214,35 @@ def test_build_directory_follows_torch_extensions_dir(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
     assert cpu_kernel.build_directory() == tmp_path / cpu_kernel._extension_name()
     monkeypatch.delenv('TORCH_EXTENSIONS_DIR')
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))  # torch's own default honours it
+    assert cpu_kernel.build_directory().parent == tmp_path / 'xdg' / 'torch_extensions'
+    monkeypatch.delenv('XDG_CACHE_HOME')
     assert cpu_kernel.build_directory().parent == Path.home() / '.cache' / 'torch_extensions'
+
+
+@pytest.mark.parametrize('create_graph', [False, True])
+@pytest.mark.parametrize('forward_kernel,backward_kernel', [('ops', 'cpp'), ('cpp', 'ops')])
+def test_backward_runs_what_its_forward_ran(forward_kernel, backward_kernel, create_graph, monkeypatch):
+    """The kernel is chosen once per call, in forward: a choice changed before backward (or a backward that is
+    itself differentiated) neither starts a build nor switches kernels midway."""
+    calls = []
+    for name in ('drop_scale', 'drop_add', 'drop_add_relu_backward'):
+        real = getattr(cpu_kernel, name)
+        monkeypatch.setattr(cpu_kernel, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    for relu in (False, True):
+        with layers.dropout_kernel(forward_kernel):
+            single = layers.residual_dropout(x, 0.1, True)
+            fused = layers.residual_dropout_add(x * 1.0, s, 0.1, True, relu, inplace=True)
+        forward_calls, calls[:] = list(calls), []
+        with layers.dropout_kernel(backward_kernel):
+            grads = torch.autograd.grad((single.sum() + fused.square().sum()), (x, s), create_graph=create_graph)
+            if create_graph:
+                torch.autograd.grad(sum(g.square().sum() for g in grads), (x, s))
+        assert bool(forward_calls) == (forward_kernel == 'cpp')
+        assert bool(calls) == (forward_kernel == 'cpp'), calls
+        calls.clear()
 
 
 _TRAIN_STEP = '''

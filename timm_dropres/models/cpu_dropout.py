@@ -17,7 +17,7 @@ Example:
 """
 
 import math
-from typing import Final
+from typing import Final, Optional
 
 import torch
 
@@ -190,19 +190,20 @@ class _ApplyDrop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float,  # type: ignore[override]
-                order: tuple[int, ...]) -> torch.Tensor:
-        compiled = _positions(drop) and use_cpp()
+                order: tuple[int, ...], compiled: Optional[bool] = None) -> torch.Tensor:
+        # ``compiled``: given by a backward that is itself differentiated, so it runs what its forward ran
+        compiled = _positions(drop) and use_cpp() if compiled is None else compiled
         out = _apply_drop(x, drop, scale, order, compiled)
         ctx.save_for_backward(_saved_drops(drop, x.numel()))
         ctx.scale, ctx.order, ctx.compiled = scale, order, compiled
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:  # type: ignore[override]
         (drop,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
-            return _ApplyDrop.apply(grad, drop, ctx.scale, ctx.order), None, None, None
-        return _apply_drop(grad, drop, ctx.scale, ctx.order, ctx.compiled), None, None, None
+            return _ApplyDrop.apply(grad, drop, ctx.scale, ctx.order, ctx.compiled), None, None, None, None
+        return _apply_drop(grad, drop, ctx.scale, ctx.order, ctx.compiled), None, None, None, None
 
 
 class _ApplyDropAdd(torch.autograd.Function):
@@ -260,7 +261,7 @@ class _ApplyDropAdd(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
             if ctx.relu:
                 grad = torch.ops.aten.threshold_backward(grad, out, 0)
-            return _ApplyDrop.apply(grad, drop, ctx.scale, ctx.order), grad, None, None, None, None, None
+            return _ApplyDrop.apply(grad, drop, ctx.scale, ctx.order, ctx.compiled), grad, None, None, None, None, None
         if ctx.relu and ctx.compiled:
             grad_x, grad = cpu_kernel.drop_add_relu_backward(_in_order(grad, ctx.order), out, drop, ctx.scale)
             return grad_x, grad, None, None, None, None, None

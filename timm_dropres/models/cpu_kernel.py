@@ -105,9 +105,10 @@ def _extension_name() -> str:
 
 
 def build_directory() -> Path:
-    """Where the kernel is built and cached: ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
-    / the build's name."""
-    root = os.environ.get('TORCH_EXTENSIONS_DIR') or Path.home() / '.cache' / 'torch_extensions'
+    """Where the kernel is built and cached: ``$TORCH_EXTENSIONS_DIR`` (default, as torch's:
+    ``$XDG_CACHE_HOME/torch_extensions``, ``~/.cache/torch_extensions`` without it) / the build's name."""
+    cache = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
+    root = os.environ.get('TORCH_EXTENSIONS_DIR') or Path(cache) / 'torch_extensions'
     return Path(root) / _extension_name()
 
 
