@@ -76,6 +76,13 @@ def geometric_gaps(uniform: torch.Tensor, p: float) -> torch.Tensor:
     return uniform.neg_().add_(1.0).log_().mul_(1.0 / math.log1p(-p)).floor_().add_(1.0)
 
 
+def _random_words(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` random ``dtype`` words (int16 or int32), sliced from 64-bit draws of torch's CPU generator."""
+    per_draw = 64 // torch.iinfo(dtype).bits
+    draws = torch.empty((n + per_draw - 1) // per_draw, dtype=torch.int64).random_(-(1 << 63), None)
+    return draws.view(dtype)[:n]
+
+
 def uniforms(m: int) -> torch.Tensor:
     """``m`` float32 uniforms on the grid ``k * 2**-24``, ``k`` in ``[0, 2**24)``: the values ``torch.rand`` gives.
 
@@ -88,8 +95,7 @@ def uniforms(m: int) -> torch.Tensor:
     Returns:
         1-D float32 tensor on the CPU.
     """
-    bits = torch.empty((m + 1) // 2, dtype=torch.int64).random_(-(1 << 63), None).view(torch.int32)[:m]
-    return torch.bitwise_and(bits, (1 << 24) - 1).to(torch.float32).mul_(2.0 ** -24)
+    return torch.bitwise_and(_random_words(m, torch.int32), (1 << 24) - 1).to(torch.float32).mul_(2.0 ** -24)
 
 
 def drop_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
@@ -135,9 +141,7 @@ def drop_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
 
 def _keep_mask(x: torch.Tensor, order: tuple[int, ...], drop_levels: int) -> torch.Tensor:
     """uint8 keep mask (1 = keep) in ``x``'s memory order, from 16-bit uniforms sliced from 64-bit draws."""
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)
-    uniform = bits.view(torch.int16)[:n].view([x.shape[d] for d in order])
+    uniform = _random_words(x.numel(), torch.int16).view([x.shape[d] for d in order])
     keep = torch.empty(uniform.shape, dtype=torch.uint8)
     return torch.ge(uniform, drop_levels - _LEVELS // 2, out=keep)
 
@@ -180,7 +184,7 @@ def _saved_drops(drop: torch.Tensor, numel: int) -> torch.Tensor:
 class _ApplyDrop(torch.autograd.Function):
     """``y = x * keep * scale``, where ``drop`` holds either the dropped positions or the keep mask.
 
-    ``drop`` is int64 positions into the memory order ``order`` (position kernel) or a uint8 keep mask
+    ``drop`` is int32 or int64 positions into the memory order ``order`` (position kernel) or a uint8 keep mask
     laid out in that order (mask kernel). Only ``drop`` is saved, positions as int32 when the largest
     possible one fits (any tensor of at most 2**31 elements). Positions run through the compiled kernel
     (``cpu_kernel.drop_scale``, one pass) when it is in use, else through a scaling pass and a scatter. The map

@@ -178,7 +178,8 @@ def residual_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.
     mode (not scripting, tracing or compiling): on CUDA the Triton kernel that keeps no mask (``triton_dropout``,
     see ``DROPOUT_KERNELS`` for the automatic choice and how to force the previous op), on CPU
     ``_cpu_dropout``; everywhere else ``torch.native_dropout``, which TorchScript runs, ``torch.compile``
-    fuses with its neighbours and ``torch.export`` records.
+    fuses with its neighbours and ``torch.export`` records (with the kernel forced to ``triton``, compile and
+    export call the Triton kernels as custom ops instead: ``_compiled_triton``).
 
     Args:
         x: activations.

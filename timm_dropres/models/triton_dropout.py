@@ -114,6 +114,34 @@ def _on(t: torch.Tensor) -> ContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _launch_forward(x: torch.Tensor, shortcut: Optional[torch.Tensor], out: torch.Tensor, seed: torch.Tensor,
+                    p: float, relu: bool) -> torch.Tensor:
+    """One forward launch: ``out = relu?(shortcut? + x * keep * scale)``, ``keep`` drawn from ``seed``; ``out``."""
+    threshold, scale = rate_threshold(p)
+    with _on(x):  # shortcut is a valid pointer either way; not read without HAS_SHORTCUT
+        _forward_kernel[_grid(x.numel())](x, x if shortcut is None else shortcut, out, seed, x.numel(), threshold,
+                                          scale, HAS_SHORTCUT=shortcut is not None, RELU=relu, BLOCK4=_BLOCK4)
+    return out
+
+
+def _launch_backward(grad: torch.Tensor, out: Optional[torch.Tensor], seed: torch.Tensor, p: float,
+                     grad_x: torch.Tensor, grad_shortcut: Optional[torch.Tensor]) -> None:
+    """One backward launch: ``grad_x = g' * keep * scale``, where ``g'`` is ``grad`` masked by the ReLU when the
+    forward's ``out`` is given, and then also written to ``grad_shortcut``."""
+    threshold, scale = rate_threshold(p)
+    relu = out is not None
+    with _on(grad):
+        _backward_kernel[_grid(grad.numel())](grad, out if relu else grad, grad_x, grad_shortcut if relu else grad,
+                                              seed, grad.numel(), threshold, scale, RELU=relu, BLOCK4=_BLOCK4)
+
+
+def _laid_out(grad: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """``grad`` with the forward input's strides (the mask follows that memory order), copied only if needed."""
+    if grad.stride() == stride:
+        return grad
+    return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
 def keep_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
     """The float32 tensor ``keep * scale`` that the kernels apply for ``seed``, laid out like ``like``.
 
@@ -128,13 +156,8 @@ def keep_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor
     Returns:
         float32 tensor with ``like``'s shape and strides: 0 where dropped, the scale where kept.
     """
-    threshold, scale = rate_threshold(p)
     ones = torch.ones_like(like, dtype=torch.float32)
-    out = torch.empty_like(ones)
-    with _on(out):
-        _forward_kernel[_grid(ones.numel())](ones, ones, out, seed, ones.numel(), threshold, scale,
-                                             HAS_SHORTCUT=False, RELU=False, BLOCK4=_BLOCK4)
-    return out
+    return _launch_forward(ones, None, torch.empty_like(ones), seed, p, False)
 
 
 class _DropoutAdd(torch.autograd.Function):
@@ -143,27 +166,21 @@ class _DropoutAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, shortcut: Optional[torch.Tensor], p: float,  # type: ignore[override]
                 relu: bool, inplace: bool = False) -> torch.Tensor:
-        threshold, scale = rate_threshold(p)
         seed = draw_seed(x.device)
         if inplace:  # each element is read, then written, by the same program: safe in place
             out = x
             ctx.mark_dirty(x)
         else:
             out = torch.empty_like(x)  # x is dense: same strides, so flat indices match
-        s = x if shortcut is None else shortcut  # a valid pointer; not read without HAS_SHORTCUT
-        with _on(x):
-            _forward_kernel[_grid(x.numel())](x, s, out, seed, x.numel(), threshold, scale,
-                                              HAS_SHORTCUT=shortcut is not None, RELU=relu, BLOCK4=_BLOCK4)
+        _launch_forward(x, shortcut, out, seed, p, relu)
         ctx.save_for_backward(seed, out if relu else None)
-        ctx.p, ctx.relu, ctx.has_shortcut = p, relu, shortcut is not None
-        ctx.threshold, ctx.scale, ctx.stride = threshold, scale, x.stride()
+        ctx.p, ctx.relu, ctx.has_shortcut, ctx.stride = p, relu, shortcut is not None, x.stride()
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         seed, out = ctx.saved_tensors
-        if grad.stride() != ctx.stride:  # the mask follows the input's memory order: lay the gradient out so
-            grad = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+        grad = _laid_out(grad, ctx.stride)
         if torch.is_grad_enabled():  # create_graph=True: the same map with differentiable torch ops
             if ctx.relu:
                 grad = torch.ops.aten.threshold_backward(grad, out, 0)
@@ -171,9 +188,7 @@ class _DropoutAdd(torch.autograd.Function):
             return (grad * mask).to(grad.dtype), grad if ctx.has_shortcut else None, None, None, None
         gx = torch.empty_like(grad)
         gs = torch.empty_like(grad) if ctx.relu else grad
-        with _on(grad):
-            _backward_kernel[_grid(grad.numel())](grad, out if ctx.relu else grad, gx, gs, seed, grad.numel(),
-                                                  ctx.threshold, ctx.scale, RELU=ctx.relu, BLOCK4=_BLOCK4)
+        _launch_backward(grad, out, seed, ctx.p, gx, gs if ctx.relu else None)
         return gx, gs if ctx.has_shortcut else None, None, None, None
 
 
@@ -203,12 +218,7 @@ def seeded_dropout_add(x: torch.Tensor, shortcut: Optional[torch.Tensor], seed: 
     Returns:
         A new tensor with ``x``'s shape and strides.
     """
-    threshold, scale = rate_threshold(p)
-    out = torch.empty_like(x)
-    with _on(x):
-        _forward_kernel[_grid(x.numel())](x, x if shortcut is None else shortcut, out, seed, x.numel(), threshold,
-                                          scale, HAS_SHORTCUT=shortcut is not None, RELU=relu, BLOCK4=_BLOCK4)
-    return out
+    return _launch_forward(x, shortcut, torch.empty_like(x), seed, p, relu)
 
 
 @seeded_dropout_add.register_fake
@@ -218,11 +228,8 @@ def _(x, shortcut, seed, p, relu):
 
 @torch.library.custom_op('timm_dropres::seeded_dropout_backward', mutates_args=())
 def _seeded_dropout_backward(grad: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    threshold, scale = rate_threshold(p)
     grad_x = torch.empty_like(grad)
-    with _on(grad):
-        _backward_kernel[_grid(grad.numel())](grad, grad, grad_x, grad, seed, grad.numel(), threshold, scale,
-                                              RELU=False, BLOCK4=_BLOCK4)
+    _launch_backward(grad, None, seed, p, grad_x, None)
     return grad_x
 
 
@@ -234,11 +241,8 @@ def _(grad, seed, p):
 @torch.library.custom_op('timm_dropres::seeded_dropout_relu_backward', mutates_args=())
 def _seeded_dropout_relu_backward(grad: torch.Tensor, out: torch.Tensor, seed: torch.Tensor,
                                   p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    threshold, scale = rate_threshold(p)
     grad_x, grad_shortcut = torch.empty_like(grad), torch.empty_like(grad)
-    with _on(grad):
-        _backward_kernel[_grid(grad.numel())](grad, out, grad_x, grad_shortcut, seed, grad.numel(), threshold,
-                                              scale, RELU=True, BLOCK4=_BLOCK4)
+    _launch_backward(grad, out, seed, p, grad_x, grad_shortcut)
     return grad_x, grad_shortcut
 
 
@@ -255,8 +259,7 @@ def _seeded_setup_context(ctx, inputs, output) -> None:
 
 def _seeded_backward(ctx, grad: torch.Tensor):
     seed, out = ctx.saved_tensors
-    if grad.stride() != ctx.stride:  # the mask follows the input's memory order
-        grad = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+    grad = _laid_out(grad, ctx.stride)
     if ctx.relu:
         grad_x, grad = _seeded_dropout_relu_backward(grad, out, seed, ctx.p)
     else:
