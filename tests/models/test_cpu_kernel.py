@@ -2,11 +2,13 @@
 
 At equal drops the compiled passes give what the separate ATen ops give (``set_dropout_kernel('unfused')``) bit
 for bit: forward and both gradients, every dtype, both layouts, with and without the folded ReLU, in place or
-not, on one thread or several, and whole models over a train step.
+not, on one thread or several, and whole models over a train step. The drops are equal too: the compiled pass
+that turns random words into positions gives the op chain's positions for every 24-bit word.
 """
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -163,6 +165,55 @@ def test_kernel_rejects_mismatched_arguments():
         cpu_kernel.drop_scale(x, pos, 1.1, torch.empty_like(x, dtype=torch.float64))
     with pytest.raises(RuntimeError, match='int32 or int64'):
         cpu_kernel.drop_scale(x, pos.float(), 1.1, torch.empty_like(x))
+
+
+@pytest.mark.parametrize('p', [0.125, 0.1, 0.05, 0.01])
+def test_positions_from_every_word_equal_the_op_chain(p):
+    """All 2**24 uniforms (with random high bytes, which the pass must ignore), in chunks of 2**20 words."""
+    gen = torch.Generator().manual_seed(0)
+    for chunk in torch.arange(1 << 24, dtype=torch.int32).split(1 << 20):
+        words = chunk.bitwise_or(torch.randint(-128, 128, chunk.shape, generator=gen, dtype=torch.int32) << 24)
+        chain = cpu_dropout.geometric_gaps(chunk.float().mul_(2.0 ** -24), p).cumsum(0, dtype=torch.int64).sub_(1)
+        assert cpu_kernel.geometric_positions_(words, 1.0 / math.log1p(-p), 1 << 31, -1) == chunk.numel()
+        assert torch.equal(words.long(), chain)
+
+
+@pytest.mark.parametrize('n,p,draws', [
+    (0, 0.1, None), (1, 0.1, None), (12345, 0.05, None), (2_000_000, 0.1, None), (40_000, 0.003, None),
+    (5000, 0.1, 3),  # three gaps a draw: the draw-on loop, many times
+])
+@pytest.mark.parametrize('threads', [1, 2])
+def test_drop_positions_are_the_same_with_or_without_the_compiled_pass(n, p, draws, threads):
+    """Same seed, same positions and dtype, and the generator left in the same state after."""
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for kernel in ('ops', 'cpp'):
+            torch.manual_seed(7)
+            with layers.dropout_kernel(kernel):
+                runs.append((drop_positions(n, p, draws), torch.rand(2)))
+    finally:
+        torch.set_num_threads(before)
+    (ops, ops_next), (cpp, cpp_next) = runs
+    assert cpp.dtype == ops.dtype == torch.int32 and torch.equal(cpp, ops) and torch.equal(cpp_next, ops_next)
+
+
+def test_positions_pass_stops_at_n_and_rejects_bad_arguments():
+    words = torch.zeros(10, dtype=torch.int32)  # u = 0: gaps of 1
+    assert cpu_kernel.geometric_positions_(words, -10.0, 4, -1) == 4 and words[:4].tolist() == [0, 1, 2, 3]
+    words = torch.zeros(3, dtype=torch.int32)
+    assert cpu_kernel.geometric_positions_(words, -10.0, 100, 41) == 3 and words.tolist() == [42, 43, 44]
+    with pytest.raises(RuntimeError, match='contiguous 1-D int32'):
+        cpu_kernel.geometric_positions_(torch.zeros(4, dtype=torch.int64), -10.0, 5, -1)
+    with pytest.raises(RuntimeError, match=r'inv_log must be 1 / log\(1 - p\), in \[-1.29e8, 0\), got 0.5'):
+        cpu_kernel.geometric_positions_(torch.zeros(4, dtype=torch.int32), 0.5, 5, -1)
+    with pytest.raises(RuntimeError, match=r'got -1e\+09'):
+        cpu_kernel.geometric_positions_(torch.zeros(4, dtype=torch.int32), -1e9, 5, -1)
+    with pytest.raises(RuntimeError, match='must fit int32, got n = 4294967296'):
+        cpu_kernel.geometric_positions_(torch.zeros(4, dtype=torch.int32), -10.0, 1 << 32, -1)
+    with pytest.raises(RuntimeError, match='base >= -1 required, got 5 and -2'):
+        cpu_kernel.geometric_positions_(torch.zeros(4, dtype=torch.int32), -10.0, 5, -2)
 
 
 @pytest.mark.parametrize('build', [

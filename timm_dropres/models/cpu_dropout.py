@@ -2,7 +2,7 @@
 
 At rates up to ``POSITION_KERNEL_MAX_P`` the positions of the drops are drawn as geometric gaps
 (``drop_positions``), so the random numbers cost ``p * n`` draws, and only the positions are saved for
-backward. The passes that apply them run in the compiled kernel (``cpu_kernel``) when
+backward; the compiled kernel also turns the random words into positions, as the ATen ops would. The passes that apply them run in the compiled kernel (``cpu_kernel``) when
 ``kernel_choice.use_cpp()`` says so, else as ATen ops (a scaling pass and a scatter each way). Above that
 rate a uint8 keep mask is drawn and applied with ATen ops. ``_cpu_dropout_add`` fuses the residual addition
 (and the block's ReLU) into the same pass.
@@ -103,7 +103,10 @@ def drop_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
 
     Draws about ``n * p`` geometric gaps (``geometric_gaps`` of ``uniforms``) instead of ``n`` uniforms, so the
     cost scales with the number of drops. The gaps cover ``n`` with overwhelming probability at the first
-    draw (6 standard deviations of margin); otherwise more are drawn.
+    draw (6 standard deviations of margin); otherwise more are drawn. Where the compiled kernel is in use
+    (``kernel_choice.use_cpp()``) it turns the same random words into the same positions in two passes around
+    the same ``torch.log_`` (``cpu_kernel.geometric_positions_``), instead of the seven passes of the ATen ops:
+    the drops for a seed do not depend on the kernel.
 
     Args:
         n: number of trials (elements).
@@ -130,6 +133,8 @@ def drop_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
     max_gap = math.floor(math.log(2.0 ** -24) / math.log1p(-p)) + 2
     reach = n + draws * max_gap  # the draw-on loop starts below n and adds one batch of gaps
     dtype = torch.int32 if reach <= _INT32_MAX else torch.int64
+    if dtype == torch.int32 and use_cpp():
+        return _compiled_positions(n, p, draws)
     positions = geometric_gaps(uniforms(draws), p).cumsum(0, dtype=dtype).sub_(1)
     count = int(torch.searchsorted(positions, n))
     while count == positions.numel():  # every drop drawn so far lies inside [0, n): draw on
@@ -137,6 +142,20 @@ def drop_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
         positions = torch.cat([positions, more])
         count = int(torch.searchsorted(positions, n))
     return positions[:count]
+
+
+def _compiled_positions(n: int, p: float, draws: int) -> torch.Tensor:
+    """``drop_positions``' int32 result from the same random words, turned into positions by the compiled kernel
+    (``cpu_kernel.geometric_positions_``: two passes around the same ``torch.log_`` instead of seven)."""
+    inv_log = 1.0 / math.log1p(-p)
+    parts, base = [], -1
+    while True:
+        words = _random_words(draws, torch.int32)
+        count = cpu_kernel.geometric_positions_(words, inv_log, n, base)
+        parts.append(words[:count])
+        if count < draws:
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        base = int(words[-1])  # every drop drawn so far lies inside [0, n): draw on
 
 
 def _keep_mask(x: torch.Tensor, order: tuple[int, ...], drop_levels: int) -> torch.Tensor:

@@ -10,11 +10,14 @@ builder (``torch.utils.cpp_extension.load``, which needs a C++ compiler and ``ni
   block's own ``x += shortcut``, then its ReLU in the same pass);
 * ``drop_add_relu_backward``: the ReLU's gradient for the shortcut, and that times ``scale`` with zeros at
   the drops for the branch, in one pass;
-* ``drop_scale``: ``src * scale`` with zeros at the drops (the dropout alone, and its backward).
+* ``drop_scale``: ``src * scale`` with zeros at the drops (the dropout alone, and its backward);
+* ``geometric_positions_``: the drop positions from random words, as ``cpu_dropout.drop_positions``' op chain
+  computes them (five passes and a cumulative sum), in two passes around the same ``torch.log_``.
 
-The results equal the separate ATen ops bit for bit at equal drops (the scaled branch is rounded to the
+The results equal the ATen ops bit for bit (the passes at equal drops) (the scaled branch is rounded to the
 dtype before the addition, as ``torch.mul`` then ``add_`` round), for float32, float64, float16 and
-bfloat16. The loops run on torch's intra-op thread pool (``torch.set_num_threads``).
+bfloat16. The loops run on torch's intra-op thread pool (``torch.set_num_threads``). Each function below builds
+the kernel first if this process has not (raising ``RuntimeError``, with the reason, where it cannot).
 
 The build is cached in ``$TORCH_EXTENSIONS_DIR/<name>`` (default ``~/.cache/torch_extensions``), where the
 name hashes the source, the flags, the torch version and the CPU capability, so an upgrade rebuilds instead
@@ -45,7 +48,7 @@ from pathlib import Path
 import torch
 
 __all__ = ['SOURCE', 'available', 'load', 'build_error', 'build_directory', 'drop_scale', 'drop_add',
-           'drop_add_relu_backward']
+           'drop_add_relu_backward', 'geometric_positions_']
 
 _logger = logging.getLogger(__name__)
 _warned = False  # the failed build has been logged in this process
@@ -175,6 +178,7 @@ def drop_scale(src: torch.Tensor, pos: torch.Tensor, scale: float, out: torch.Te
     Returns:
         ``out``.
     """
+    load()
     torch.ops.timm_dropres_cpu.drop_scale(src, pos, scale, out)
     return out
 
@@ -194,6 +198,7 @@ def drop_add(x: torch.Tensor, shortcut: torch.Tensor, pos: torch.Tensor, scale: 
     Returns:
         ``out``.
     """
+    load()
     torch.ops.timm_dropres_cpu.drop_add(x, shortcut, pos, scale, relu, out)
     return out
 
@@ -213,5 +218,29 @@ def drop_add_relu_backward(grad: torch.Tensor, out: torch.Tensor, pos: torch.Ten
         at ``pos``, both new tensors laid out as ``grad``.
     """
     grad_x, grad_shortcut = torch.empty_like(grad), torch.empty_like(grad)
+    load()
     torch.ops.timm_dropres_cpu.drop_add_relu_backward(grad, out, pos, scale, grad_x, grad_shortcut)
     return grad_x, grad_shortcut
+
+
+def geometric_positions_(words: torch.Tensor, inv_log: float, n: int, base: int) -> int:
+    """Turn random words into drop positions in place: ``cpu_dropout.drop_positions``' op chain, bit for bit.
+
+    Word ``i`` gives the uniform ``u = (w & 0xFFFFFF) * 2**-24``, the gap ``g = floor(log(1 - u) * inv_log) + 1``
+    (the log by ``torch.log_``, the product rounded to float32) and the position ``base + g_0 + ... + g_i``.
+
+    Args:
+        words: contiguous 1-D int32 CPU tensor of random words; overwritten with the positions.
+        inv_log: ``1 / log(1 - p)``, negative.
+        n: positions from ``n`` on are not written.
+        base: the position before the first (-1 to start at 0, else the last position of the previous words).
+
+    Returns:
+        How many positions lie below ``n`` (the first ones of ``words`` now); ``words.numel()`` when all do.
+
+    Raises:
+        RuntimeError: ``words`` is not a contiguous 1-D int32 CPU tensor, ``inv_log`` is not in
+            ``[-1.29e8, 0)`` (a gap must fit int32), ``base`` is below -1, or ``n`` is negative or above ``2**31`` (positions below it must fit int32).
+    """
+    load()
+    return torch.ops.timm_dropres_cpu.geometric_positions_(words, inv_log, n, base)

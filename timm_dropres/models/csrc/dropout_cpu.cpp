@@ -1,7 +1,8 @@
 // Residual dropout on CPU: sorted drop positions applied inside one pass each way, fused with the residual
-// addition and the ReLU of a post-activation block. Built and loaded by timm_dropres/models/cpu_kernel.py
-// (torch.utils.cpp_extension); the autograd wiring, the drawing of the drops and every check of the
-// arguments' layout live in timm_dropres/models/layers.py.
+// addition and the ReLU of a post-activation block, and the positions themselves turned out of random words
+// in two passes. Built and loaded by timm_dropres/models/cpu_kernel.py (torch.utils.cpp_extension); the
+// autograd wiring, the drawing of the random words and every check of the arguments' layout live in
+// timm_dropres/models/cpu_dropout.py.
 //
 // Every tensor argument is dense and all of them share one memory order (the Python side makes it so); the
 // kernels walk raw memory, and `pos` holds strictly increasing indices into it (int32 or int64).
@@ -19,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace {
@@ -182,6 +184,46 @@ void drop_add_relu_backward(const at::Tensor& grad, const at::Tensor& out, const
   });
 }
 
+
+// Drop positions from random words, the ATen-op chain of cpu_dropout.drop_positions in two passes around
+// torch's own log_:  u = (w & 0xFFFFFF) * 2^-24;  g = floor(log(1 - u) * inv_log) + 1;  pos = base + cumsum(g).
+// Every step but the log is exact or a single IEEE rounding (the float32 product, as torch.mul_ by a Python
+// scalar rounds it), and the log is the same ATen call on a tensor of the same length, so the positions equal
+// the op chain's bit for bit. Writes the positions below n over the words (int32) and returns how many there
+// are; words.numel() means every one fell below n (the caller draws on from the last).
+int64_t geometric_positions_(at::Tensor words, double inv_log_d, int64_t n, int64_t base) {
+  TORCH_CHECK(words.device().is_cpu() && words.dim() == 1 && words.is_contiguous() && words.scalar_type() == at::kInt,
+              "geometric_positions_: words must be a contiguous 1-D int32 CPU tensor");
+  // the largest gap, log(2^-24) * inv_log + 1, must fit int32 (p above about 1e-8)
+  TORCH_CHECK(inv_log_d < 0.0 && std::log(0x1p-24) * inv_log_d < 2147483646.0,
+              "geometric_positions_: inv_log must be 1 / log(1 - p), in [-1.29e8, 0), got ", inv_log_d);
+  TORCH_CHECK(n >= 0 && base >= -1, "geometric_positions_: n >= 0 and base >= -1 required, got ", n, " and ", base);
+  TORCH_CHECK(n <= (int64_t{1} << 31), "geometric_positions_: positions below n must fit int32, got n = ", n);
+  const int64_t m = words.numel();
+  int32_t* w = words.data_ptr<int32_t>();
+  float* f = reinterpret_cast<float*>(w);
+  at::parallel_for(0, m, 32768, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float u = static_cast<float>(w[i] & 0xFFFFFF) * 0x1p-24f;
+      f[i] = 1.0f - u;  // exact: u is on the 2^-24 grid
+    }
+  });
+  words.view(at::kFloat).log_();  // torch's own log, as the op chain's log_
+  const float inv_log = static_cast<float>(inv_log_d);
+  constexpr int64_t kBlock = 1024;
+  int64_t pos = base;  // 64-bit: sums past n are never written, so only those below n need to fit int32
+  for (int64_t b = 0; b < m; b += kBlock) {
+    const int64_t e = std::min(m, b + kBlock);
+    for (int64_t i = b; i < e; ++i) w[i] = static_cast<int32_t>(std::floor(f[i] * inv_log)) + 1;
+    for (int64_t i = b; i < e; ++i) {
+      pos += w[i];
+      if (pos >= n) return i;
+      w[i] = static_cast<int32_t>(pos);
+    }
+  }
+  return m;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(timm_dropres_cpu, m) {
@@ -189,10 +231,12 @@ TORCH_LIBRARY(timm_dropres_cpu, m) {
   m.def("drop_add(Tensor x, Tensor shortcut, Tensor pos, float scale, bool relu, Tensor(a!) out) -> ()");
   m.def("drop_add_relu_backward(Tensor grad, Tensor out, Tensor pos, float scale, Tensor(a!) grad_x, "
         "Tensor(b!) grad_shortcut) -> ()");
+  m.def("geometric_positions_(Tensor(a!) words, float inv_log, int n, int base) -> int");
 }
 
 TORCH_LIBRARY_IMPL(timm_dropres_cpu, CPU, m) {
   m.impl("drop_scale", &drop_scale);
   m.impl("drop_add", &drop_add);
   m.impl("drop_add_relu_backward", &drop_add_relu_backward);
+  m.impl("geometric_positions_", &geometric_positions_);
 }
