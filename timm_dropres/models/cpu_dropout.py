@@ -1,11 +1,11 @@
 """Residual dropout on CPU: the drops drawn as positions (or a mask) and applied in one pass each way.
 
 At rates up to ``POSITION_KERNEL_MAX_P`` the positions of the drops are drawn as geometric gaps
-(``drop_positions``), so the random numbers cost ``p * n`` draws, and only the positions are saved for
-backward; the compiled kernel also turns the random words into positions, as the ATen ops would. The passes that apply them run in the compiled kernel (``cpu_kernel``) when
-``kernel_choice.use_cpp()`` says so, else as ATen ops (a scaling pass and a scatter each way). Above that
-rate a uint8 keep mask is drawn and applied with ATen ops. ``_cpu_dropout_add`` fuses the residual addition
-(and the block's ReLU) into the same pass.
+(``drop_positions``), so the random numbers cost ``p * n`` draws, and only the positions are saved for backward;
+the compiled kernel also turns the random words into positions, as the ATen ops would. The passes that apply them
+run in the compiled kernel (``cpu_kernel``) when ``kernel_choice.use_cpp()`` says so, else as ATen ops (a scaling
+pass and a scatter each way). Above that rate a uint8 keep mask is drawn and applied with ATen ops.
+``_cpu_dropout_add`` fuses the residual addition (and the block's ReLU) into the same pass.
 
 Example:
     >>> import torch

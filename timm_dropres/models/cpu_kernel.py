@@ -239,8 +239,9 @@ def geometric_positions_(words: torch.Tensor, inv_log: float, n: int, base: int)
         How many positions lie below ``n`` (the first ones of ``words`` now); ``words.numel()`` when all do.
 
     Raises:
-        RuntimeError: ``words`` is not a contiguous 1-D int32 CPU tensor, ``inv_log`` is not in
-            ``[-1.29e8, 0)`` (a gap must fit int32), ``base`` is below -1, or ``n`` is negative or above ``2**31`` (positions below it must fit int32).
+        RuntimeError: ``words`` is not a contiguous 1-D int32 CPU tensor, ``inv_log`` is not in ``[-1.29e8, 0)`` (a
+            gap must fit int32), ``base`` is below -1, or ``n`` is negative or above ``2**31`` (positions below it
+            must fit int32).
     """
     load()
     return torch.ops.timm_dropres_cpu.geometric_positions_(words, inv_log, n, base)
