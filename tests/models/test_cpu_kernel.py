@@ -105,7 +105,7 @@ def test_single_dropout_equals_the_separate_ops_bit_for_bit(dtype, fmt):
 
 
 def test_several_threads_give_the_one_thread_result():
-    """Large enough for at::parallel_for to split the chunks between threads (grain: 8 chunks of 4096)."""
+    """Large enough for at::parallel_for to split the chunks between threads (grain: 32 chunks of 1024)."""
     x0, s0 = torch.randn(2, 64, 40, 40), torch.randn(2, 64, 40, 40)
     g = torch.randn(2, 64, 40, 40)
     threads = torch.get_num_threads()

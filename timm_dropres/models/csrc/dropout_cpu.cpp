@@ -25,10 +25,12 @@
 
 namespace {
 
-// Elements per step of a loop: the dense pass over a chunk, then the drops inside it, while the chunk is in cache.
-constexpr int64_t kChunk = 4096;
+// Elements per step of a loop: the dense pass over a chunk, then the drops inside it, while the chunk is in L1
+// (three or four 4 KB float32 streams). 1024 patched a resnet50 step's drops about 1 ms faster than 4096 on the
+// project's AVX-512 machine; 256 to 2048 were within noise of each other.
+constexpr int64_t kChunk = 1024;
 // Chunks per parallel task (32768 elements, ATen's own grain size).
-constexpr int64_t kGrain = 8;
+constexpr int64_t kGrain = 32;
 
 template <typename index_t>
 int64_t first_drop_at_or_after(const index_t* pos, int64_t m, int64_t i) {
