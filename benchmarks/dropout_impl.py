@@ -32,10 +32,13 @@ Every variant other than ``current`` runs with ``set_dropout_kernel('unfused')``
 
 ``--isolated`` times each kernel alone instead (forward + backward on the tensors the model's dropouts
 see in one step) against the base model's whole train step, which resolves shares of 1-2 % that whole-step
-ratios cannot on a shared machine.
+ratios cannot on a shared machine. ``--tails`` does so for the fused block tails (dropout, addition, ReLU)
+minus the base's own addition and ReLU. ``--drops`` times only the drawing of one step's drops
+(``drop_positions`` on every dropout's tensor), ``current`` (the compiled pass) against ``ops`` (ATen ops).
 
     python benchmarks/dropout_impl.py --archs resnet50 --batch-sizes 16
     python benchmarks/dropout_impl.py --isolated --variants current mask16_bool --reps 15
+    python benchmarks/dropout_impl.py --drops --variants current ops --reps 15
 """
 from __future__ import annotations
 
@@ -161,6 +164,8 @@ VARIANTS: dict[str, type[ResidualDropout]] = {
 
 #: The variants ``--tails`` can time (those that differ in what ``residual_dropout_add`` runs).
 TAIL_VARIANTS = ('current', 'ops', 'unfused')
+#: What ``--drops`` compares: the compiled pass and the ATen op chain (the other variants draw no positions).
+DROP_VARIANTS = ('current', 'ops')
 
 
 def kernel_of(variant: str) -> str:
@@ -370,6 +375,59 @@ def tails(args: argparse.Namespace) -> tuple[str, list[dict]]:
     return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
 
 
+def drops(args: argparse.Namespace) -> tuple[str, list[dict]]:
+    """``--drops``: drawing the drops of one train step alone, against the base train step.
+
+    ``drop_positions`` for the tensor of every dropout one forward calls (the fused tails and the others) at
+    rates the position kernel serves, under ``current`` (the compiled pass turns the random words into
+    positions where it builds) and ``ops`` (the ATen op chain): both draw the same positions, so the
+    difference is the cost of the passes alone.
+    """
+    from timm_dropres.models import cpu_dropout
+
+    device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
+    if device.type != 'cpu':
+        raise SystemExit(f'--drops times the CPU drop draws; got --device {args.device}')
+    variants = [v for v in args.variants if v in DROP_VARIANTS]
+    if not variants:
+        raise SystemExit(f'--drops compares the variants {", ".join(DROP_VARIANTS)}; pass at least one of them')
+    rows, records = [], []
+    for arch in args.archs:
+        for cl in C.layouts(args.channels_last):
+            layout = 'channels_last' if cl else 'contiguous'
+            base, dropres = T.build_pair(arch, device, cl, compile_=False, res_drop_rate=args.res_drop_rate)
+            for bs in args.batch_sizes:
+                x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
+                fused, singles = tail_inputs(dropres, x, dtype)
+                sizes = [(p, a.numel()) for p, a, _, _ in fused] + [(p, t.numel()) for p, t in singles]
+                sizes = [(p, n) for p, n in sizes if p <= cpu_dropout.POSITION_KERNEL_MAX_P]
+
+                def draw(sizes=sizes) -> None:
+                    for p, n in sizes:
+                        cpu_dropout.drop_positions(n, p)
+
+                cases = {'base step': T.make_step(base, x, y, device, dtype)[0]}
+                cases.update({v: under_kernel(kernel_of(v), draw) for v in variants})
+                t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
+                                  clock=args.clock)
+                step = C.Stat.of(t['base step']).median
+                expected = sum(p * n for p, n in sizes)
+                for name in variants:
+                    cost = C.Stat.of(t[name])
+                    share = cost.median / step
+                    rows.append([arch, layout, bs, name, len(sizes), f'{expected / 1e6:.2f}',
+                                 f'{cost.median * 1e3:.2f} ({cost.lo * 1e3:.2f}–{cost.hi * 1e3:.2f})',
+                                 f'{step * 1e3:.0f}', f'{100 * share:.2f}'])
+                    records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, draw_s=cost, step_s=step,
+                                        share=share, sites=len(sizes)))
+    title = (f'### Drawing the drops of one step alone (drop_positions on every dropout\'s tensor) vs the base train '
+             f'step ({args.img_size}px, res_drop_rate {args.res_drop_rate}; {args.reps} interleaved reps, '
+             f'{args.clock} clock)')
+    headers = ['arch', 'layout', 'batch', 'kernel', 'dropouts', 'expected drops (M)', 'ms / step, median (min–max)',
+               'base step ms (median)', 'share % (medians)']
+    return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
+
+
 def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
     import copy
     device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
@@ -424,10 +482,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--tails', action='store_true',
                    help='time the block tails (dropout + addition + ReLU) alone, current vs unfused, minus the '
                         "base's tails (see tails())")
+    p.add_argument('--drops', action='store_true',
+                   help='time drawing the drops of one step alone, current vs ops, against the base step (see drops())')
     T.add_res_drop_rate(p)
     args = C.parse_args(p, argv, SMOKE)
-    if args.isolated and args.tails:
-        p.error('--isolated and --tails are two different measures; pass one')
+    modes = [f'--{m}' for m in ('isolated', 'tails', 'drops') if getattr(args, m)]
+    if len(modes) > 1:
+        p.error(f'{" and ".join(modes)} are different measures; pass one')
     if args.compile:
         p.error('--compile is not supported here: compiled graphs replace the eager dropout kernel being compared')
     return args
@@ -435,7 +496,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    fn = tails if args.tails else isolated if args.isolated else run
+    fn = tails if args.tails else isolated if args.isolated else drops if args.drops else run
     return C.emit(args, *fn(args), script='dropout_impl')
 
 

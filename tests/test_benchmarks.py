@@ -103,6 +103,18 @@ def test_dropout_impl_isolated_reports_each_kernel_share(capsys):
     assert 'Dropout kernels alone' in table and '| test_resnet | contiguous | 2 | current | 5 |' in table
 
 
+def test_dropout_impl_drops_times_both_drawings(capsys):
+    """--drops times drop_positions on the step's own dropout tensors, compiled pass and ATen ops."""
+    table, records = dropout_impl.drops(dropout_impl.parse_args(['--smoke', '--drops', '--variants', 'current', 'ops']))
+    assert [r['variant'] for r in records] == ['current', 'ops']
+    assert all(0 < r['share'] < 1 and r['sites'] == 5 for r in records)  # 4 blocks + the head
+    assert 'Drawing the drops of one step alone' in table and '| test_resnet | contiguous | 2 | ops | 5 |' in table
+    with pytest.raises(SystemExit):
+        dropout_impl.parse_args(['--drops', '--tails'])
+    with pytest.raises(SystemExit, match='--drops compares the variants current, ops'):
+        dropout_impl.drops(dropout_impl.parse_args(['--smoke', '--drops', '--variants', 'unfused']))
+
+
 def test_graph_break_check_traces_active_residual_dropout():
     """The package default res_drop_rate is 0.0; the check must trace blocks whose dropout runs."""
     _, records = compile_check.run(compile_check.parse_args(['--smoke']))
