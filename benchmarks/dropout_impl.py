@@ -174,6 +174,24 @@ def kernel_of(variant: str) -> str:
     return {'current': 'auto', 'ops': 'ops'}.get(variant, 'unfused')
 
 
+def kernel_note(device: torch.device) -> str:
+    """What ``current`` ran on CPU: the compiled kernel, or (where it cannot be built) its ATen-op version."""
+    if device.type != 'cpu':
+        return ''
+    from timm_dropres.models import cpu_kernel
+
+    error = cpu_kernel.build_error()
+    if error is None:
+        return 'compiled CPU kernel: built, so `current` runs it'
+    return f'compiled CPU kernel: not built here, so `current` runs the ATen ops ({error.splitlines()[0][:200]})'
+
+
+def report(title: str, device: torch.device, headers: list[str], rows: list[list]) -> str:
+    """A mode's markdown: title, the machine, what ``current`` ran, the table."""
+    lines = [title, '', C.environment(device)] + [n for n in [kernel_note(device)] if n]
+    return '\n'.join(lines + ['', C.markdown_table(headers, rows)])
+
+
 def under_kernel(kernel: str, fn):
     """``fn`` run with ``set_dropout_kernel(kernel)`` (restored after each call)."""
     def run() -> object:
@@ -257,7 +275,7 @@ def isolated(args: argparse.Namespace) -> tuple[str, list[dict]]:
              f'{args.clock} clock)')
     headers = ['arch', 'layout', 'batch', 'kernel', 'dropouts', 'M elements', 'kernel ms / step, median (min–max)',
                'base step ms (median)', 'share % (medians)', 'share % (minima)', 'implied speed ratio']
-    return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
+    return report(title, device, headers, rows), records
 
 
 def tail_inputs(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float32
@@ -372,7 +390,7 @@ def tails(args: argparse.Namespace) -> tuple[str, list[dict]]:
     headers = ['arch', 'layout', 'batch', 'kernel', 'fused tails', 'other dropouts', 'dropres tails ms',
                'base tails ms', 'extra ms / step, median (min–max)', 'base step ms (median)', 'share % (medians)',
                'implied speed ratio']
-    return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
+    return report(title, device, headers, rows), records
 
 
 def drops(args: argparse.Namespace) -> tuple[str, list[dict]]:
@@ -425,7 +443,7 @@ def drops(args: argparse.Namespace) -> tuple[str, list[dict]]:
              f'{args.clock} clock)')
     headers = ['arch', 'layout', 'batch', 'kernel', 'dropouts', 'expected drops (M)', 'ms / step, median (min–max)',
                'base step ms (median)', 'share % (medians)']
-    return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
+    return report(title, device, headers, rows), records
 
 
 def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
@@ -469,7 +487,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
              f'of {args.reps} interleaved reps, {args.clock} clock, res_drop_rate {args.res_drop_rate})')
     headers = ['arch', 'layout', 'batch', 'ResidualDropout kernel', 'img/s', f'speed ratio (>= {T.SPEED_TARGET})',
                'met', f'memory ratio (<= {T.MEMORY_TARGET})', 'met', 'batch-dependent part ratio']
-    return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
+    return report(title, device, headers, rows), records
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -109,6 +109,7 @@ def test_dropout_impl_drops_times_both_drawings(capsys):
     assert [r['variant'] for r in records] == ['current', 'ops']
     assert all(0 < r['share'] < 1 and r['sites'] == 5 for r in records)  # 4 blocks + the head
     assert 'Drawing the drops of one step alone' in table and '| test_resnet | contiguous | 2 | ops | 5 |' in table
+    assert 'compiled CPU kernel: built, so `current` runs it' in table
     with pytest.raises(SystemExit):
         dropout_impl.parse_args(['--drops', '--tails'])
     with pytest.raises(SystemExit, match='--drops compares the variants current, ops'):

@@ -167,20 +167,46 @@ def test_kernel_rejects_mismatched_arguments():
         cpu_kernel.drop_scale(x, pos.float(), 1.1, torch.empty_like(x))
 
 
+def _chain_positions(words: torch.Tensor, p: float) -> torch.Tensor:
+    """The op chain of ``drop_positions`` on given words, as int64 (never wraps)."""
+    uniform = words.bitwise_and((1 << 24) - 1).float().mul_(2.0 ** -24)
+    return cpu_dropout.geometric_gaps(uniform, p).cumsum(0, dtype=torch.int64).sub_(1)
+
+
+def _check_words(words: torch.Tensor, p: float, chunk: int) -> None:
+    for part in words.split(chunk):
+        expected, got = _chain_positions(part, p), part.clone()
+        assert cpu_kernel.geometric_positions_(got, 1.0 / math.log1p(-p), 1 << 31, -1) == part.numel()
+        assert torch.equal(got.long(), expected)
+
+
 @pytest.mark.parametrize('p', [0.125, 0.1, 0.05, 0.01])
 def test_positions_from_every_word_equal_the_op_chain(p):
     """All 2**24 uniforms (with random high bytes, which the pass must ignore), in chunks of 2**20 words."""
     gen = torch.Generator().manual_seed(0)
-    for chunk in torch.arange(1 << 24, dtype=torch.int32).split(1 << 20):
-        words = chunk.bitwise_or(torch.randint(-128, 128, chunk.shape, generator=gen, dtype=torch.int32) << 24)
-        chain = cpu_dropout.geometric_gaps(chunk.float().mul_(2.0 ** -24), p).cumsum(0, dtype=torch.int64).sub_(1)
-        assert cpu_kernel.geometric_positions_(words, 1.0 / math.log1p(-p), 1 << 31, -1) == chunk.numel()
-        assert torch.equal(words.long(), chain)
+    words = torch.arange(1 << 24, dtype=torch.int32)
+    words.bitwise_or_(torch.randint(-128, 128, words.shape, generator=gen, dtype=torch.int32) << 24)
+    _check_words(words, p, 1 << 20)
+
+
+@pytest.mark.parametrize('p', [5e-7, 1.7e-8])
+def test_gaps_past_2_to_the_24_round_as_the_op_chain_rounds(p):
+    """Below p = 9.9e-7 the largest gaps pass 2**24, where float32 holds only even numbers: the chain's
+    ``floor_().add_(1.0)`` rounds there, and the compiled pass must round alike. The top 4096 words (the
+    largest gaps) and 4096 random ones."""
+    gen = torch.Generator().manual_seed(1)
+    top = torch.arange((1 << 24) - 4096, 1 << 24, dtype=torch.int32)
+    words = torch.cat([top, torch.randint(0, 1 << 24, (4096,), generator=gen, dtype=torch.int32)])
+    largest = _chain_positions(top[-1:], p).item() + 1
+    assert largest > 1 << 24 and largest % 2 == 0  # the rounding is really exercised
+    _check_words(words, p, 1)
 
 
 @pytest.mark.parametrize('n,p,draws', [
     (0, 0.1, None), (1, 0.1, None), (12345, 0.05, None), (2_000_000, 0.1, None), (40_000, 0.003, None),
     (5000, 0.1, 3),  # three gaps a draw: the draw-on loop, many times
+    (1 << 25, 4.47e-7, None),  # gaps past 2**24
+    (5, 1e-8, 1),  # int32 reach, but a gap could pass 2**30: the op chain under both choices
 ])
 @pytest.mark.parametrize('threads', [1, 2])
 def test_drop_positions_are_the_same_with_or_without_the_compiled_pass(n, p, draws, threads):
@@ -204,16 +230,26 @@ def test_positions_pass_stops_at_n_and_rejects_bad_arguments():
     assert cpu_kernel.geometric_positions_(words, -10.0, 4, -1) == 4 and words[:4].tolist() == [0, 1, 2, 3]
     words = torch.zeros(3, dtype=torch.int32)
     assert cpu_kernel.geometric_positions_(words, -10.0, 100, 41) == 3 and words.tolist() == [42, 43, 44]
+    assert cpu_kernel.geometric_positions_(torch.zeros(3, dtype=torch.int32), -10.0, 0, -1) == 0
+
+    def call(words=None, inv_log=-10.0, n=5, base=-1):
+        words = torch.zeros(4, dtype=torch.int32) if words is None else words
+        return cpu_kernel.geometric_positions_(words, inv_log, n, base)
+
     with pytest.raises(RuntimeError, match='contiguous 1-D int32'):
-        cpu_kernel.geometric_positions_(torch.zeros(4, dtype=torch.int64), -10.0, 5, -1)
-    with pytest.raises(RuntimeError, match=r'inv_log must be 1 / log\(1 - p\), in \[-1.29e8, 0\), got 0.5'):
-        cpu_kernel.geometric_positions_(torch.zeros(4, dtype=torch.int32), 0.5, 5, -1)
-    with pytest.raises(RuntimeError, match=r'got -1e\+09'):
-        cpu_kernel.geometric_positions_(torch.zeros(4, dtype=torch.int32), -1e9, 5, -1)
-    with pytest.raises(RuntimeError, match='must fit int32, got n = 4294967296'):
-        cpu_kernel.geometric_positions_(torch.zeros(4, dtype=torch.int32), -10.0, 1 << 32, -1)
-    with pytest.raises(RuntimeError, match='base >= -1 required, got 5 and -2'):
-        cpu_kernel.geometric_positions_(torch.zeros(4, dtype=torch.int32), -10.0, 5, -2)
+        call(words=torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r'log\(1 - p\), in \[-6.45e7, 0\) \(p >= 1.6e-8\), got 0.5'):
+        call(inv_log=0.5)
+    for bad in (-6.5e7, float('nan'), float('-inf')):  # a gap could pass 2**30; not a number
+        with pytest.raises(RuntimeError, match='inv_log must be'):
+            call(inv_log=bad)
+    with pytest.raises(RuntimeError, match=r'n must be in \[0, 2\*\*31\] .*got 4294967296'):
+        call(n=1 << 32)
+    with pytest.raises(RuntimeError, match=r'n must be in \[0, 2\*\*31\]'):
+        call(n=-1)
+    for base in (-2, 5, (1 << 63) - 1):  # below -1; at n; past any sum
+        with pytest.raises(RuntimeError, match=rf'base must be in \[-1, n\) .*got {base} for n = 5'):
+            call(base=base)
 
 
 @pytest.mark.parametrize('build', [

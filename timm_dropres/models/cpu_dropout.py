@@ -32,6 +32,9 @@ __all__ = ['POSITION_KERNEL_MAX_P', 'geometric_gaps', 'uniforms', 'drop_position
 POSITION_KERNEL_MAX_P: Final[float] = 0.125
 _LEVELS = 1 << 16  # resolution of the mask kernel's uniforms
 _INT32_MAX = (1 << 31) - 1
+#: The largest gap the compiled pass takes (``cpu_kernel.geometric_positions_`` checks it); rates so low that a
+#: gap could pass it (below about 1.6e-8) take the ATen op chain.
+_COMPILED_MAX_GAP = 1 << 30
 
 
 def _check_open_rate(p: float) -> None:
@@ -104,8 +107,8 @@ def drop_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
     Draws about ``n * p`` geometric gaps (``geometric_gaps`` of ``uniforms``) instead of ``n`` uniforms, so the
     cost scales with the number of drops. The gaps cover ``n`` with overwhelming probability at the first
     draw (6 standard deviations of margin); otherwise more are drawn. Where the compiled kernel is in use
-    (``kernel_choice.use_cpp()``) it turns the same random words into the same positions in two passes around
-    the same ``torch.log_`` (``cpu_kernel.geometric_positions_``), instead of the seven passes of the ATen ops:
+    (``kernel_choice.use_cpp()``) it turns the same random words into the same positions in three passes, one of
+    them the same ``torch.log_`` (``cpu_kernel.geometric_positions_``), instead of the eleven passes of the ATen ops:
     the drops for a seed do not depend on the kernel.
 
     Args:
@@ -133,7 +136,7 @@ def drop_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
     max_gap = math.floor(math.log(2.0 ** -24) / math.log1p(-p)) + 2
     reach = n + draws * max_gap  # the draw-on loop starts below n and adds one batch of gaps
     dtype = torch.int32 if reach <= _INT32_MAX else torch.int64
-    if dtype == torch.int32 and use_cpp():
+    if dtype == torch.int32 and max_gap <= _COMPILED_MAX_GAP and use_cpp():
         return _compiled_positions(n, p, draws)
     positions = geometric_gaps(uniforms(draws), p).cumsum(0, dtype=dtype).sub_(1)
     count = int(torch.searchsorted(positions, n))
@@ -146,7 +149,7 @@ def drop_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
 
 def _compiled_positions(n: int, p: float, draws: int) -> torch.Tensor:
     """``drop_positions``' int32 result from the same random words, turned into positions by the compiled kernel
-    (``cpu_kernel.geometric_positions_``: two passes around the same ``torch.log_`` instead of seven)."""
+    (``cpu_kernel.geometric_positions_``: three passes, one the same ``torch.log_``, instead of eleven)."""
     inv_log = 1.0 / math.log1p(-p)
     parts, base = [], -1
     while True:

@@ -12,7 +12,7 @@ builder (``torch.utils.cpp_extension.load``, which needs a C++ compiler and ``ni
   the drops for the branch, in one pass;
 * ``drop_scale``: ``src * scale`` with zeros at the drops (the dropout alone, and its backward);
 * ``geometric_positions_``: the drop positions from random words, as ``cpu_dropout.drop_positions``' op chain
-  computes them (five passes and a cumulative sum), in two passes around the same ``torch.log_``.
+  computes them (eleven passes), in three, the middle one the same ``torch.log_``.
 
 The results equal the ATen ops bit for bit (the passes at equal drops) (the scaled branch is rounded to the
 dtype before the addition, as ``torch.mul`` then ``add_`` round), for float32, float64, float16 and
@@ -227,7 +227,8 @@ def geometric_positions_(words: torch.Tensor, inv_log: float, n: int, base: int)
     """Turn random words into drop positions in place: ``cpu_dropout.drop_positions``' op chain, bit for bit.
 
     Word ``i`` gives the uniform ``u = (w & 0xFFFFFF) * 2**-24``, the gap ``g = floor(log(1 - u) * inv_log) + 1``
-    (the log by ``torch.log_``, the product rounded to float32) and the position ``base + g_0 + ... + g_i``.
+    (the log by ``torch.log_``, the product and the ``+ 1`` rounded to float32) and the position
+    ``base + g_0 + ... + g_i``.
 
     Args:
         words: contiguous 1-D int32 CPU tensor of random words; overwritten with the positions.
@@ -239,9 +240,9 @@ def geometric_positions_(words: torch.Tensor, inv_log: float, n: int, base: int)
         How many positions lie below ``n`` (the first ones of ``words`` now); ``words.numel()`` when all do.
 
     Raises:
-        RuntimeError: ``words`` is not a contiguous 1-D int32 CPU tensor, ``inv_log`` is not in ``[-1.29e8, 0)`` (a
-            gap must fit int32), ``base`` is below -1, or ``n`` is negative or above ``2**31`` (positions below it
-            must fit int32).
+        RuntimeError: ``words`` is not a contiguous 1-D int32 CPU tensor, ``inv_log`` is not in ``[-6.45e7, 0)``
+            (``p >= 1.6e-8``: every gap at most ``2**30 + 1``), ``n`` is not in ``[0, 2**31]`` (positions below it
+            must fit int32), or ``base`` is not in ``[-1, n)``.
     """
     load()
     return torch.ops.timm_dropres_cpu.geometric_positions_(words, inv_log, n, base)

@@ -1,6 +1,6 @@
 // Residual dropout on CPU: sorted drop positions applied inside one pass each way, fused with the residual
 // addition and the ReLU of a post-activation block, and the positions themselves turned out of random words
-// in two passes. Built and loaded by timm_dropres/models/cpu_kernel.py (torch.utils.cpp_extension); the
+// in three passes. Built and loaded by timm_dropres/models/cpu_kernel.py (torch.utils.cpp_extension); the
 // autograd wiring, the drawing of the random words and every check of the arguments' layout live in
 // timm_dropres/models/cpu_dropout.py.
 //
@@ -20,14 +20,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 
 namespace {
 
 // Elements per step of a loop: the dense pass over a chunk, then the drops inside it, while the chunk is in L1
-// (three or four 4 KB float32 streams). 1024 patched a resnet50 step's drops about 1 ms faster than 4096 on the
-// project's AVX-512 machine; 256 to 2048 were within noise of each other.
+// (three or four 4 KB float32 streams). On the project's AVX-512 machine 1024 patched one 2.1 M-element tensor's
+// drops 0.1-0.15 ms faster than 4096 (about 1 ms per resnet50 step, extrapolated); 512 and 2048 were close.
 constexpr int64_t kChunk = 1024;
 // Chunks per parallel task (32768 elements, ATen's own grain size).
 constexpr int64_t kGrain = 32;
@@ -187,36 +188,41 @@ void drop_add_relu_backward(const at::Tensor& grad, const at::Tensor& out, const
 }
 
 
-// Drop positions from random words, the ATen-op chain of cpu_dropout.drop_positions in two passes around
-// torch's own log_:  u = (w & 0xFFFFFF) * 2^-24;  g = floor(log(1 - u) * inv_log) + 1;  pos = base + cumsum(g).
-// Every step but the log is exact or a single IEEE rounding (the float32 product, as torch.mul_ by a Python
-// scalar rounds it), and the log is the same ATen call on a tensor of the same length, so the positions equal
-// the op chain's bit for bit. Writes the positions below n over the words (int32) and returns how many there
-// are; words.numel() means every one fell below n (the caller draws on from the last).
+// Drop positions from random words: the ATen-op chain of cpu_dropout.drop_positions (eleven passes) in three,
+// the middle one torch's own log_:  u = (w & 0xFFFFFF) * 2^-24;  g = floor(log(1 - u) * inv_log) + 1;
+// pos = base + cumsum(g). Every step but the log is exact or the chain's own float32 rounding (the product, as
+// torch.mul_ by a Python scalar rounds it; the + 1 in float32, as add_ does, which matters for gaps above 2^24),
+// and the log is the same ATen call on a tensor of the same length, so the positions equal the op chain's bit
+// for bit. Writes the positions below n over the words (int32) and returns how many there are; words.numel()
+// means every one fell below n (the caller draws on from the last). The words are read and written as int32
+// only (the float values go through std::bit_cast), so no pointer of another type aliases them.
 int64_t geometric_positions_(at::Tensor words, double inv_log_d, int64_t n, int64_t base) {
   TORCH_CHECK(words.device().is_cpu() && words.dim() == 1 && words.is_contiguous() && words.scalar_type() == at::kInt,
               "geometric_positions_: words must be a contiguous 1-D int32 CPU tensor");
-  // the largest gap, log(2^-24) * inv_log + 1, must fit int32 (p above about 1e-8)
-  TORCH_CHECK(inv_log_d < 0.0 && std::log(0x1p-24) * inv_log_d < 2147483646.0,
-              "geometric_positions_: inv_log must be 1 / log(1 - p), in [-1.29e8, 0), got ", inv_log_d);
-  TORCH_CHECK(n >= 0 && base >= -1, "geometric_positions_: n >= 0 and base >= -1 required, got ", n, " and ", base);
-  TORCH_CHECK(n <= (int64_t{1} << 31), "geometric_positions_: positions below n must fit int32, got n = ", n);
+  // a gap is at most log(2^-24) * inv_log + 1; at most 2^30 + 1 keeps the cast below and the sums far from overflow
+  TORCH_CHECK(inv_log_d < 0.0 && std::log(0x1p-24) * inv_log_d <= 0x1p30,
+              "geometric_positions_: inv_log must be 1 / log(1 - p), in [-6.45e7, 0) (p >= 1.6e-8), got ", inv_log_d);
+  TORCH_CHECK(n >= 0 && n <= (int64_t{1} << 31),
+              "geometric_positions_: n must be in [0, 2**31] (positions below it fit int32), got ", n);
+  TORCH_CHECK(base >= -1 && base < std::max<int64_t>(n, 0),
+              "geometric_positions_: base must be in [-1, n) (-1, or the last position drawn), got ", base, " for n = ", n);
   const int64_t m = words.numel();
   int32_t* w = words.data_ptr<int32_t>();
-  float* f = reinterpret_cast<float*>(w);
   at::parallel_for(0, m, 32768, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const float u = static_cast<float>(w[i] & 0xFFFFFF) * 0x1p-24f;
-      f[i] = 1.0f - u;  // exact: u is on the 2^-24 grid
+      w[i] = std::bit_cast<int32_t>(1.0f - u);  // exact: u is on the 2^-24 grid
     }
   });
   words.view(at::kFloat).log_();  // torch's own log, as the op chain's log_
   const float inv_log = static_cast<float>(inv_log_d);
   constexpr int64_t kBlock = 1024;
-  int64_t pos = base;  // 64-bit: sums past n are never written, so only those below n need to fit int32
+  int64_t pos = base;  // < n + 2^30 + 1 at most: no overflow; sums past n are never written
   for (int64_t b = 0; b < m; b += kBlock) {
     const int64_t e = std::min(m, b + kBlock);
-    for (int64_t i = b; i < e; ++i) w[i] = static_cast<int32_t>(std::floor(f[i] * inv_log)) + 1;
+    for (int64_t i = b; i < e; ++i) {
+      w[i] = static_cast<int32_t>(std::floor(std::bit_cast<float>(w[i]) * inv_log) + 1.0f);
+    }
     for (int64_t i = b; i < e; ++i) {
       pos += w[i];
       if (pos >= n) return i;
