@@ -230,6 +230,28 @@ def dropout_inputs(model: torch.nn.Module, x: torch.Tensor,
     return seen
 
 
+def settings(args: argparse.Namespace, device: torch.device):
+    """Every setting of a run, each model pair built once per architecture and layout.
+
+    Yields:
+        ``(arch, layout, base, dropres, batch_size, x, y)``.
+    """
+    for arch in args.archs:
+        for cl in C.layouts(args.channels_last):
+            base, dropres = T.build_pair(arch, device, cl, compile_=False, res_drop_rate=args.res_drop_rate)
+            for bs in args.batch_sizes:
+                x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
+                yield arch, 'channels_last' if cl else 'contiguous', base, dropres, bs, x, y
+
+
+def chosen_variants(args: argparse.Namespace, allowed: tuple[str, ...], mode: str) -> list[str]:
+    """The ``--variants`` a mode can compare, or exit naming the ones it can."""
+    variants = [v for v in args.variants if v in allowed]
+    if not variants:
+        raise SystemExit(f'{mode} compares the variants {", ".join(allowed)}; pass at least one of them')
+    return variants
+
+
 def isolated(args: argparse.Namespace) -> tuple[str, list[dict]]:
     """Each kernel alone, forward + backward on the very tensors the model's dropouts see in one step,
     timed interleaved with the base model's whole train step: the kernel's share of a step.
@@ -240,36 +262,31 @@ def isolated(args: argparse.Namespace) -> tuple[str, list[dict]]:
     """
     device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
     rows, records = [], []
-    for arch in args.archs:
-        for cl in C.layouts(args.channels_last):
-            layout = 'channels_last' if cl else 'contiguous'
-            base, dropres = T.build_pair(arch, device, cl, compile_=False, res_drop_rate=args.res_drop_rate)
-            for bs in args.batch_sizes:
-                x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
-                inputs = [(p, t.requires_grad_()) for p, t in dropout_inputs(dropres, x, dtype)]
-                upstream = [torch.randn_like(t) for _, t in inputs]
-                cases = {'base step': T.make_step(base, x, y, device, dtype)[0]}
-                for name in args.variants:
-                    modules = [VARIANTS[name](p).train() for p, _ in inputs]
+    for arch, layout, base, dropres, bs, x, y in settings(args, device):
+        inputs = [(p, t.requires_grad_()) for p, t in dropout_inputs(dropres, x, dtype)]
+        upstream = [torch.randn_like(t) for _, t in inputs]
+        cases = {'base step': T.make_step(base, x, y, device, dtype)[0]}
+        for name in args.variants:
+            modules = [VARIANTS[name](p).train() for p, _ in inputs]
 
-                    def kernels(modules=modules, inputs=inputs, upstream=upstream) -> None:
-                        for m, (_, t), g in zip(modules, inputs, upstream, strict=True):
-                            torch.autograd.grad(m(t), t, g)
+            def kernels(modules=modules, inputs=inputs, upstream=upstream) -> None:
+                for m, (_, t), g in zip(modules, inputs, upstream, strict=True):
+                    torch.autograd.grad(m(t), t, g)
 
-                    cases[name] = under_kernel(kernel_of(name), kernels)
-                t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
-                                  clock=args.clock)
-                step, step_min = C.Stat.of(t['base step']).median, min(t['base step'])
-                elements = sum(t_.numel() for _, t_ in inputs)
-                for name in args.variants:
-                    cost = C.Stat.of(t[name])
-                    share = cost.median / step
-                    rows.append([arch, layout, bs, name, len(inputs), f'{elements / 1e6:.1f}',
-                                 f'{cost.median * 1e3:.1f} ({cost.lo * 1e3:.1f}–{cost.hi * 1e3:.1f})',
-                                 f'{step * 1e3:.0f}', f'{100 * share:.2f}', f'{100 * cost.lo / step_min:.2f}',
-                                 f'{1 / (1 + share):.3f}'])
-                    records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, kernel_s=cost,
-                                        step_s=step, share=share))
+            cases[name] = under_kernel(kernel_of(name), kernels)
+        t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
+                          clock=args.clock)
+        step, step_min = C.Stat.of(t['base step']).median, min(t['base step'])
+        elements = sum(t_.numel() for _, t_ in inputs)
+        for name in args.variants:
+            cost = C.Stat.of(t[name])
+            share = cost.median / step
+            rows.append([arch, layout, bs, name, len(inputs), f'{elements / 1e6:.1f}',
+                         f'{cost.median * 1e3:.1f} ({cost.lo * 1e3:.1f}–{cost.hi * 1e3:.1f})',
+                         f'{step * 1e3:.0f}', f'{100 * share:.2f}', f'{100 * cost.lo / step_min:.2f}',
+                         f'{1 / (1 + share):.3f}'])
+            records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, kernel_s=cost,
+                                step_s=step, share=share))
     title = (f'### Dropout kernels alone: forward + backward on the inputs of one step, vs the base train step '
              f'({args.dtype}, {args.img_size}px, res_drop_rate {args.res_drop_rate}; {args.reps} interleaved reps, '
              f'{args.clock} clock)')
@@ -327,63 +344,56 @@ def tails(args: argparse.Namespace) -> tuple[str, list[dict]]:
     found its data warm (a bias of about 3 ms per resnetv2_50 step, in favour of whichever ran second).
     """
     device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
-    variants = [v for v in args.variants if v in TAIL_VARIANTS]
-    if not variants:
-        raise SystemExit(f'--tails compares the variants {", ".join(TAIL_VARIANTS)}; pass at least one of them')
+    variants = chosen_variants(args, TAIL_VARIANTS, '--tails')
     rows, records = [], []
-    for arch in args.archs:
-        for cl in C.layouts(args.channels_last):
-            layout = 'channels_last' if cl else 'contiguous'
-            base, dropres = T.build_pair(arch, device, cl, compile_=False, res_drop_rate=args.res_drop_rate)
-            for bs in args.batch_sizes:
-                x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
-                fused, singles = tail_inputs(dropres, x, dtype)
+    for arch, layout, base, dropres, bs, x, y in settings(args, device):
+        fused, singles = tail_inputs(dropres, x, dtype)
 
-                def own_copy(fused=fused, singles=singles):
-                    """Each case its own tensors: sharing them, a case would find the previous case's data warm in
-                    the cache (the variant run first paid for everyone's cache misses)."""
-                    f = [(p, a.clone().requires_grad_(), b.clone().requires_grad_(), r) for p, a, b, r in fused]
-                    s_ = [(p, t.clone().requires_grad_()) for p, t in singles]
-                    return f, s_, [torch.randn_like(a) for _, a, _, _ in f], [torch.randn_like(t) for _, t in s_]
+        def own_copy(fused=fused, singles=singles):
+            """Each case its own tensors: sharing them, a case would find the previous case's data warm in
+            the cache (the variant run first paid for everyone's cache misses)."""
+            f = [(p, a.clone().requires_grad_(), b.clone().requires_grad_(), r) for p, a, b, r in fused]
+            s_ = [(p, t.clone().requires_grad_()) for p, t in singles]
+            return f, s_, [torch.randn_like(a) for _, a, _, _ in f], [torch.randn_like(t) for _, t in s_]
 
-                # both start from a copy of the branch, which they then overwrite as the blocks do (x += shortcut)
-                def base_tails(data) -> None:
-                    fused, _, up_f, _ = data
-                    for (_, a, b, relu), g in zip(fused, up_f, strict=True):
-                        out = a.clone()
-                        out += b
-                        torch.autograd.grad(torch.relu_(out) if relu else out, (a, b), g)
+        # both start from a copy of the branch, which they then overwrite as the blocks do (x += shortcut)
+        def base_tails(data) -> None:
+            fused, _, up_f, _ = data
+            for (_, a, b, relu), g in zip(fused, up_f, strict=True):
+                out = a.clone()
+                out += b
+                torch.autograd.grad(torch.relu_(out) if relu else out, (a, b), g)
 
-                def dropres_tails(data) -> None:
-                    fused, singles, up_f, up_s = data
-                    for (p, a, b, relu), g in zip(fused, up_f, strict=True):
-                        out = layers.residual_dropout_add(a.clone(), b, p, True, relu, inplace=True)
-                        torch.autograd.grad(out, (a, b), g)
-                    for (p, t), g in zip(singles, up_s, strict=True):
-                        torch.autograd.grad(layers.residual_dropout(t, p, True), t, g)
+        def dropres_tails(data) -> None:
+            fused, singles, up_f, up_s = data
+            for (p, a, b, relu), g in zip(fused, up_f, strict=True):
+                out = layers.residual_dropout_add(a.clone(), b, p, True, relu, inplace=True)
+                torch.autograd.grad(out, (a, b), g)
+            for (p, t), g in zip(singles, up_s, strict=True):
+                torch.autograd.grad(layers.residual_dropout(t, p, True), t, g)
 
-                # a base train step between any two timed tail cases, in both orders of the interleaving: each case
-                # then starts from the caches a train step leaves (back to back, the second found its data warm,
-                # and in the A B, B A order the last case ran twice in a row)
-                train_step = T.make_step(base, x, y, device, dtype)[0]
-                cases = {'base step': train_step, 'base tails': functools.partial(base_tails, own_copy())}
-                for v in variants:
-                    cases[f'(a step before {v})'] = train_step
-                    cases[v] = under_kernel(kernel_of(v), functools.partial(dropres_tails, own_copy()))
-                cases['(a step after the last)'] = train_step
-                t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
-                                  clock=args.clock)
-                step = C.Stat.of(t['base step']).median
-                for name in variants:
-                    extra = [a - b for a, b in zip(t[name], t['base tails'], strict=True)]  # adjacent reps
-                    cost = C.Stat.of(extra)
-                    share = cost.median / step
-                    ms = {k: f'{C.Stat.of(t[k]).median * 1e3:.1f}' for k in (name, 'base tails')}
-                    rows.append([arch, layout, bs, name, len(fused), len(singles), ms[name], ms['base tails'],
-                                 f'{cost.median * 1e3:.1f} ({cost.lo * 1e3:.1f}–{cost.hi * 1e3:.1f})',
-                                 f'{step * 1e3:.0f}', f'{100 * share:.2f}', f'{1 / (1 + share):.3f}'])
-                    records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, extra_s=cost, step_s=step,
-                                        share=share, fused_sites=len(fused), other_sites=len(singles)))
+        # a base train step between any two timed tail cases, in both orders of the interleaving: each case
+        # then starts from the caches a train step leaves (back to back, the second found its data warm,
+        # and in the A B, B A order the last case ran twice in a row)
+        train_step = T.make_step(base, x, y, device, dtype)[0]
+        cases = {'base step': train_step, 'base tails': functools.partial(base_tails, own_copy())}
+        for v in variants:
+            cases[f'(a step before {v})'] = train_step
+            cases[v] = under_kernel(kernel_of(v), functools.partial(dropres_tails, own_copy()))
+        cases['(a step after the last)'] = train_step
+        t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
+                          clock=args.clock)
+        step = C.Stat.of(t['base step']).median
+        for name in variants:
+            extra = [a - b for a, b in zip(t[name], t['base tails'], strict=True)]  # adjacent reps
+            cost = C.Stat.of(extra)
+            share = cost.median / step
+            ms = {k: f'{C.Stat.of(t[k]).median * 1e3:.1f}' for k in (name, 'base tails')}
+            rows.append([arch, layout, bs, name, len(fused), len(singles), ms[name], ms['base tails'],
+                         f'{cost.median * 1e3:.1f} ({cost.lo * 1e3:.1f}–{cost.hi * 1e3:.1f})',
+                         f'{step * 1e3:.0f}', f'{100 * share:.2f}', f'{1 / (1 + share):.3f}'])
+            records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, extra_s=cost, step_s=step,
+                                share=share, fused_sites=len(fused), other_sites=len(singles)))
     title = (f'### Dropout with the residual addition, timed alone: forward + backward of the block tails on the '
              f'tensors of one step, minus the base tails, vs the base train step ({args.dtype}, {args.img_size}px, '
              f'res_drop_rate {args.res_drop_rate}; {args.reps} interleaved reps, {args.clock} clock)')
@@ -406,38 +416,31 @@ def drops(args: argparse.Namespace) -> tuple[str, list[dict]]:
     device, dtype = C.resolve_device(args.device), C.resolve_dtype(args.dtype)
     if device.type != 'cpu':
         raise SystemExit(f'--drops times the CPU drop draws; got --device {args.device}')
-    variants = [v for v in args.variants if v in DROP_VARIANTS]
-    if not variants:
-        raise SystemExit(f'--drops compares the variants {", ".join(DROP_VARIANTS)}; pass at least one of them')
+    variants = chosen_variants(args, DROP_VARIANTS, '--drops')
     rows, records = [], []
-    for arch in args.archs:
-        for cl in C.layouts(args.channels_last):
-            layout = 'channels_last' if cl else 'contiguous'
-            base, dropres = T.build_pair(arch, device, cl, compile_=False, res_drop_rate=args.res_drop_rate)
-            for bs in args.batch_sizes:
-                x, y = C.make_batch(bs, args.img_size, T.NUM_CLASSES, device, cl)
-                fused, singles = tail_inputs(dropres, x, dtype)
-                sizes = [(p, a.numel()) for p, a, _, _ in fused] + [(p, t.numel()) for p, t in singles]
-                sizes = [(p, n) for p, n in sizes if p <= cpu_dropout.POSITION_KERNEL_MAX_P]
+    for arch, layout, base, dropres, bs, x, y in settings(args, device):
+        fused, singles = tail_inputs(dropres, x, dtype)
+        sizes = [(p, a.numel()) for p, a, _, _ in fused] + [(p, t.numel()) for p, t in singles]
+        sizes = [(p, n) for p, n in sizes if p <= cpu_dropout.POSITION_KERNEL_MAX_P]
 
-                def draw(sizes=sizes) -> None:
-                    for p, n in sizes:
-                        cpu_dropout.drop_positions(n, p)
+        def draw(sizes=sizes) -> None:
+            for p, n in sizes:
+                cpu_dropout.drop_positions(n, p)
 
-                cases = {'base step': T.make_step(base, x, y, device, dtype)[0]}
-                cases.update({v: under_kernel(kernel_of(v), draw) for v in variants})
-                t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
-                                  clock=args.clock)
-                step = C.Stat.of(t['base step']).median
-                expected = sum(p * n for p, n in sizes)
-                for name in variants:
-                    cost = C.Stat.of(t[name])
-                    share = cost.median / step
-                    rows.append([arch, layout, bs, name, len(sizes), f'{expected / 1e6:.2f}',
-                                 f'{cost.median * 1e3:.2f} ({cost.lo * 1e3:.2f}–{cost.hi * 1e3:.2f})',
-                                 f'{step * 1e3:.0f}', f'{100 * share:.2f}'])
-                    records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, draw_s=cost, step_s=step,
-                                        share=share, sites=len(sizes)))
+        cases = {'base step': T.make_step(base, x, y, device, dtype)[0]}
+        cases.update({v: under_kernel(kernel_of(v), draw) for v in variants})
+        t = C.interleaved(cases, device=device, reps=args.reps, warmup=args.warmup, iters=args.iters,
+                          clock=args.clock)
+        step = C.Stat.of(t['base step']).median
+        expected = sum(p * n for p, n in sizes)
+        for name in variants:
+            cost = C.Stat.of(t[name])
+            share = cost.median / step
+            rows.append([arch, layout, bs, name, len(sizes), f'{expected / 1e6:.2f}',
+                         f'{cost.median * 1e3:.2f} ({cost.lo * 1e3:.2f}–{cost.hi * 1e3:.2f})',
+                         f'{step * 1e3:.0f}', f'{100 * share:.2f}'])
+            records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, draw_s=cost, step_s=step,
+                                share=share, sites=len(sizes)))
     title = (f'### Drawing the drops of one step alone (drop_positions on every dropout\'s tensor) vs the base train '
              f'step ({args.img_size}px, res_drop_rate {args.res_drop_rate}; {args.reps} interleaved reps, '
              f'{args.clock} clock)')
