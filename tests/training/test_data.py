@@ -154,7 +154,17 @@ class _StartingLoader:
         yield 2
 
 
-def test_iterate_delivers_a_ctrl_c_pressed_while_the_workers_start():
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler for the test. A background job (``cmd &`` in a script, as ``nohup make test &``)
+    starts with SIGINT ignored and Python keeps it ignored, so no Ctrl-C would raise and the test would fail."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_iterate_delivers_a_ctrl_c_pressed_while_the_workers_start(ctrl_c_raises):
     from timm_dropres.training.data import iterate
     assert list(_StartingLoader()) == [1, 2]  # plain iteration: the Ctrl-C is gone
     with pytest.raises(KeyboardInterrupt):
