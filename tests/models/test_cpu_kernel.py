@@ -165,6 +165,18 @@ def test_kernel_rejects_mismatched_arguments():
         cpu_kernel.drop_scale(x, pos, 1.1, torch.empty_like(x, dtype=torch.float64))
     with pytest.raises(RuntimeError, match='int32 or int64'):
         cpu_kernel.drop_scale(x, pos.float(), 1.1, torch.empty_like(x))
+    buf = torch.randn(80)  # views at an offset into one buffer: out would overwrite what the loop reads next
+    a, b = buf[:72].view(2, 4, 3, 3), buf[8:80].view(2, 4, 3, 3)
+    with pytest.raises(RuntimeError, match='drop_scale: out and src must be the same tensor or not overlap'):
+        cpu_kernel.drop_scale(a, pos, 1.1, b)
+    with pytest.raises(RuntimeError, match='drop_add: out and x must be the same tensor or not overlap'):
+        cpu_kernel.drop_add(a, s, pos, 1.1, False, b)
+    g, out = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    for args, names in [((g, out, pos, 1.1, g, torch.empty_like(g)), 'the gradients written and grad'),
+                        ((g, out, pos, 1.1, torch.empty_like(g), out), 'the gradients written and out'),
+                        ((g, out, pos, 1.1, a, b), 'grad_x and grad_shortcut')]:
+        with pytest.raises(RuntimeError, match=f'drop_add_relu_backward: {names} must not overlap'):
+            torch.ops.timm_dropres_cpu.drop_add_relu_backward(*args)
 
 
 def _chain_positions(words: torch.Tensor, p: float) -> torch.Tensor:

@@ -17,7 +17,10 @@ builder (``torch.utils.cpp_extension.load``, which needs a C++ compiler and ``ni
 The results equal the ATen ops bit for bit (the passes at equal drops) (the scaled branch is rounded to the
 dtype before the addition, as ``torch.mul`` then ``add_`` round), for float32, float64, float16 and
 bfloat16. The loops run on torch's intra-op thread pool (``torch.set_num_threads``). Each function below builds
-the kernel first if this process has not (raising ``RuntimeError``, with the reason, where it cannot).
+the kernel first if this process has not (raising ``RuntimeError``, with the reason, where it cannot), and the
+C++ checks every argument before it writes anything (``RuntimeError`` naming the argument): devices, dtypes,
+shapes, strides, density, positions strictly increasing and in range, and a written tensor either the very
+tensor it reads or sharing no memory with it.
 
 The build is cached in ``$TORCH_EXTENSIONS_DIR/<name>`` (default ``~/.cache/torch_extensions``), where the
 name hashes the source, the flags, the torch version and the CPU capability, so an upgrade rebuilds instead
@@ -173,7 +176,7 @@ def drop_scale(src: torch.Tensor, pos: torch.Tensor, scale: float, out: torch.Te
         src: dense CPU tensor.
         pos: strictly increasing int32 or int64 indices into ``src``'s memory.
         scale: the inverted-dropout scale.
-        out: written; ``src``'s shape, dtype and strides.
+        out: written; ``src``'s shape, dtype and strides; ``src`` itself or no memory in common with it.
 
     Returns:
         ``out``.
@@ -193,7 +196,7 @@ def drop_add(x: torch.Tensor, shortcut: torch.Tensor, pos: torch.Tensor, scale: 
         pos: strictly increasing int32 or int64 indices into ``x``'s memory.
         scale: the inverted-dropout scale.
         relu: apply ReLU to the sum.
-        out: written (may be ``x``); ``x``'s shape, dtype and strides.
+        out: written; ``x``'s shape, dtype and strides; ``x`` itself or no memory in common with it.
 
     Returns:
         ``out``.

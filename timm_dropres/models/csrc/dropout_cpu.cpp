@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -118,6 +119,15 @@ void check_pair(const at::Tensor& a, const at::Tensor& b, const char* what) {
               ": tensors must be dense");
 }
 
+// A written tensor against another argument: the same elements (when the loop reads each before writing it,
+// `same_ok`) or none; never an overlap at an offset, which would read elements the loop already wrote.
+void check_overlap(const at::Tensor& written, const at::Tensor& other, bool same_ok, const char* what,
+                   const char* names) {
+  const at::MemOverlapStatus status = at::get_overlap_status(written, other);
+  TORCH_CHECK(status == at::MemOverlapStatus::No || (same_ok && status == at::MemOverlapStatus::Full), what, ": ",
+              names, same_ok ? " must be the same tensor or not overlap" : " must not overlap");
+}
+
 template <typename index_t>
 bool increasing_in_range(const index_t* p, int64_t m, int64_t n) {
   if (m == 0) return true;
@@ -140,6 +150,7 @@ void check_pos(const at::Tensor& pos, int64_t n) {
 // out = src * scale, zero at pos; out may be src
 void drop_scale(const at::Tensor& src, const at::Tensor& pos, double scale, at::Tensor out) {
   check_pair(src, out, "drop_scale");
+  check_overlap(out, src, true, "drop_scale", "out and src");
   check_pos(pos, src.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "drop_scale", [&] {
     AT_DISPATCH_INDEX_TYPES(pos.scalar_type(), "drop_scale", [&] {
@@ -156,6 +167,7 @@ void drop_add(const at::Tensor& x, const at::Tensor& shortcut, const at::Tensor&
   check_pair(x, shortcut, "drop_add");
   check_pair(x, out, "drop_add");
   TORCH_CHECK(!out.is_alias_of(shortcut), "drop_add: out must not share memory with shortcut");
+  check_overlap(out, x, true, "drop_add", "out and x");
   check_pos(pos, x.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "drop_add", [&] {
     AT_DISPATCH_INDEX_TYPES(pos.scalar_type(), "drop_add", [&] {
@@ -177,6 +189,12 @@ void drop_add_relu_backward(const at::Tensor& grad, const at::Tensor& out, const
   check_pair(grad, out, "drop_add_relu_backward");
   check_pair(grad, grad_x, "drop_add_relu_backward");
   check_pair(grad, grad_shortcut, "drop_add_relu_backward");
+  // the loop's pointers are __restrict__: the two outputs share no element with each other or the inputs
+  check_overlap(grad_x, grad_shortcut, false, "drop_add_relu_backward", "grad_x and grad_shortcut");
+  for (const at::Tensor* written : {&grad_x, &grad_shortcut}) {
+    check_overlap(*written, grad, false, "drop_add_relu_backward", "the gradients written and grad");
+    check_overlap(*written, out, false, "drop_add_relu_backward", "the gradients written and out");
+  }
   check_pos(pos, grad.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "drop_add_relu_backward", [&] {
     AT_DISPATCH_INDEX_TYPES(pos.scalar_type(), "drop_add_relu_backward", [&] {
