@@ -98,7 +98,12 @@ def uniforms(m: int) -> torch.Tensor:
     Returns:
         1-D float32 tensor on the CPU.
     """
-    return torch.bitwise_and(_random_words(m, torch.int32), (1 << 24) - 1).to(torch.float32).mul_(2.0 ** -24)
+    return _uniforms_of(_random_words(m, torch.int32))
+
+
+def _uniforms_of(words: torch.Tensor) -> torch.Tensor:
+    """``uniforms`` from given int32 words: their low 24 bits times ``2**-24``, as float32."""
+    return torch.bitwise_and(words, (1 << 24) - 1).to(torch.float32).mul_(2.0 ** -24)
 
 
 def drop_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
@@ -137,28 +142,22 @@ def drop_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
     reach = n + draws * max_gap  # the draw-on loop starts below n and adds one batch of gaps
     dtype = torch.int32 if reach <= _INT32_MAX else torch.int64
     if dtype == torch.int32 and max_gap <= _COMPILED_MAX_GAP and use_cpp():
-        return _compiled_positions(n, p, draws)
-    positions = geometric_gaps(uniforms(draws), p).cumsum(0, dtype=dtype).sub_(1)
-    count = int(torch.searchsorted(positions, n))
-    while count == positions.numel():  # every drop drawn so far lies inside [0, n): draw on
-        more = geometric_gaps(uniforms(draws), p).cumsum(0, dtype=dtype).add_(positions[-1])
-        positions = torch.cat([positions, more])
-        count = int(torch.searchsorted(positions, n))
-    return positions[:count]
+        inv_log = 1.0 / math.log1p(-p)
 
-
-def _compiled_positions(n: int, p: float, draws: int) -> torch.Tensor:
-    """``drop_positions``' int32 result from the same random words, turned into positions by the compiled kernel
-    (``cpu_kernel.geometric_positions_``: three passes, one the same ``torch.log_``, instead of eleven)."""
-    inv_log = 1.0 / math.log1p(-p)
+        def batch(words: torch.Tensor, base: int) -> tuple[torch.Tensor, int]:
+            return words, cpu_kernel.geometric_positions_(words, inv_log, n, base)
+    else:
+        def batch(words: torch.Tensor, base: int) -> tuple[torch.Tensor, int]:
+            positions = geometric_gaps(_uniforms_of(words), p).cumsum(0, dtype=dtype).add_(base)
+            return positions, int(torch.searchsorted(positions, n))
+    # each batch of words: the positions after ``base`` and how many of them lie below n
     parts, base = [], -1
     while True:
-        words = _random_words(draws, torch.int32)
-        count = cpu_kernel.geometric_positions_(words, inv_log, n, base)
-        parts.append(words[:count])
+        positions, count = batch(_random_words(draws, torch.int32), base)
+        parts.append(positions[:count])
         if count < draws:
             return parts[0] if len(parts) == 1 else torch.cat(parts)
-        base = int(words[-1])  # every drop drawn so far lies inside [0, n): draw on
+        base = int(positions[-1])  # every drop drawn so far lies inside [0, n): draw on
 
 
 def _keep_mask(x: torch.Tensor, order: tuple[int, ...], drop_levels: int) -> torch.Tensor:
