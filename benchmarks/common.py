@@ -3,7 +3,9 @@
 Every figure is a ratio of two things measured side by side in one process. Shared machines drift
 (other jobs, thermal, frequency), so the cases are interleaved (A B, B A, A B, ...: the order flips
 each repetition to cancel linear drift) after a warm-up, and each ratio is the median of the ratios of
-*adjacent* repetitions, with their min-max. A drift that hits both sides of a pair cancels.
+*adjacent* repetitions, with their min-max. A drift that hits both sides of a pair cancels. A target is
+judged on the confidence interval of that median (``median_ci``, ``ratio_verdict``): met, missed, or not
+resolved when the interval holds the target.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -31,8 +34,12 @@ __all__ = [
     'DTYPES', 'Stat', 'base_parser', 'resolve_device', 'resolve_dtype', 'sync', 'interleaved', 'throughput',
     'paired_ratio', 'peak_step_memory', 'markdown_table', 'environment', 'autocast', 'make_batch', 'prepare',
     'fmt_stat', 'verdict', 'count_aten_ops', 'ratio_verdict', 'check_args', 'layouts', 'device_name',
-    'environment_info', 'add_json_flag', 'emit', 'to_jsonable',
+    'environment_info', 'add_json_flag', 'emit', 'to_jsonable', 'median_ci', 'fmt_ratio', 'ci_note',
+    'CI_LEVEL',
 ]
+
+#: Confidence level of the intervals the verdicts use (``median_ci``).
+CI_LEVEL = 0.95
 
 #: ``--clock`` choices: wall-clock time, or this process's CPU time (see ``interleaved``).
 CLOCKS: dict[str, Callable[[], float]] = {'wall': time.perf_counter, 'cpu': time.process_time}
@@ -42,17 +49,76 @@ DTYPES: dict[str, torch.dtype] = {'float32': torch.float32, 'bfloat16': torch.bf
 
 @dataclass(frozen=True)
 class Stat:
-    """Median with the min-max range of a set of repetitions."""
+    """Median with the min-max range of a set of repetitions and a confidence interval for the median.
+
+    ``ci_lo``/``ci_hi`` bound the median at a confidence of at least ``ci_level`` (``median_ci``); a ``Stat``
+    built by hand without them uses its min-max range in their place (``interval``).
+    """
 
     median: float
     lo: float
     hi: float
+    ci_lo: float | None = None
+    ci_hi: float | None = None
+    ci_level: float | None = None
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Stat:
         if not values:
             raise ValueError('Stat.of() needs at least one value')
-        return cls(statistics.median(values), min(values), max(values))
+        ci_lo, ci_hi, level = median_ci(values)
+        return cls(statistics.median(values), min(values), max(values), ci_lo, ci_hi, level)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The confidence interval of the median, or the min-max range where none was computed."""
+        if self.ci_lo is None or self.ci_hi is None:
+            return self.lo, self.hi
+        return self.ci_lo, self.ci_hi
+
+
+def median_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """Distribution-free confidence interval for the median of ``values``, from their order statistics.
+
+    With the values sorted, ``[x_k, x_(n+1-k)]`` (1-based) holds the true median with probability
+    ``1 - 2 P(B < k)``, ``B ~ Binomial(n, 1/2)``, whatever the distribution (the sign test's interval); ``k`` is
+    the largest whose coverage is at least ``level``. Below 6 values no ``k`` reaches 95 %: the interval is then
+    the min-max range, with its smaller coverage ``1 - 2**(1 - n)`` (94 % for 5, 75 % for 3), which is returned.
+
+    Args:
+        values: one number per repetition (for a ratio: the ratio of each pair of adjacent repetitions).
+        level: the coverage wanted, in (0, 1).
+
+    Returns:
+        ``(lower, upper, coverage)``.
+
+    Raises:
+        ValueError: ``values`` is empty or ``level`` is not in (0, 1).
+
+    Example:
+        >>> lower, upper, coverage = median_ci([float(v) for v in range(1, 22)])
+        >>> lower, upper, round(coverage, 3)  # 21 values: the 6th and the 16th
+        (6.0, 16.0, 0.973)
+    """
+    if not values:
+        raise ValueError('median_ci() needs at least one value')
+    if not 0.0 < level < 1.0:
+        raise ValueError(f'level must be in (0, 1), got {level!r}')
+    xs, n = sorted(values), len(values)
+
+    def coverage(k: int) -> float:  # 1 - 2 P(B <= k - 1), in exact integers until the one division
+        return 1.0 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return xs[k - 1], xs[n - k], coverage(k)
+
+
+def ci_note(reps: int) -> str:
+    """How a table's ratio cells read: ``median [confidence interval]`` and the interval's coverage at ``reps``."""
+    level = median_ci([0.0] * reps)[2] if reps > 0 else 0.0
+    return f'ratios: median [{100 * level:.0f} % confidence interval of the median, from {reps} pairs]'
 
 
 def base_parser(description: str, *, archs: Sequence[str], batch_sizes: Sequence[int], img_size: int,
@@ -241,7 +307,14 @@ def peak_step_memory(step: Callable[[], object], device: torch.device, *track: o
 
 
 def fmt_stat(s: Stat, digits: int = 1) -> str:
+    """``median (min–max)``."""
     return f'{s.median:.{digits}f} ({s.lo:.{digits}f}–{s.hi:.{digits}f})'
+
+
+def fmt_ratio(s: Stat, digits: int = 3) -> str:
+    """``median [lower, upper]``: a ratio with the confidence interval of its median (``median_ci``)."""
+    lo, hi = s.interval
+    return f'{s.median:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]'
 
 
 def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
@@ -332,11 +405,21 @@ def count_aten_ops(fn: Callable[[], object]) -> int:
 
 
 def ratio_verdict(ratio: Stat, target: float, higher_is_better: bool = True) -> str:
-    """'yes' when the median meets the target, 'NO' when it does not and the range excludes parity,
-    'noise' when it misses but the min-max range of paired ratios spans 1.0 (no measurable difference)."""
-    if (ratio.median >= target) if higher_is_better else (ratio.median <= target):
-        return 'yes'
-    return 'noise' if ratio.lo <= 1.0 <= ratio.hi else 'NO'
+    """Whether a measured ratio meets ``target``, judged on the confidence interval of its median.
+
+    Returns:
+        ``'yes'`` when the whole interval meets the target, ``'NO'`` when the whole interval misses it, and
+        ``'not resolved'`` when the interval holds the target (more repetitions would narrow it). A ``Stat``
+        without an interval is judged on its min-max range.
+
+    Example:
+        >>> ratio_verdict(Stat(0.99, 0.95, 1.02, 0.985, 0.995, 0.97), 0.98)
+        'yes'
+    """
+    lo, hi = ratio.interval
+    if higher_is_better:
+        return 'yes' if lo >= target else 'NO' if hi < target else 'not resolved'
+    return 'yes' if hi <= target else 'NO' if lo > target else 'not resolved'
 
 
 def print_table(table: str) -> int:

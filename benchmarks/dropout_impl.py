@@ -480,14 +480,15 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
                     mem = peaks[name] / peaks['base']
                     act = (peaks[name] - static) / max(peaks['base'] - static, 1)
                     rows.append([arch, layout, bs, name, C.fmt_stat(C.throughput(t[name], bs)),
-                                 C.fmt_stat(speed, 3), C.ratio_verdict(speed, T.SPEED_TARGET),
+                                 C.fmt_ratio(speed), C.ratio_verdict(speed, T.SPEED_TARGET),
                                  f'{mem:.3f}', C.verdict(mem, T.MEMORY_TARGET, higher_is_better=False), f'{act:.3f}'])
                     records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, speed=speed, memory=mem,
                                         activation_memory=act))
                 rows.append([arch, layout, bs, f'base (head drop {T.HEAD_RATE})',
                              C.fmt_stat(C.throughput(t['base'], bs)), '1', '', '1', '', '1'])
-    title = (f'### Dropout kernel what-if (train step vs base, {args.dtype}, {args.img_size}px; median (min–max) '
-             f'of {args.reps} interleaved reps, {args.clock} clock, res_drop_rate {args.res_drop_rate})')
+    title = (f'### Dropout kernel what-if (train step vs base, {args.dtype}, {args.img_size}px; img/s: median '
+             f'(min–max) of {args.reps} interleaved reps; {C.ci_note(args.reps)}; {args.clock} clock, '
+             f'res_drop_rate {args.res_drop_rate})')
     headers = ['arch', 'layout', 'batch', 'ResidualDropout kernel', 'img/s', f'speed ratio (>= {T.SPEED_TARGET})',
                'met', f'memory ratio (<= {T.MEMORY_TARGET})', 'met', 'batch-dependent part ratio']
     return report(title, device, headers, rows), records

@@ -2,10 +2,10 @@
 
 ``gpu_check.sh`` passes ``--json`` to each figure and calls this at the end, writing
 ``docs/results/gpu/<date>.json``. The summary keeps, per architecture and layout, the train-step ratio
-(dropres / base, median and min-max of paired repetitions) and the peak-memory ratio, eager and compiled,
-next to the device and versions; the trainer figure, the kernel comparison (``dropout_impl.py``) and the
-other figures' records are kept as they came. Runs that failed or were skipped left no line, so their
-entries are simply absent (the markdown output names them).
+(dropres / base: median, min-max and the median's confidence interval over paired repetitions) and the
+peak-memory ratio, eager and compiled, next to the device and versions; the trainer figure, the kernel
+comparison (``dropout_impl.py``) and the other figures' records are kept as they came. Runs that failed or
+were skipped left no line, so their entries are simply absent (the markdown output names them).
 
     python benchmarks/gpu_summary.py session.jsonl --out docs/results/gpu/2026-12-05.json
 """

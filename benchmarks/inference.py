@@ -72,14 +72,14 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
                 tb, td = C.throughput(t['base'], bs), C.throughput(t['dropres'], bs)
                 ratio = C.paired_ratio(t['dropres'], t['base'])
                 layout = 'channels_last' if cl else 'contiguous'
-                rows.append([arch, layout, bs, C.fmt_stat(tb), C.fmt_stat(td), C.fmt_stat(ratio, 3),
+                rows.append([arch, layout, bs, C.fmt_stat(tb), C.fmt_stat(td), C.fmt_ratio(ratio),
                              C.ratio_verdict(ratio, TARGET), same_out, ops_cell])
                 records.append(dict(arch=arch, layout=layout, batch=bs, base=tb, dropres=td, ratio=ratio,
                                     same_output=same_out, ops=ops))
             del base, dropres
     title = (f'### Figure 1: inference overhead (eval img/s, {args.dtype}, {args.img_size}px'
-             f'{", torch.compile" if args.compile else ""}; median (min–max) of {args.reps} interleaved reps, '
-             f'{args.clock} clock)')
+             f'{", torch.compile" if args.compile else ""}; img/s: median (min–max) of {args.reps} interleaved reps; '
+             f'{C.ci_note(args.reps)}; {args.clock} clock)')
     return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
 
 

@@ -162,16 +162,16 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
                     vs_loop = C.Stat.of([t / p for t, p in zip(ips['trainer'], ips['loop'], strict=True)])
                     st = {k: C.Stat.of(v) for k, v in ips.items()}
                     rows.append([f'{arch}_dropres', layout, bs, args.steps, C.fmt_stat(st['trainer']),
-                                 C.fmt_stat(st['pure']), C.fmt_stat(st['loop']), C.fmt_stat(vs_pure, 3),
-                                 C.ratio_verdict(vs_pure, PURE_TARGET), C.fmt_stat(vs_loop, 3),
+                                 C.fmt_stat(st['pure']), C.fmt_stat(st['loop']), C.fmt_ratio(vs_pure),
+                                 C.ratio_verdict(vs_pure, PURE_TARGET), C.fmt_ratio(vs_loop),
                                  C.ratio_verdict(vs_loop, LOOP_TARGET)])
                     records.append(dict(arch=arch, layout=layout, batch=bs, **st, vs_pure=vs_pure, vs_loop=vs_loop))
     headers = ['model', 'layout', 'batch', 'steps', 'trainer img/s', 'pure step img/s', 'accelerate loop img/s',
                f'trainer / pure (target >= {PURE_TARGET})', 'met', f'trainer / loop (target >= {LOOP_TARGET})',
                'met']
     title = (f'### Figure 4: trainer efficiency (one epoch of in-memory tensors, {args.dtype}, {args.img_size}px, '
-             f'{args.num_workers} loader workers, res_drop_rate {args.res_drop_rate}; median (min–max) of {args.reps} '
-             'interleaved reps)')
+             f'{args.num_workers} loader workers, res_drop_rate {args.res_drop_rate}; img/s: median (min–max) of '
+             f'{args.reps} interleaved reps; {C.ci_note(args.reps)})')
     return '\n'.join([title, '', C.environment(device), '', C.markdown_table(headers, rows)]), records
 
 

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
                                   clock=args.clock)
                 tb, td = C.throughput(t['base'], bs), C.throughput(t['dropres'], bs)
                 ratio = C.paired_ratio(t['dropres'], t['base'])
-                speed_rows.append([arch, layout, bs, C.fmt_stat(tb), C.fmt_stat(td), C.fmt_stat(ratio, 3),
+                speed_rows.append([arch, layout, bs, C.fmt_stat(tb), C.fmt_stat(td), C.fmt_ratio(ratio),
                                    C.ratio_verdict(ratio, SPEED_TARGET)])
                 records.append(dict(figure=2, arch=arch, layout=layout, batch=bs, base=tb, dropres=td, ratio=ratio))
             # Tensor byte counts do not depend on layout on CPU, and the tracker is slow there: one layout.
@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
     what = (f'{args.dtype}{" autocast" if args.dtype != "float32" else ""}, {args.img_size}px, '
             f'res_drop_rate {args.res_drop_rate}') + (
         ', torch.compile' if args.compile else '')
-    out = [f'### Figure 2: training overhead (train-step img/s, {what}; median (min–max) of {args.reps} '
-           f'interleaved reps, {args.clock} clock)', '', env, '',
+    out = [f'### Figure 2: training overhead (train-step img/s, {what}; img/s: median (min–max) of '
+           f'{args.reps} interleaved reps; {C.ci_note(args.reps)}; {args.clock} clock)', '', env, '',
            C.markdown_table(['arch', 'layout', 'batch', f'base img/s (head drop {HEAD_RATE})', 'dropres img/s',
                              f'ratio (target >= {SPEED_TARGET})', 'met'], speed_rows)]
     if mem_rows:

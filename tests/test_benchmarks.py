@@ -1,6 +1,7 @@
 """The benchmark harness measures what it claims, and every benchmark script still runs (--smoke)."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -37,6 +38,7 @@ def _restore_threads():
 def test_stat_and_paired_ratio():
     s = C.Stat.of([3.0, 1.0, 2.0])
     assert (s.median, s.lo, s.hi) == (2.0, 1.0, 3.0)
+    assert (s.ci_lo, s.ci_hi, s.ci_level) == (1.0, 3.0, 0.75)  # 3 values: min-max, 1 - 2 / 2**3
     # throughput ratio num/den from times: den 2 s vs num 1 s -> num is twice as fast
     r = C.paired_ratio([1.0, 2.0], [2.0, 2.0])
     assert (r.lo, r.hi) == (1.0, 2.0)
@@ -44,6 +46,46 @@ def test_stat_and_paired_ratio():
         C.paired_ratio([1.0], [1.0, 2.0])
     with pytest.raises(ValueError):
         C.Stat.of([])
+
+
+def _binomial_coverage(n: int, k: int) -> float:
+    """P(x_k <= median <= x_(n+1-k)) by brute force over the 2**n sign patterns around the true median."""
+    inside = 0
+    for signs in range(2 ** n):
+        below = bin(signs).count('1')  # how many of the n values fall below the true median
+        inside += k <= below <= n - k
+    return inside / 2 ** n
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, 5, 6, 7, 11, 14, 21])
+def test_median_ci_is_the_narrowest_order_statistic_interval_with_95_percent(n):
+    values = [float(v) for v in range(100, 100 - n, -1)]  # any order: sorted inside
+    lo, hi, level = C.median_ci(values)
+    k = int(lo - min(values)) + 1  # values are consecutive, so lo is the k-th smallest
+    assert hi == max(values) - k + 1  # and hi the k-th largest
+    assert level == pytest.approx(_binomial_coverage(n, k))
+    if n >= 6:  # the largest k that still covers 95 %
+        assert level >= C.CI_LEVEL and _binomial_coverage(n, k + 1) < C.CI_LEVEL
+    else:  # no k reaches 95 %: min-max
+        assert k == 1 and level < C.CI_LEVEL
+
+
+def test_median_ci_covers_the_median_as_it_says():
+    # the promise itself, sampled: intervals from 21 draws of a skewed distribution hold its median >= 95 % of the time
+    draws = torch.distributions.Exponential(torch.tensor(1.0))
+    torch.manual_seed(0)
+    hits = 0
+    for _ in range(2000):
+        lo, hi, _ = C.median_ci(draws.sample((21,)).tolist())
+        hits += lo <= math.log(2.0) <= hi
+    assert 0.955 <= hits / 2000 <= 0.99  # 97.3 % promised; binomial sd 0.36 %
+
+
+def test_median_ci_rejects_bad_input():
+    with pytest.raises(ValueError, match='at least one value'):
+        C.median_ci([])
+    with pytest.raises(ValueError, match=r'level must be in \(0, 1\), got 1.5'):
+        C.median_ci([1.0], level=1.5)
 
 
 def test_interleaved_alternates_order_and_counts_calls():
@@ -56,11 +98,26 @@ def test_interleaved_alternates_order_and_counts_calls():
     assert all(t > 0 for v in times.values() for t in v)
 
 
-def test_ratio_verdict():
-    assert C.ratio_verdict(C.Stat(1.0, 0.98, 1.02), 0.99) == 'yes'
-    assert C.ratio_verdict(C.Stat(0.97, 0.9, 1.01), 0.99) == 'noise'
+def test_ratio_verdict_judges_the_confidence_interval():
+    # (median, min, max, ci_lo, ci_hi, coverage): only the interval decides
+    assert C.ratio_verdict(C.Stat(1.0, 0.90, 1.10, 0.99, 1.01, 0.97), 0.99) == 'yes'
+    assert C.ratio_verdict(C.Stat(0.995, 0.90, 1.10, 0.985, 1.01, 0.97), 0.99) == 'not resolved'
+    assert C.ratio_verdict(C.Stat(0.97, 0.90, 1.10, 0.96, 0.98, 0.97), 0.99) == 'NO'
+    # lower is better (a memory or time ratio)
+    assert C.ratio_verdict(C.Stat(1.05, 1.0, 1.2, 1.04, 1.08, 0.97), 1.10, higher_is_better=False) == 'yes'
+    assert C.ratio_verdict(C.Stat(1.05, 1.0, 1.2, 1.04, 1.12, 0.97), 1.10, higher_is_better=False) == 'not resolved'
+    assert C.ratio_verdict(C.Stat(1.15, 1.0, 1.2, 1.12, 1.18, 0.97), 1.10, higher_is_better=False) == 'NO'
+    # a Stat built without an interval is judged on its min-max range
+    assert C.ratio_verdict(C.Stat(1.0, 0.98, 1.02), 0.97) == 'yes'
+    assert C.ratio_verdict(C.Stat(0.97, 0.9, 1.01), 0.99) == 'not resolved'
     assert C.ratio_verdict(C.Stat(0.9, 0.85, 0.95), 0.99) == 'NO'
-    assert C.ratio_verdict(C.Stat(1.05, 1.0, 1.2), 1.10, higher_is_better=False) == 'yes'
+
+
+def test_fmt_ratio_shows_the_interval_and_ci_note_its_coverage():
+    assert C.fmt_ratio(C.Stat(0.9751, 0.9, 1.1, 0.9694, 0.9812, 0.97)) == '0.975 [0.969, 0.981]'
+    assert C.fmt_ratio(C.Stat(1.0, 0.9, 1.1)) == '1.000 [0.900, 1.100]'
+    assert C.ci_note(21) == 'ratios: median [97 % confidence interval of the median, from 21 pairs]'
+    assert C.ci_note(5) == 'ratios: median [94 % confidence interval of the median, from 5 pairs]'
 
 
 def test_peak_step_memory_counts_transient_and_tracked_tensors():
