@@ -483,7 +483,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
                                  C.fmt_ratio(speed), C.ratio_verdict(speed, T.SPEED_TARGET),
                                  f'{mem:.3f}', C.verdict(mem, T.MEMORY_TARGET, higher_is_better=False), f'{act:.3f}'])
                     records.append(dict(arch=arch, layout=layout, batch=bs, variant=name, speed=speed, memory=mem,
-                                        activation_memory=act))
+                                        activation_memory=act, seconds={k: t[k] for k in ('base', name)}))
                 rows.append([arch, layout, bs, f'base (head drop {T.HEAD_RATE})',
                              C.fmt_stat(C.throughput(t['base'], bs)), '1', '', '1', '', '1'])
     title = (f'### Dropout kernel what-if (train step vs base, {args.dtype}, {args.img_size}px; img/s: median '

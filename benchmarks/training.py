@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict]]:
                 ratio = C.paired_ratio(t['dropres'], t['base'])
                 speed_rows.append([arch, layout, bs, C.fmt_stat(tb), C.fmt_stat(td), C.fmt_ratio(ratio),
                                    C.ratio_verdict(ratio, SPEED_TARGET)])
-                records.append(dict(figure=2, arch=arch, layout=layout, batch=bs, base=tb, dropres=td, ratio=ratio))
+                records.append(dict(figure=2, arch=arch, layout=layout, batch=bs, base=tb, dropres=td, ratio=ratio,
+                                    seconds=dict(t)))  # every repetition, in order: the pairs behind the ratio
             # Tensor byte counts do not depend on layout on CPU, and the tracker is slow there: one layout.
             if args.memory == 'yes' and (device.type == 'cuda' or li == 0):
                 del sb, sd  # the timing steps' optimizer state must not count on CUDA
