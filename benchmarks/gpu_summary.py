@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 #: the summary's format; bump when its keys change
-SCHEMA = 1
+SCHEMA = 2
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
@@ -45,7 +45,9 @@ def summarize(runs: list[dict[str, Any]], *, command: str = '', date: str | None
 
     Returns:
         ``{schema, date, command, environment, training, kernels, trainer, other}``; ``training`` maps
-        ``arch -> layout -> {mode -> {step_ratio, memory_ratio, batch, ...}}``, where ``mode`` is ``eager`` or
+        ``arch -> layout -> {mode -> {step_ratio, step_seconds, memory_ratio, batch, ...}}`` (``step_ratio``:
+        ``{median, lo, hi, ci_lo, ci_hi, ci_level}``; ``step_seconds``: every repetition, per side), where ``mode`` is
+        ``eager`` or
         ``compiled``, followed by `` (<kernel>)`` when the run forced a dropout kernel other than ``auto``
         (``TIMM_DROPRES_DROPOUT_KERNEL``), e.g. ``compiled (triton)``.
     """
@@ -66,7 +68,7 @@ def summarize(runs: list[dict[str, Any]], *, command: str = '', date: str | None
                              res_drop_rate=args.get('res_drop_rate'))
                 if r['figure'] == 2:
                     entry.update(batch=r['batch'], step_ratio=r['ratio'], base_img_per_s=r['base'],
-                                 dropres_img_per_s=r['dropres'])
+                                 dropres_img_per_s=r['dropres'], step_seconds=r.get('seconds'))
                 else:
                     entry.update(memory_batch=r['batch'], memory_ratio=r['ratio'], base_peak_bytes=r['base'],
                                  dropres_peak_bytes=r['dropres'], activation_memory_ratio=r['activation_ratio'])

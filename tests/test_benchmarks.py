@@ -81,6 +81,14 @@ def test_median_ci_covers_the_median_as_it_says():
     assert 0.955 <= hits / 2000 <= 0.99  # 97.3 % promised; binomial sd 0.36 %
 
 
+def test_median_ci_is_fast_for_many_pairs():
+    import time
+    t0 = time.perf_counter()
+    lo, hi, level = C.median_ci([float(v) for v in range(3001)])
+    assert time.perf_counter() - t0 < 1.0  # the binomial sum is carried, not recomputed per k
+    assert 0.95 <= level < 0.955 and hi - lo == 3000 - 2 * lo
+
+
 def test_median_ci_rejects_bad_input():
     with pytest.raises(ValueError, match='at least one value'):
         C.median_ci([])
@@ -107,6 +115,11 @@ def test_ratio_verdict_judges_the_confidence_interval():
     assert C.ratio_verdict(C.Stat(1.05, 1.0, 1.2, 1.04, 1.08, 0.97), 1.10, higher_is_better=False) == 'yes'
     assert C.ratio_verdict(C.Stat(1.05, 1.0, 1.2, 1.04, 1.12, 0.97), 1.10, higher_is_better=False) == 'not resolved'
     assert C.ratio_verdict(C.Stat(1.15, 1.0, 1.2, 1.12, 1.18, 0.97), 1.10, higher_is_better=False) == 'NO'
+    # the target on the interval's edge: met when the lower bound equals it, not resolved at the upper bound
+    assert C.ratio_verdict(C.Stat(0.99, 0.9, 1.1, 0.98, 1.0, 0.97), 0.98) == 'yes'
+    assert C.ratio_verdict(C.Stat(0.97, 0.9, 1.1, 0.96, 0.98, 0.97), 0.98) == 'not resolved'
+    assert C.ratio_verdict(C.Stat(1.0, 0.9, 1.1, 0.98, 1.02, 0.97), 1.02, higher_is_better=False) == 'yes'
+    assert C.ratio_verdict(C.Stat(1.0, 0.9, 1.1, 1.02, 1.04, 0.97), 1.02, higher_is_better=False) == 'not resolved'
     # a Stat built without an interval is judged on its min-max range
     assert C.ratio_verdict(C.Stat(1.0, 0.98, 1.02), 0.97) == 'yes'
     assert C.ratio_verdict(C.Stat(0.97, 0.9, 1.01), 0.99) == 'not resolved'
@@ -150,6 +163,12 @@ def test_smoke(module, capsys):
     out = capsys.readouterr().out
     assert out.count('| test_resnet') >= 1, out
     assert 'Figure' in out or 'Graph breaks' in out or 'what-if' in out
+    if module in (inference, training, trainer, dropout_impl):  # the scripts that judge a ratio against a target
+        assert '% confidence interval of the median, from' in out, out
+        judged = re.findall(r'\| (\d+\.\d{3}) \[(\d+\.\d{3}), (\d+\.\d{3})\] \| (yes|NO|not resolved) \|', out)
+        assert judged, out
+        for median, lo, hi, _ in judged:
+            assert float(lo) <= float(median) <= float(hi)
 
 
 def test_dropout_impl_isolated_reports_each_kernel_share(capsys):
@@ -263,6 +282,12 @@ def test_json_lines_summarised_per_arch_layout_and_mode(tmp_path, capsys):
     for mode in ('eager', 'compiled'):
         step, mem = entry[mode]['step_ratio'], entry[mode]['memory_ratio']
         assert step['lo'] <= step['median'] <= step['hi'] and mem > 0, entry
+        assert step['ci_lo'] <= step['median'] <= step['ci_hi'] and 0 <= step['ci_level'] < 1, step
+        # every repetition's seconds, so the ratio can be recomputed from the summary
+        seconds = entry[mode]['step_seconds']
+        assert set(seconds) == {'base', 'dropres'} and len(seconds['base']) == len(seconds['dropres']) >= 1
+        ratios = sorted(b / d for b, d in zip(seconds['base'], seconds['dropres'], strict=True))
+        assert step['lo'] == pytest.approx(ratios[0]) and step['hi'] == pytest.approx(ratios[-1])
         assert entry[mode]['res_drop_rate'] == training.RES_DROP_RATE and entry[mode]['batch'] == 2
     assert [r['variant'] for r in summary['kernels'][0]['records']] == ['current', 'unfused']
     forced = json.loads(json.dumps(compiled))  # gpu_check.sh's run under TIMM_DROPRES_DROPOUT_KERNEL=triton
