@@ -103,20 +103,28 @@ def median_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, 
     """
     if not values:
         raise ValueError('median_ci() needs at least one value')
+    xs = sorted(values)
+    k, coverage = _median_rank(len(xs), level)
+    return xs[k - 1], xs[len(xs) - k], coverage
+
+
+def _median_rank(n: int, level: float) -> tuple[int, float]:
+    """``median_ci``'s rank ``k`` for ``n`` values and that interval's coverage (``k = 1``: min-max)."""
     if not 0.0 < level < 1.0:
         raise ValueError(f'level must be in (0, 1), got {level!r}')
-    xs, n = sorted(values), len(values)
-    # below[k] = 2**n * P(B < k), summed in exact integers; coverage(k) = 1 - 2 * below[k] / 2**n
+    # below = 2**n * P(B < k), summed in exact integers; the coverage is 1 - 2 * below / 2**n
     total, below, k = 2 ** n, 1, 1  # below = comb(n, 0): P(B < 1)
-    while k + 1 <= (n + 1) // 2 and 1.0 - 2 * (below + math.comb(n, k)) / total >= level:
-        below += math.comb(n, k)
-        k += 1
-    return xs[k - 1], xs[n - k], 1.0 - 2 * below / total
+    while k + 1 <= (n + 1) // 2:
+        wider = below + math.comb(n, k)  # P(B < k + 1)
+        if 1.0 - 2 * wider / total < level:
+            break
+        below, k = wider, k + 1
+    return k, 1.0 - 2 * below / total
 
 
 def ci_note(reps: int) -> str:
     """How a table's ratio cells read: ``median [confidence interval]`` and the interval's coverage at ``reps``."""
-    level = median_ci([0.0] * reps)[2] if reps > 0 else 0.0
+    level = _median_rank(reps, CI_LEVEL)[1] if reps > 0 else 0.0
     return f'ratios: median [{100 * level:.0f} % confidence interval of the median, from {reps} pairs]'
 
 

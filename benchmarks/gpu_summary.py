@@ -46,10 +46,9 @@ def summarize(runs: list[dict[str, Any]], *, command: str = '', date: str | None
     Returns:
         ``{schema, date, command, environment, training, kernels, trainer, other}``; ``training`` maps
         ``arch -> layout -> {mode -> {step_ratio, step_seconds, memory_ratio, batch, ...}}`` (``step_ratio``:
-        ``{median, lo, hi, ci_lo, ci_hi, ci_level}``; ``step_seconds``: every repetition, per side), where ``mode`` is
-        ``eager`` or
-        ``compiled``, followed by `` (<kernel>)`` when the run forced a dropout kernel other than ``auto``
-        (``TIMM_DROPRES_DROPOUT_KERNEL``), e.g. ``compiled (triton)``.
+        ``{median, lo, hi, ci_lo, ci_hi, ci_level}``; ``step_seconds``: every repetition, per side), where
+        ``mode`` is ``eager`` or ``compiled``, followed by `` (<kernel>)`` when the run forced a dropout kernel
+        other than ``auto`` (``TIMM_DROPRES_DROPOUT_KERNEL``), e.g. ``compiled (triton)``.
     """
     training: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     kernels: list[dict[str, Any]] = []
